@@ -1,0 +1,109 @@
+"""A training run on disk, and loading a trained network back from it.
+
+Layout of a run directory:
+
+  config.json   model config, train config, corpus name, provenance
+  vocab.json    the character list (id = index; id 0 = unknown)
+  ckpt/         TensorFlow checkpoints (weights, optimizer, carried state, step)
+  tb/           TensorBoard scalars
+  metrics.json  validation BPC history and boundary scores, rewritten as it goes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hmlstm.errors import UserError
+from hmlstm.model.config import ModelConfig, TrainConfig, dumps
+from hmlstm.model.data import Vocabulary
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    path: Path
+    model: ModelConfig
+    train: TrainConfig
+    vocab: Vocabulary
+    meta: dict[str, Any]
+
+
+def write_run_info(run_dir: Path, model: ModelConfig, train: TrainConfig, vocab: Vocabulary,
+                   meta: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "vocab.json", vocab.to_json())
+    atomic_write_text(
+        run_dir / "config.json",
+        dumps({"model": model.to_dict(), "train": train.to_dict(), **meta}),
+    )
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """Read config and vocabulary of a run; UserError if it is not a valid run."""
+    p = Path(run_dir)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist; train one with `hmlstm train --out {p}`")
+    if not (p / "config.json").is_file() or not (p / "vocab.json").is_file():
+        raise UserError(
+            f"{p} is not an hmlstm training run (config.json or vocab.json missing); "
+            "point at the directory given to `hmlstm train --out`"
+        )
+    try:
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        vocab = Vocabulary.from_json((p / "vocab.json").read_text(encoding="utf-8"))
+        model = ModelConfig.from_dict(cfg.pop("model"))
+        train = TrainConfig(**cfg.pop("train"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p}/config.json or vocab.json is corrupt ({e}); retrain or restore it") from None
+    if len(vocab) != model.vocab_size:
+        raise UserError(
+            f"{p}: vocab.json has {len(vocab)} characters but the model expects "
+            f"{model.vocab_size}; the run directory is inconsistent"
+        )
+    return RunInfo(p, model, train, vocab, cfg)
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(Path(run_dir) / "ckpt"))
+
+
+def load_network(run_dir: str | Path):
+    """(network, RunInfo) with the newest weights of a run restored."""
+    import tensorflow as tf
+
+    from hmlstm.model.network import HMLSTMNetwork
+
+    info = read_run_info(run_dir)
+    path = latest_checkpoint(info.path)
+    if path is None:
+        raise UserError(f"{info.path} has no saved weights yet (ckpt/ is empty); train first")
+    net = HMLSTMNetwork(info.model)
+    # The trainer saves the network as trainer/network; mirror that path.
+    ckpt = tf.train.Checkpoint(trainer=tf.train.Checkpoint(network=net))
+    try:
+        status = ckpt.restore(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} cannot be restored into this model config ({first[:200]}); "
+            "it is corrupt or from another model"
+        ) from None
+    return net, info

@@ -1,0 +1,101 @@
+"""Frozen configuration of the network and of its training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of an HM-LSTM character language model.
+
+    Attributes:
+      vocab_size: number of token ids, including the unknown id 0.
+      embed_dim: size of the character embedding fed to layer 1.
+      num_units: hidden size of each layer, bottom first; its length is the
+        number of layers.
+      output_dim: size of the output embedding h_e before the softmax.
+      top_boundary: whether the top layer has its own boundary detector.
+        Public implementations read the paper differently here. Off (the
+        default): the top layer has no z, so it only UPDATEs (when the layer
+        below fired) or COPYs, and its boundary output is always 0. On: it
+        computes z like every other layer and FLUSHes after a boundary.
+      layer_norm: layer normalisation of the gate pre-activations (the paper's
+        best results use it).
+    """
+
+    vocab_size: int
+    embed_dim: int = 64
+    num_units: tuple[int, ...] = (128, 128, 128)
+    output_dim: int = 256
+    top_boundary: bool = False
+    layer_norm: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_units", tuple(int(n) for n in self.num_units))
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if not self.num_units or min(self.num_units) < 1:
+            raise ValueError(f"num_units needs one positive size per layer, got {self.num_units}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.num_units)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["num_units"] = list(self.num_units)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one training run goes.
+
+    Slope annealing follows the paper: a = min(slope_max, slope_start +
+    slope_rate * epoch), set once per epoch on a variable the graph reads.
+    """
+
+    batch_size: int = 32
+    seq_len: int = 100
+    learning_rate: float = 2e-3
+    clip_norm: float = 1.0
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    slope_start: float = 1.0
+    slope_rate: float = 0.04
+    slope_max: float = 5.0
+    checkpoint_every: int = 200
+    eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"sequence length must be at least 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+
+    def slope_at(self, epoch: int) -> float:
+        return min(self.slope_max, self.slope_start + self.slope_rate * epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -1,0 +1,77 @@
+"""Boundaries of a trained network on a text, and the figure that shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from hmlstm.errors import UserError
+from hmlstm.model.data import Vocabulary
+
+
+def encode_checked(vocab: Vocabulary, text: str, allow_unknown: bool) -> np.ndarray:
+    """Encode ``text``; UserError naming the characters the vocabulary lacks."""
+    unknown = vocab.unknown_chars(text)
+    if unknown and not allow_unknown:
+        shown = "".join(sorted(unknown))[:20]
+        raise UserError(
+            f"the text has {len(unknown)} character(s) the model's vocabulary lacks ({shown!r}); "
+            "pass --allow-unknown to read them as the unknown character"
+        )
+    return vocab.encode(text)
+
+
+def text_boundaries(network, ids: np.ndarray) -> np.ndarray:
+    """z of every layer at every character, from the zero state: [T, L] int."""
+    tokens = tf.constant(ids[None, :], tf.int32)
+    out = network(tokens, network.initial_state(1))
+    return out.boundaries.numpy()[0].astype(int)
+
+
+def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
+                    title: str | None = None) -> Path:
+    """PNG of ``text`` with each layer's boundaries marked under it, like the paper's figures.
+
+    The text is cut into lines of ``width`` characters. Under each character,
+    one row per layer: a filled cell where that layer's boundary detector fired
+    (the segment ends after this character).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(1, min(width, len(text)))
+    n_layers = z.shape[1]
+    n_lines = max(1, -(-len(text) // width))
+    rows_per_line = n_layers + 2
+    fig_h = 0.22 * rows_per_line * n_lines + 0.6
+    fig, ax = plt.subplots(figsize=(0.16 * width + 1.4, fig_h))
+    colors = plt.get_cmap("tab10")
+    for line in range(n_lines):
+        chunk = text[line * width : (line + 1) * width]
+        y0 = -line * rows_per_line
+        for i, ch in enumerate(chunk):
+            shown = {"\n": "⏎", " ": "␣", "\t": "⇥"}.get(ch, ch)
+            ax.text(i + 0.5, y0, shown, ha="center", va="center", fontsize=8, family="monospace")
+            for l in range(n_layers):
+                if z[line * width + i, l]:
+                    ax.add_patch(plt.Rectangle((i + 0.1, y0 - 1.45 - l), 0.8, 0.8,
+                                               color=colors(l), lw=0))
+        for l in range(n_layers):
+            ax.text(-0.6, y0 - 1.05 - l, f"z{l + 1}", ha="right", va="center", fontsize=7,
+                    color=colors(l))
+    ax.set_xlim(-2.5, width + 0.5)
+    ax.set_ylim(-n_lines * rows_per_line + 1, 1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,286 @@
+"""Training: truncated BPTT with carried state, Adam, clipping, resume, recovery.
+
+``train(corpus, model_config, train_config, run_dir)`` is the whole job; the
+CLI only builds its arguments. A run directory that already holds a run with
+the same configuration is resumed from its newest checkpoint; the run then
+ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from hmlstm import boundary_scores
+from hmlstm.errors import UserError
+from hmlstm.model import checkpoint as run_io
+from hmlstm.model.config import ModelConfig, TrainConfig, dumps
+from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, split
+from hmlstm.model.network import HMLSTMNetwork
+from hmlstm.model.optim import Adam
+
+LN2 = math.log(2.0)
+# Train settings that may change on resume: they say when to stop, not how to train.
+_STOP_FIELDS = {"epochs", "max_steps", "max_minutes", "checkpoint_every", "eval_every"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_bpc: list[tuple[int, float]] = field(default_factory=list)
+    boundary: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0
+    stopped_by: str = "done"
+
+
+class Trainer(tf.Module):
+    """Network, optimizer, carried state and counters: everything a checkpoint holds."""
+
+    def __init__(self, model: ModelConfig, cfg: TrainConfig):
+        super().__init__(name="trainer")
+        self.cfg = cfg
+        self.network = HMLSTMNetwork(model, seed=cfg.seed)
+        self.variables_to_train = list(self.network.trainable_variables)
+        self.optimizer = Adam(self.variables_to_train, cfg.learning_rate)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        zero = self.network.initial_state(cfg.batch_size)
+        self.carried = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), zero)
+        b, t = cfg.batch_size, cfg.seq_len
+        spec = tf.TensorSpec([b, t], tf.int32)
+        self.train_step = tf.function(self._train_step, input_signature=[spec, spec])
+
+    def reset_state(self) -> None:
+        for v in tf.nest.flatten(self.carried):
+            v.assign(tf.zeros_like(v))
+
+    def _train_step(self, x, y):
+        state = tf.nest.map_structure(tf.identity, self.carried)
+        with tf.GradientTape() as tape:
+            out = self.network(x, state)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits)
+            )
+        grads = tape.gradient(loss, self.variables_to_train)
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
+        ok = tf.math.is_finite(loss) & tf.math.is_finite(gnorm)
+
+        def apply():
+            self.optimizer.apply(grads, self.variables_to_train)
+            for v, s in zip(tf.nest.flatten(self.carried), tf.nest.flatten(out.final_state)):
+                v.assign(s)
+            return tf.constant(True)
+
+        def skip():
+            # A non-finite step changes nothing but the carried state, which restarts.
+            for v in tf.nest.flatten(self.carried):
+                v.assign(tf.zeros_like(v))
+            return tf.constant(False)
+
+        applied = tf.cond(ok, apply, skip)
+        self.step.assign_add(1)
+        rate = tf.reduce_mean(out.boundaries, axis=[0, 1])
+        return loss, gnorm, applied, rate
+
+
+def evaluate_stream(network: HMLSTMNetwork, ids: np.ndarray, batch_size: int, seq_len: int):
+    """Mean BPC over ``ids`` and the boundaries at each position of the streams.
+
+    Returns (bpc, boundaries [B, steps*T, L], positions [B, steps*T]) where
+    positions index into ``ids``, so callers can align any truth array.
+    """
+    batch_size = max(1, min(batch_size, (len(ids) - 1) // (seq_len + 1)))
+    batcher = StreamBatcher(ids, batch_size, seq_len)
+    per_stream = batcher.data.shape[1]
+
+    @tf.function(input_signature=[tf.TensorSpec([batch_size, seq_len], tf.int32)] * 2
+                 + [tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype),
+                                          network.initial_state(batch_size))])
+    def run(x, y, state):
+        out = network(x, state)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits)
+        return tf.reduce_sum(nll), out.boundaries, out.final_state
+
+    state = network.initial_state(batch_size)
+    total, zs = 0.0, []
+    for k in range(len(batcher)):
+        x, y = batcher.batch(k)
+        nll, z, state = run(x, y, state)
+        total += float(nll)
+        zs.append(z.numpy())
+    n = len(batcher) * batch_size * seq_len
+    positions = (np.arange(batch_size)[:, None] * per_stream
+                 + np.arange(len(batcher) * seq_len)[None, :])
+    return total / n / LN2, np.concatenate(zs, axis=1), positions
+
+
+def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab: Vocabulary,
+                     corpus: Corpus) -> bool:
+    """True if run_dir holds a run to resume; UserError if it holds a different one."""
+    if not (run_dir / "config.json").exists():
+        return False
+    info = run_io.read_run_info(run_dir)
+    old, new = info.train.to_dict(), cfg.to_dict()
+    diff = [k for k in new if k not in _STOP_FIELDS and old.get(k) != new[k]]
+    if info.model != model:
+        diff.insert(0, "model")
+    if info.vocab.chars != vocab.chars or info.meta.get("corpus") != corpus.name:
+        diff.insert(0, "corpus")
+    if diff:
+        raise UserError(
+            f"{run_dir} holds a run with a different {', '.join(diff)}; "
+            "resume it with the same settings or choose another --out"
+        )
+    return run_io.latest_checkpoint(run_dir) is not None
+
+
+def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, run_dir: str | Path,
+          progress: bool = True, log=None) -> TrainResult:
+    """Train an HM-LSTM LM on ``corpus``; checkpoints, logs and metrics go to run_dir."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    run_dir = Path(run_dir)
+    if not corpus.text:
+        raise UserError("the corpus is empty; give it some text")
+    vocab = Vocabulary.from_text(corpus.text)
+    model = ModelConfig(vocab_size=len(vocab), **model_cfg_kwargs)
+    ids = vocab.encode(corpus.text)
+    train_ids, val_ids = split(ids, cfg.val_fraction)
+    batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len)
+    if len(val_ids) < 2 * (cfg.seq_len + 1):
+        raise UserError(
+            f"the validation part ({len(val_ids)} characters) is shorter than two sequences of "
+            f"{cfg.seq_len}; use a longer text, a larger --val-fraction or a smaller --seq-len"
+        )
+
+    tf.keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    resume = _check_resumable(run_dir, model, cfg, vocab, corpus)
+    trainer = Trainer(model, cfg)
+    ckpt = tf.train.Checkpoint(trainer=trainer)
+    manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=3)
+    if resume:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        log(f"resuming {run_dir} from step {int(trainer.step)}")
+    else:
+        run_io.write_run_info(run_dir, model, cfg, vocab, {
+            "corpus": corpus.name, "corpus_chars": len(corpus.text),
+            "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tensorflow": tf.__version__,
+        })
+
+    steps_per_epoch = len(batcher)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_every or steps_per_epoch
+    result = TrainResult(run_dir, int(trainer.step))
+    metrics_path = run_dir / "metrics.json"
+    if resume and metrics_path.exists():
+        import json
+        old = json.loads(metrics_path.read_text())
+        result.val_bpc = [tuple(x) for x in old.get("val_bpc", [])]
+        result.skipped_steps = old.get("skipped_steps", 0)
+    writer = tf.summary.create_file_writer(str(run_dir / "tb"))
+
+    val_truth = corpus.word_ends[len(train_ids):] if corpus.word_ends is not None else None
+    val_phrase = corpus.phrase_ends[len(train_ids):] if corpus.phrase_ends is not None else None
+
+    def validate(step: int) -> float:
+        bpc, z, pos = evaluate_stream(trainer.network, val_ids, cfg.batch_size, cfg.seq_len)
+        result.val_bpc.append((step, round(bpc, 4)))
+        layers = {}
+        for l in range(model.num_layers):
+            entry = {"rate": round(float(z[..., l].mean()), 4)}
+            if val_truth is not None:
+                entry["word_ends"] = boundary_scores.score(z[..., l] > 0.5, val_truth[pos]).to_dict()
+            if val_phrase is not None:
+                entry["phrase_ends"] = boundary_scores.score(z[..., l] > 0.5, val_phrase[pos]).to_dict()
+            layers[f"layer{l + 1}"] = entry
+        result.boundary = layers
+        with writer.as_default(step=step):
+            tf.summary.scalar("val/bpc", bpc)
+            for name, e in layers.items():
+                tf.summary.scalar(f"val/{name}_rate", e["rate"])
+                if "word_ends" in e:
+                    tf.summary.scalar(f"val/{name}_word_f1", e["word_ends"]["f1"])
+        run_io.atomic_write_text(metrics_path, dumps({
+            "val_bpc": result.val_bpc, "boundary": result.boundary,
+            "skipped_steps": result.skipped_steps, "step": step,
+        }))
+        return bpc
+
+    start = time.monotonic()
+    step = int(trainer.step)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    consecutive_bad = 0
+    last_val = result.val_bpc[-1][1] if result.val_bpc else float("nan")
+    try:
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            if k == 0:
+                trainer.reset_state()
+                trainer.network.slope.assign(cfg.slope_at(epoch))
+            x, y = batcher.batch(k)
+            t0 = time.perf_counter()
+            loss, gnorm, applied, rate = trainer.train_step(x, y)
+            dt = time.perf_counter() - t0
+            step += 1
+            if not bool(applied):
+                result.skipped_steps += 1
+                consecutive_bad += 1
+                log(f"step {step}: non-finite loss or gradient; step skipped, state reset")
+                if consecutive_bad >= 3 and manager.latest_checkpoint:
+                    lr = float(trainer.optimizer.learning_rate) / 2
+                    ckpt.restore(manager.latest_checkpoint)
+                    trainer.optimizer.learning_rate.assign(lr)
+                    step = int(trainer.step)
+                    consecutive_bad = 0
+                    log(f"3 bad steps in a row: back to checkpoint at step {step}, "
+                        f"learning rate halved to {lr:.2e}")
+                    if bar is not None:
+                        bar.n = step
+                    continue
+            else:
+                consecutive_bad = 0
+            bpc = float(loss) / LN2
+            if step % 10 == 0 or step == total:
+                with writer.as_default(step=step):
+                    tf.summary.scalar("train/bpc", bpc)
+                    tf.summary.scalar("train/grad_norm", gnorm)
+                    tf.summary.scalar("train/slope", trainer.network.slope)
+                    for l, r in enumerate(rate.numpy()):
+                        tf.summary.scalar(f"train/layer{l + 1}_rate", r)
+            if step % eval_every == 0 or step == total:
+                last_val = validate(step)
+            if step % cfg.checkpoint_every == 0 or step == total:
+                manager.save(checkpoint_number=step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}", val_bpc=f"{last_val:.3f}",
+                                chars_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}", refresh=False)
+                bar.update(1)
+            if cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes:
+                result.stopped_by = f"time limit ({cfg.max_minutes} min)"
+                break
+    except KeyboardInterrupt:
+        result.stopped_by = "interrupted"
+        log(f"\ninterrupted at step {step}; checkpoint saved, run the same command to resume")
+    finally:
+        if bar is not None:
+            bar.close()
+        if int(trainer.step) > 0 and (manager.latest_checkpoint is None
+                                      or not manager.latest_checkpoint.endswith(f"-{step}")):
+            if result.stopped_by != "done" and step % eval_every != 0:
+                validate(step)
+            manager.save(checkpoint_number=step)
+        writer.flush()
+    result.step = step
+    return result

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from hmlstm.errors import UserError
+from hmlstm.model.data import (
+    StreamBatcher, Vocabulary, builtin_text, decode_ptb_chars, load_corpus, looks_like_ptb_chars,
+    space_word_ends, synthetic_corpus,
+)
+
+
+def test_builtin_corpus_is_pythons_documentation():
+    text = builtin_text()
+    assert len(text) > 300_000 and "The \"assert\" statement" in text
+
+
+def test_synthetic_truth_marks_last_letter_of_each_word_and_phrase():
+    c = synthetic_corpus(seed=3, n_chars=3000)
+    ends = np.flatnonzero(c.word_ends)
+    assert all(c.text[i].isalpha() and c.text[i + 1] in " ." for i in ends)
+    assert int(c.word_ends.sum()) == len(c.text.replace(".", " ").split())
+    assert np.all(c.word_ends[c.phrase_ends])  # phrase ends are word ends
+    assert all(c.text[i + 1] == "." for i in np.flatnonzero(c.phrase_ends))
+    assert synthetic_corpus(seed=3, n_chars=3000).text == c.text  # seeded
+
+
+def test_space_word_ends():
+    np.testing.assert_array_equal(space_word_ends("ab cd\ne"), [0, 1, 0, 0, 1, 0, 1])
+
+
+def test_ptb_character_format():
+    raw = "a _ c a t\nt h e _ d o g\n"
+    assert looks_like_ptb_chars(raw) and not looks_like_ptb_chars("a cat\n")
+    assert decode_ptb_chars(raw) == "a cat\nthe dog\n"
+
+
+def test_vocabulary_maps_unknown_characters_to_zero():
+    v = Vocabulary.from_text("abc")
+    assert v.encode("abz").tolist() == [1, 2, 0]
+    assert v.unknown_chars("abz!") == {"z", "!"}
+    assert Vocabulary.from_json(v.to_json()).chars == v.chars
+
+
+def test_batches_continue_each_stream():
+    ids = np.arange(100, dtype=np.int32)
+    b = StreamBatcher(ids, batch_size=2, seq_len=4)
+    x0, y0 = b.batch(0)
+    x1, _ = b.batch(1)
+    assert x0.tolist() == [[0, 1, 2, 3], [50, 51, 52, 53]]
+    assert y0.tolist() == [[1, 2, 3, 4], [51, 52, 53, 54]]
+    assert x1[:, 0].tolist() == [4, 54]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"), (b"  \n", "empty"), (b"caf\xe9\n", "not UTF-8"),
+])
+def test_bad_corpus_files(tmp_path, content, message):
+    p = tmp_path / "c.txt"
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_corpus(str(p))
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope.txt"))
+
+
+def test_text_too_short_for_the_batch_shape():
+    with pytest.raises(UserError, match="too short"):
+        StreamBatcher(np.zeros(50, np.int32), batch_size=8, seq_len=20)

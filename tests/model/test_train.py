@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hmlstm.errors import UserError
+from hmlstm.model.checkpoint import load_network
+from hmlstm.model.config import ModelConfig, TrainConfig
+from hmlstm.model.data import synthetic_corpus
+from hmlstm.model.train import Trainer, train
+
+SMALL = dict(embed_dim=8, num_units=(16, 16), output_dim=16)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(seed=0, n_chars=12_000)
+
+
+def test_training_lowers_validation_bpc(corpus, tmp_path):
+    cfg = TrainConfig(batch_size=8, seq_len=20, epochs=4, checkpoint_every=1000)
+    result = train(corpus, SMALL, cfg, tmp_path / "run", progress=False)
+    bpcs = [b for _, b in result.val_bpc]
+    assert len(bpcs) == 4
+    assert bpcs[-1] < bpcs[0] - 0.5, bpcs
+    assert set(result.boundary) == {"layer1", "layer2"}
+    assert "word_ends" in result.boundary["layer1"] and "phrase_ends" in result.boundary["layer1"]
+    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "vocab.json").exists()
+    assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events written
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path):
+    cfg = TrainConfig(batch_size=8, seq_len=20, max_steps=40, checkpoint_every=10)
+    train(corpus, SMALL, cfg, tmp_path / "full", progress=False)
+    # Stop at 25 (mid-epoch, between checkpoints), then resume to 40.
+    from dataclasses import replace
+    train(corpus, SMALL, replace(cfg, max_steps=25), tmp_path / "split", progress=False)
+    resumed = train(corpus, SMALL, cfg, tmp_path / "split", progress=False)
+    assert resumed.step == 40
+    a, _ = load_network(tmp_path / "full")
+    b, _ = load_network(tmp_path / "split")
+    for x, y in zip(a.trainable_variables, b.trainable_variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_resume_with_other_settings_is_refused(corpus, tmp_path):
+    cfg = TrainConfig(batch_size=8, seq_len=20, max_steps=2)
+    train(corpus, SMALL, cfg, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="different model"):
+        train(corpus, dict(SMALL, num_units=(8, 8)), cfg, tmp_path / "run", progress=False)
+
+
+def test_non_finite_step_is_skipped_and_changes_no_weight():
+    model = ModelConfig(vocab_size=5, **SMALL)
+    trainer = Trainer(model, TrainConfig(batch_size=2, seq_len=4))
+    trainer.network.logit_bias.assign([np.inf, 0, 0, 0, 0])
+    before = [v.numpy().copy() for v in trainer.variables_to_train]
+    x = np.ones((2, 4), np.int32)
+    _, _, applied, _ = trainer.train_step(x, x)
+    assert not bool(applied)
+    for b, v in zip(before, trainer.variables_to_train):
+        np.testing.assert_array_equal(b, v.numpy())
+    for v in tf.nest.flatten(trainer.carried):
+        np.testing.assert_array_equal(v.numpy(), 0.0)
+
+
+def test_slope_anneals_per_epoch():
+    cfg = TrainConfig()
+    assert [cfg.slope_at(e) for e in (0, 10, 100, 1000)] == [1.0, 1.4, 5.0, 5.0]

@@ -3,8 +3,14 @@ import pytest
 
 from hmlstm.errors import UserError
 from hmlstm.model.data import (
-    StreamBatcher, Vocabulary, builtin_text, decode_ptb_chars, load_corpus, looks_like_ptb_chars,
-    space_word_ends, synthetic_corpus,
+    StreamBatcher,
+    Vocabulary,
+    builtin_text,
+    decode_ptb_chars,
+    load_corpus,
+    looks_like_ptb_chars,
+    space_word_ends,
+    synthetic_corpus,
 )
 
 

@@ -1,0 +1,32 @@
+"""Write one benchmark's section of docs/benchmarks.md, leaving the others alone."""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPORT = DOCS / "benchmarks.md"
+HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh.\n"
+
+
+def machine() -> str:
+    import os
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_section(name: str, body: str) -> Path:
+    DOCS.mkdir(exist_ok=True)
+    text = REPORT.read_text() if REPORT.exists() else HEADER
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    footer = f"_Written {stamp} on {machine()}._"
+    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n{footer}\n<!-- END {name} -->"
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    REPORT.write_text(text)
+    return REPORT

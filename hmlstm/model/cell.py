@@ -32,6 +32,13 @@ class HMLSTMState(NamedTuple):
     z: tf.Tensor  # boundary detector, fired at the previous step
 
 
+class HMLSTMOutput(NamedTuple):
+    """What one layer emits at a step, besides its state."""
+
+    h: tf.Tensor  # [batch, units] the new hidden state
+    z_pre: tf.Tensor  # [batch, 1] boundary pre-activation s_z: z = 1 iff s_z > 0 (0. without a detector)
+
+
 @tf.custom_gradient
 def straight_through_round(x: tf.Tensor) -> tf.Tensor:
     """round(x) forward; the identity backward (straight-through estimator)."""
@@ -62,8 +69,8 @@ def hmlstm_step(
     slope: tf.Tensor,
     has_boundary: bool,
     ln: tuple[tf.Tensor, tf.Tensor] | None = None,
-) -> HMLSTMState:
-    """One HM-LSTM step of layer l.
+) -> tuple[HMLSTMState, tf.Tensor]:
+    """One HM-LSTM step of layer l; returns (new state, s_z [B, 1]).
 
     Shapes: h_below [B, D_below] (h^{l-1}_t; the embedding for l = 1),
     z_below [B, 1] (z^{l-1}_t; 1 for l = 1), h_above [B, D_above] or None for
@@ -100,10 +107,11 @@ def hmlstm_step(
     c_new = flush * (i * g) + update * (f * c + i * g) + copy * c
     h_new = copy * h + (1.0 - copy) * (o * tf.tanh(c_new))
     if has_boundary:
-        z_new = straight_through_round(hard_sigmoid(slope * s[:, 4 * units :]))
+        s_z = s[:, 4 * units :]
+        z_new = straight_through_round(hard_sigmoid(slope * s_z))
     else:
-        z_new = tf.zeros_like(z)
-    return HMLSTMState(c=c_new, h=h_new, z=z_new)
+        s_z = z_new = tf.zeros_like(z)
+    return HMLSTMState(c=c_new, h=h_new, z=z_new), s_z
 
 
 def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
@@ -114,8 +122,8 @@ def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
 class HMLSTMCell(tf.Module):
     """One HM-LSTM layer.
 
-    ``call((h_below, z_below, h_above), state) -> (h, new_state)``; h_above is
-    None for the top layer. The output is the new hidden state h.
+    ``call((h_below, z_below, h_above), state) -> (HMLSTMOutput, new_state)``;
+    h_above is None for the top layer.
     """
 
     def __init__(
@@ -152,8 +160,8 @@ class HMLSTMCell(tf.Module):
         return HMLSTMState(c=self.units, h=self.units, z=1)
 
     @property
-    def output_size(self) -> int:
-        return self.units
+    def output_size(self) -> HMLSTMOutput:
+        return HMLSTMOutput(h=self.units, z_pre=1)
 
     def initial_state(self, batch_size: int | tf.Tensor) -> HMLSTMState:
         zeros = tf.zeros([batch_size, self.units])
@@ -161,11 +169,11 @@ class HMLSTMCell(tf.Module):
 
     def call(self, inputs, state: HMLSTMState, slope: tf.Tensor | float = 1.0):
         h_below, z_below, h_above = inputs
-        new = hmlstm_step(
+        new, s_z = hmlstm_step(
             self.kernel, self.bias, h_below, z_below, h_above if self.has_above else None,
             state, tf.convert_to_tensor(slope, tf.float32), self.has_boundary, self.ln,
         )
-        return new.h, new
+        return HMLSTMOutput(new.h, s_z), new
 
     __call__ = call
 
@@ -173,13 +181,12 @@ class HMLSTMCell(tf.Module):
 class MultiHMLSTMCell(tf.Module):
     """A stack of HM-LSTM layers with the same contract as one cell.
 
-    ``call(x_t, states) -> (states_t, states_t)``: the input is the character
+    ``call(x_t, states) -> (outputs_t, states_t)``: the input is the character
     embedding at t, the state a tuple of per-layer ``HMLSTMState`` at t-1. Layer
     l reads h^{l-1}_t and z^{l-1}_t from the layer below at this step (x_t and 1
     for layer 1) and h^{l+1}_{t-1} from the layer above at the previous step,
     which is why Keras' stacked cell, which only passes outputs upwards, does
-    not fit. The output is the whole new state, so an unroll that stacks
-    outputs returns every layer's c, h and z at every step.
+    not fit. The output is a tuple of per-layer ``HMLSTMOutput``.
     """
 
     def __init__(
@@ -208,8 +215,8 @@ class MultiHMLSTMCell(tf.Module):
         return tuple(cell.state_size for cell in self.cells)
 
     @property
-    def output_size(self) -> tuple[HMLSTMState, ...]:
-        return self.state_size
+    def output_size(self) -> tuple[HMLSTMOutput, ...]:
+        return tuple(cell.output_size for cell in self.cells)
 
     def initial_state(self, batch_size: int | tf.Tensor) -> tuple[HMLSTMState, ...]:
         return tuple(cell.initial_state(batch_size) for cell in self.cells)
@@ -217,13 +224,13 @@ class MultiHMLSTMCell(tf.Module):
     def call(self, inputs: tf.Tensor, state: tuple[HMLSTMState, ...], slope=1.0):
         h_below = inputs
         z_below = tf.ones_like(inputs[:, :1])
-        new_states = []
+        outputs, new_states = [], []
         for l, cell in enumerate(self.cells):
             h_above = state[l + 1].h if l + 1 < len(self.cells) else None
-            _, new = cell((h_below, z_below, h_above), state[l], slope)
+            out, new = cell((h_below, z_below, h_above), state[l], slope)
+            outputs.append(out)
             new_states.append(new)
             h_below, z_below = new.h, new.z
-        out = tuple(new_states)
-        return out, out
+        return tuple(outputs), tuple(new_states)
 
     __call__ = call

@@ -27,42 +27,50 @@ class Unrolled(NamedTuple):
 class NetworkOutput(NamedTuple):
     logits: tf.Tensor  # [B, T, V]: scores of the next character
     boundaries: tf.Tensor  # [B, T, L]: z of every layer, 0. or 1.
+    boundary_logits: tf.Tensor  # [B, T, L]: s_z of every layer; z = 1 iff s_z > 0
     unrolled: Unrolled
     final_state: State
 
 
 def unroll(cell, inputs: tf.Tensor, state, lengths: tf.Tensor | None = None, slope=1.0):
-    """Run ``cell`` over time with ``tf.scan``; return (stacked states, final state).
+    """Run ``cell`` over time with ``tf.scan``.
 
     inputs [B, T, D]; state: the cell's state at t = 0; lengths [B] int32 or
-    None. Row b advances only lengths[b] steps: past that its state is held
-    (so the final state is exactly the state after lengths[b] steps) and its
-    stacked outputs are zero.
+    None. Returns (outputs, states, final_state): the cell's outputs and its
+    states at every step, batch-major [B, T, ...], and the state after the
+    last step. Row b advances only lengths[b] steps: past that its state is
+    held (so its final state is exactly the state after lengths[b] steps) and
+    its stacked outputs and states are zero.
 
     This must stay a symbolic loop under tf.function: tf2onnx turns the scan
     into one ONNX Loop, which is what makes the exported model work for any
     sequence length. Do not replace it by a Python loop over a static T. The
-    scan needs ``initializer=`` (the state) and must not run in reverse.
+    scan needs ``initializer=`` and must not run in reverse.
     """
     time_major = tf.transpose(inputs, [1, 0, 2])
-    steps = tf.range(tf.shape(time_major)[0])
+    num_steps = tf.shape(time_major)[0]
+    batch = tf.shape(time_major)[1]
+    zero_out = tf.nest.map_structure(lambda n: tf.zeros([batch, n]), cell.output_size)
 
     def step(prev, elem):
         x_t, t = elem
-        _, new = cell(x_t, prev, slope)
-        if lengths is None:
-            return new
-        live = tf.cast(tf.expand_dims(t < lengths, -1), tf.float32)  # [B, 1]
-        return tf.nest.map_structure(lambda n, p: live * n + (1.0 - live) * p, new, prev)
+        prev_state, _ = prev
+        out, new = cell(x_t, prev_state, slope)
+        if lengths is not None:
+            live = tf.cast(tf.expand_dims(t < lengths, -1), tf.float32)  # [B, 1]
+            new = tf.nest.map_structure(lambda n, p: live * n + (1.0 - live) * p, new, prev_state)
+        return new, out
 
-    stacked = tf.scan(step, (time_major, steps), initializer=state)
-    final = tf.nest.map_structure(lambda s: s[-1], stacked)
+    states, outputs = tf.scan(step, (time_major, tf.range(num_steps)),
+                              initializer=(state, zero_out))
+    final = tf.nest.map_structure(lambda s: s[-1], states)
     if lengths is not None:
-        mask = tf.sequence_mask(lengths, tf.shape(time_major)[0], dtype=tf.float32)
+        mask = tf.sequence_mask(lengths, num_steps, dtype=tf.float32)
         mask = tf.expand_dims(tf.transpose(mask), -1)  # [T, B, 1]
-        stacked = tf.nest.map_structure(lambda s: s * mask, stacked)
-    batch_major = tf.nest.map_structure(lambda s: tf.transpose(s, [1, 0, 2]), stacked)
-    return batch_major, final
+        states, outputs = tf.nest.map_structure(lambda s: s * mask, (states, outputs))
+    to_batch_major = lambda s: tf.transpose(s, [1, 0, 2])  # noqa: E731
+    return (tf.nest.map_structure(to_batch_major, outputs),
+            tf.nest.map_structure(to_batch_major, states), final)
 
 
 class HMLSTMNetwork(tf.Module):
@@ -115,7 +123,7 @@ class HMLSTMNetwork(tf.Module):
     def __call__(self, tokens: tf.Tensor, state: State, lengths: tf.Tensor | None = None):
         """tokens [B, T] int32 -> NetworkOutput."""
         x = tf.gather(self.embedding, tokens)
-        stacked, final = unroll(self.cell, x, state, lengths, self.slope)
+        outputs, stacked, final = unroll(self.cell, x, state, lengths, self.slope)
         unrolled = Unrolled(
             c=tuple(s.c for s in stacked), h=tuple(s.h for s in stacked),
             z=tuple(s.z for s in stacked),
@@ -125,4 +133,5 @@ class HMLSTMNetwork(tf.Module):
             mask = tf.sequence_mask(lengths, tf.shape(tokens)[1], dtype=logits.dtype)
             logits = logits * tf.expand_dims(mask, -1)
         boundaries = tf.concat(unrolled.z, axis=-1)
-        return NetworkOutput(logits, boundaries, unrolled, final)
+        boundary_logits = tf.concat([o.z_pre for o in outputs], axis=-1)
+        return NetworkOutput(logits, boundaries, boundary_logits, unrolled, final)

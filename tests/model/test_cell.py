@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hmlstm.model.cell import HMLSTMCell, HMLSTMState, MultiHMLSTMCell, hmlstm_step
+from hmlstm.model.cell import HMLSTMCell, HMLSTMOutput, HMLSTMState, MultiHMLSTMCell, hmlstm_step
 from tests.model import reference
 
 B, D, H, A = 3, 5, 4, 6  # batch, below size, units, above size
@@ -37,7 +37,8 @@ def test_cell_step_matches_numpy_reference(case, mode, layer_norm):
     np.testing.assert_allclose(new.c.numpy(), c_ref, atol=1e-6)
     np.testing.assert_allclose(new.h.numpy(), h_ref, atol=1e-6)
     np.testing.assert_array_equal(new.z.numpy(), z_ref)
-    np.testing.assert_array_equal(out.numpy(), new.h.numpy())
+    np.testing.assert_array_equal(out.h.numpy(), new.h.numpy())
+    np.testing.assert_array_equal(new.z.numpy(), (out.z_pre.numpy() > 0).astype(np.float32))
 
 
 def test_copy_keeps_c_and_h_bit_exact():
@@ -104,7 +105,7 @@ def test_multi_cell_routes_bottom_up_now_and_top_down_from_previous_step():
     x = np.random.default_rng(0).normal(size=(B, D)).astype(np.float32)
     state = _multi_state(multi, 1, (1, 1, 0))
     out, new = multi(x, state, 1.0)
-    assert out is new and len(new) == 3
+    assert len(out) == len(new) == 3 and all(o.h is n.h for o, n in zip(out, new))
     below_h, below_z = x, np.ones((B, 1), np.float32)
     for l, cell in enumerate(multi.cells):
         above = state[l + 1].h if l < 2 else None
@@ -133,6 +134,7 @@ def test_top_down_input_only_counts_after_a_boundary():
 def test_multi_cell_contract_sizes():
     multi = MultiHMLSTMCell(D, (4, 5), top_boundary=True)
     assert multi.state_size == (HMLSTMState(4, 4, 1), HMLSTMState(5, 5, 1))
+    assert multi.output_size == (HMLSTMOutput(4, 1), HMLSTMOutput(5, 1))
     init = multi.initial_state(2)
     assert [tuple(s.h.shape) for s in init] == [(2, 4), (2, 5)]
     assert multi.cells[1].has_boundary
@@ -143,7 +145,7 @@ def test_step_function_is_one_graph_without_control_flow():
     cell = HMLSTMCell(H, D, A)
     spec = (tf.TensorSpec([None, D]), tf.TensorSpec([None, 1]), tf.TensorSpec([None, A]))
     sspec = HMLSTMState(tf.TensorSpec([None, H]), tf.TensorSpec([None, H]), tf.TensorSpec([None, 1]))
-    g = tf.function(lambda i, s: hmlstm_step(cell.kernel, cell.bias, *i, s, 1.0, True)) \
+    g = tf.function(lambda i, s: hmlstm_step(cell.kernel, cell.bias, *i, s, 1.0, True)[0]) \
         .get_concrete_function(spec, sspec).graph
     ops = {op.type for op in g.get_operations()}
     assert not ops & {"If", "StatelessIf", "Switch", "Merge"}

@@ -12,16 +12,19 @@ CFG = ModelConfig(vocab_size=9, embed_dim=4, num_units=(5, 6, 7), output_dim=8)
 class AddCell:
     """Toy cell with a closed-form unroll: state_t = state_0 + sum of inputs up to t."""
 
+    output_size = 3
+
     def __call__(self, x, state, slope):
         new = state + x
-        return new, new
+        return 2.0 * new, new
 
 
 def test_unroll_toy_cell_gives_cumulative_sums_and_holds_state_past_length():
     x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
     init = np.ones((2, 3), np.float32)
-    stacked, final = unroll(AddCell(), x, init, lengths=tf.constant([5, 2]))
+    outputs, stacked, final = unroll(AddCell(), x, init, lengths=tf.constant([5, 2]))
     expected = init[:, None, :] + np.cumsum(x, axis=1)
+    np.testing.assert_allclose(outputs, 2.0 * stacked)
     np.testing.assert_allclose(stacked[0], expected[0])
     np.testing.assert_allclose(stacked[1, :2], expected[1, :2])
     np.testing.assert_array_equal(stacked[1, 2:], 0.0)  # outputs past the length are zero
@@ -49,7 +52,10 @@ def test_scan_returns_every_layer_at_every_step_and_equals_python_loop(mode):
     state = net.initial_state(3)
     emb = tf.gather(net.embedding, tokens)
     for t in range(7):
-        _, state = net.cell(emb[:, t], state, net.slope)
+        step_out, state = net.cell(emb[:, t], state, net.slope)
+        pre = np.concatenate([o.z_pre.numpy() for o in step_out], -1)
+        np.testing.assert_allclose(out.boundary_logits[:, t], pre, atol=1e-6)
+        np.testing.assert_array_equal(out.boundaries[:, t], (pre > 0).astype(np.float32))
         for l in range(3):
             np.testing.assert_allclose(out.unrolled.h[l][:, t], state[l].h, atol=1e-6)
             np.testing.assert_allclose(out.unrolled.c[l][:, t], state[l].c, atol=1e-6)

@@ -152,6 +152,41 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="convert a trained run to ONNX (time loop kept) and validate it",
+                       description="Convert a training run's streaming step function to ONNX with the "
+                       "time loop kept as one Loop, prove it equal to TensorFlow, and write it with a "
+                       "JSON model card beside it. A model that fails validation is not written.")
+    p.add_argument("checkpoint", type=Path, help="run directory written by `hmlstm train`")
+    p.add_argument("--out", type=Path, default=Path("model.onnx"))
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="validate on CPU, plus CUDA where it works (auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="validate on a smaller grid (time 1, 7, 333; batch 1, 3)")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    quiet_tensorflow()
+    from hmlstm.export.convert import ExportConfig, export
+    from hmlstm.export.validate import ValidationError
+
+    kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
+    cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device, **kw)
+    try:
+        result = export(args.checkpoint, args.out, cfg, log=lambda m: print(m, file=sys.stderr))
+    except ValidationError as e:
+        print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.path} ({result.card['size_bytes'] / 1e6:.2f} MB) and {result.card_path}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -183,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_plot(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 

@@ -1,4 +1,29 @@
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+TINY_MODEL = dict(embed_dim=8, num_units=(12, 10), output_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny HM-LSTM trained for a few steps on the synthetic corpus."""
+    from hmlstm.model.config import TrainConfig
+    from hmlstm.model.data import synthetic_corpus
+    from hmlstm.model.train import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(synthetic_corpus(seed=0, n_chars=8000), TINY_MODEL,
+          TrainConfig(batch_size=8, seq_len=20, max_steps=30, checkpoint_every=30), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run, tmp_path_factory):
+    """The tiny run exported and validated on the full grid."""
+    from hmlstm.export.convert import export
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return export(tiny_run, out, log=lambda m: None)

@@ -1,0 +1,238 @@
+"""TensorFlow -> ONNX: the streaming step function, with the time loop kept as a Loop.
+
+``export(run_dir, out, config)`` loads a trained run, converts its streaming
+step function with ``tf2onnx.convert.from_function``, names the dynamic
+axes, writes its description into the model's metadata, validates it (see
+``validate.py``) and only then writes it, atomically, with a JSON model card
+beside it. A model that fails validation is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import tensorflow as tf
+
+import hmlstm
+from hmlstm.errors import UserError
+from hmlstm.export import spec
+from hmlstm.export.validate import ValidationReport, validate
+from hmlstm.model.cell import HMLSTMState
+from hmlstm.model.checkpoint import atomic_write_text, load_network
+from hmlstm.model.config import dumps
+from hmlstm.model.data import builtin_text, load_corpus
+
+MIN_OPSET, MAX_OPSET = 13, 18
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    validate: bool = True
+    times: tuple[int, ...] = (1, 7, 333, 5000)
+    batches: tuple[int, ...] = (1, 3, 17)
+    tolerance: float = 1e-4
+    boundary_threshold: float = 1e-4
+    device: str = "auto"  # which ORT providers validation runs on: auto = CPU, plus CUDA if present
+
+    def __post_init__(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise UserError(f"opset {self.opset} is outside {MIN_OPSET}-{MAX_OPSET} "
+                            f"(tf2onnx 1.17 supports up to {MAX_OPSET}); pick one in that range")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    card_path: Path
+    card: dict
+
+
+def tf_signature(num_units: tuple[int, ...], vocab_size: int) -> list[tf.TensorSpec]:
+    ins, _ = spec.io_spec(num_units, vocab_size)
+    return [tf.TensorSpec([None if isinstance(d, str) else d for d in s.shape], s.dtype, name=s.name)
+            for s in ins]
+
+
+def stream_function(network) -> tf.types.experimental.GenericFunction:
+    """The function that is exported: (tokens, lengths, *state) -> dict of outputs."""
+    cfg = network.config
+    num_layers = cfg.num_layers
+
+    @tf.function(input_signature=tf_signature(cfg.num_units, cfg.vocab_size))
+    def stream_step(tokens, lengths, *flat_state):
+        state = tuple(HMLSTMState(*flat_state[3 * l : 3 * l + 3]) for l in range(num_layers))
+        out = network(tokens, state, lengths)
+        result = {spec.LOGITS: out.logits, spec.BOUNDARIES: out.boundaries,
+                  spec.BOUNDARY_LOGITS: out.boundary_logits}
+        for l, s in enumerate(out.final_state, start=1):
+            for part in spec.STATE_PARTS:
+                result[spec.state_output(part, l)] = tf.identity(getattr(s, part))
+        return result
+
+    return stream_step
+
+
+def tf_reference(fn, num_units: tuple[int, ...]):
+    """feeds dict -> TensorFlow outputs as NumPy, for validation."""
+    ins, _ = spec.io_spec(num_units, 2)
+    order = [s.name for s in ins]
+
+    def run(feeds):
+        return {k: v.numpy() for k, v in fn(*[tf.constant(feeds[n]) for n in order]).items()}
+
+    return run
+
+
+def _name_axes(model: onnx.ModelProto, num_units: tuple[int, ...], vocab_size: int) -> None:
+    """Give the dynamic axes their documented names (tf2onnx calls them unk__N)."""
+    ins, outs = spec.io_spec(num_units, vocab_size)
+    by_name = {s.name: s for s in (*ins, *outs)}
+    for vi in (*model.graph.input, *model.graph.output):
+        s = by_name.get(vi.name)
+        if s is None:
+            continue
+        for dim, want in zip(vi.type.tensor_type.shape.dim, s.shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+        vi.doc_string = s.doc
+
+
+def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17) -> onnx.ModelProto:
+    """The network's streaming step as an ONNX model with metadata (not validated)."""
+    import tf2onnx
+
+    cfg = network.config
+    fn = stream_function(network)
+    model, _ = tf2onnx.convert.from_function(
+        fn, input_signature=tf_signature(cfg.num_units, cfg.vocab_size), opset=opset)
+    # onnx >= 1.23 would stamp IR 14, which ONNX Runtime 1.31 refuses: use the
+    # lowest IR version the opsets need.
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    _name_axes(model, cfg.num_units, cfg.vocab_size)
+    ins, outs = spec.io_spec(cfg.num_units, cfg.vocab_size)
+    model.doc_string = spec.__doc__
+    model.producer_name = "hmlstm"
+    model.producer_version = hmlstm.__version__
+    meta = {
+        spec.META_FORMAT: spec.FORMAT,
+        spec.META_CONFIG: json.dumps(cfg.to_dict()),
+        spec.META_VOCAB: json.dumps(vocab_chars, ensure_ascii=False),
+        spec.META_STATE_MAP: json.dumps(spec.state_map(cfg.num_layers)),
+        spec.META_IO: json.dumps({"inputs": [s.to_dict() for s in ins],
+                                  "outputs": [s.to_dict() for s in outs]}),
+        spec.META_VERSIONS: json.dumps(versions(opset)),
+        spec.META_PROVENANCE: json.dumps(provenance, ensure_ascii=False),
+    }
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    return model
+
+
+def versions(opset: int) -> dict[str, str | int]:
+    import onnxruntime
+    import tf2onnx
+
+    return {"hmlstm": hmlstm.__version__, "tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset}
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
+    """The metadata written by ``convert``, JSON-decoded (format stays a string)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return {k: (v if k == spec.META_FORMAT else json.loads(v)) for k, v in props.items()
+            if k.startswith("hmlstm.")}
+
+
+def _check_output_path(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"output path {out} is a directory; give a file name such as {out}/model.onnx")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable")
+
+
+def _validation_text(corpus_name: str | None) -> str:
+    """Real text for validation: the run's own corpus where it can be read again."""
+    if corpus_name and corpus_name.startswith(("file:", "ptb-chars:")):
+        try:
+            return load_corpus(corpus_name.split(":", 1)[1]).text
+        except UserError:
+            pass
+    if corpus_name and corpus_name.startswith("synthetic"):
+        return load_corpus("synthetic").text
+    return builtin_text()
+
+
+def card_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + ".card.json")
+
+
+def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportConfig(),
+           log=print) -> ExportResult:
+    from hmlstm.runtime import make_session
+
+    out = Path(out)
+    _check_output_path(out)
+    network, info = load_network(run_dir)
+    metrics_file = info.path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    provenance = {
+        "run": info.path.name, "corpus": info.meta.get("corpus"), "command": info.meta.get("command"),
+        "created": info.meta.get("created"), "train_config": info.train.to_dict(),
+        "step": metrics.get("step"), "val_bpc": (metrics.get("val_bpc") or [[None, None]])[-1][1],
+    }
+    t0 = time.perf_counter()
+    model = convert(network, info.vocab.chars, provenance, config.opset)
+    convert_s = time.perf_counter() - t0
+    log(f"converted in {convert_s:.1f}s: {len(model.graph.node)} top-level nodes, opset {config.opset}")
+    data = model.SerializeToString()
+
+    report = ValidationReport()
+    if config.validate:
+        sessions = {"CPUExecutionProvider": make_session(data, "cpu").session}
+        if config.device != "cpu":
+            rt = make_session(data, config.device)
+            if rt.on_cuda:
+                sessions["CUDAExecutionProvider"] = rt.session
+            log(rt.note)
+        text_ids = info.vocab.encode(_validation_text(info.meta.get("corpus"))[:200_000])
+        t0 = time.perf_counter()
+        report = validate(model, sessions, tf_reference(stream_function(network), info.model.num_units),
+                          info.model.num_units, info.model.vocab_size, text_ids, config.times,
+                          config.batches, config.tolerance, config.boundary_threshold)
+        log(f"validated in {time.perf_counter() - t0:.1f}s on {', '.join(sessions)}: "
+            f"{len(report.cases)} cases, max |diff| logits {report.max_abs_diff.get(spec.LOGITS, 0):.2g}, "
+            f"{len(report.boundary_flips_explained)} explained boundary flip(s) in "
+            f"{report.boundaries_compared:,} boundaries; streaming chunks {report.streaming_chunks} equal")
+
+    card = {
+        "format": spec.FORMAT, "model_config": info.model.to_dict(), "vocabulary_size": len(info.vocab),
+        "io": json.loads(dict((p.key, p.value) for p in model.metadata_props)[spec.META_IO]),
+        "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
+        "provenance": provenance, "evaluation": {"val_bpc": provenance["val_bpc"],
+                                                 "boundaries": metrics.get("boundary", {})},
+        "validation": report.to_dict() if config.validate else None,
+        "export_seconds": round(convert_s, 2), "size_bytes": len(data),
+    }
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    card_path = card_path_for(out)
+    atomic_write_text(card_path, dumps(card))
+    return ExportResult(out, card_path, card)
+

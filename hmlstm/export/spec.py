@@ -1,0 +1,89 @@
+"""The exported model's interface: every input and output, by name, dtype and shape.
+
+Pure Python (no TensorFlow, no ONNX): the server and the exporter both read
+it. Shapes use the symbolic axes ``batch`` and ``time``; both are dynamic.
+
+Inputs
+  tokens        int32 [batch, time]   character ids (0 = unknown)
+  lengths       int32 [batch]         steps row b advances, 0..time; rows past
+                                      their length output zeros and keep state
+  state_c{l}    float32 [batch, H_l]  layer l memory cell    (l = 1..L)
+  state_h{l}    float32 [batch, H_l]  layer l hidden state
+  state_z{l}    float32 [batch, 1]    layer l boundary at the previous step (0/1)
+
+Outputs
+  logits           float32 [batch, time, vocab]   next-character scores
+  boundaries       float32 [batch, time, layers]  z of each layer at each step (0/1)
+  boundary_logits  float32 [batch, time, layers]  s_z: z = 1 iff s_z > 0 (a margin)
+  next_state_c{l}, next_state_h{l}, next_state_z{l}
+                   the state after lengths[b] steps: feed it back as state_*{l}
+
+Never send time = 0: ONNX Runtime cannot run a Loop with zero iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMAT = "hmlstm-stream/1"
+TOKENS = "tokens"
+LENGTHS = "lengths"
+LOGITS = "logits"
+BOUNDARIES = "boundaries"
+BOUNDARY_LOGITS = "boundary_logits"
+STATE_PARTS = ("c", "h", "z")
+
+# Keys of the ONNX metadata_props; values are JSON text.
+META_FORMAT = "hmlstm.format"
+META_CONFIG = "hmlstm.model_config"
+META_VOCAB = "hmlstm.vocabulary"
+META_STATE_MAP = "hmlstm.state_map"
+META_IO = "hmlstm.io"
+META_VERSIONS = "hmlstm.versions"
+META_PROVENANCE = "hmlstm.provenance"
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]
+    doc: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "doc": self.doc}
+
+
+def state_input(part: str, layer: int) -> str:
+    return f"state_{part}{layer}"
+
+
+def state_output(part: str, layer: int) -> str:
+    return f"next_state_{part}{layer}"
+
+
+def state_map(num_layers: int) -> dict[str, str]:
+    """Which state output feeds which state input at the next call."""
+    return {state_output(p, l): state_input(p, l)
+            for l in range(1, num_layers + 1) for p in STATE_PARTS}
+
+
+def io_spec(num_units: tuple[int, ...], vocab_size: int) -> tuple[list[IOSpec], list[IOSpec]]:
+    n = len(num_units)
+    inputs = [
+        IOSpec(TOKENS, "int32", ("batch", "time"), "character ids, 0 = unknown"),
+        IOSpec(LENGTHS, "int32", ("batch",), "steps each row advances (0..time)"),
+    ]
+    outputs = [
+        IOSpec(LOGITS, "float32", ("batch", "time", vocab_size), "next-character scores"),
+        IOSpec(BOUNDARIES, "float32", ("batch", "time", n), "z of each layer, 0/1"),
+        IOSpec(BOUNDARY_LOGITS, "float32", ("batch", "time", n), "s_z; z = 1 iff s_z > 0"),
+    ]
+    docs = {"c": "memory cell", "h": "hidden state", "z": "boundary at the last step, 0/1"}
+    for l, units in enumerate(num_units, start=1):
+        for p in STATE_PARTS:
+            size = 1 if p == "z" else units
+            inputs.append(IOSpec(state_input(p, l), "float32", ("batch", size), f"layer {l} {docs[p]}"))
+            outputs.append(IOSpec(state_output(p, l), "float32", ("batch", size),
+                                  f"layer {l} {docs[p]} after lengths[b] steps"))
+    return inputs, outputs

@@ -1,0 +1,91 @@
+"""ONNX Runtime sessions: the CUDA execution provider where it really works, else CPU.
+
+No TensorFlow here: the server imports this. ``onnxruntime.get_device()``
+says GPU for the GPU wheel even without a GPU, and a failed CUDA provider
+prints a stack of C++ errors, so we decide from facts: is there an NVIDIA
+driver, and does the session we built list CUDAExecutionProvider? Anything
+ORT prints while trying is captured and boiled down to one reason line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    session: ort.InferenceSession
+    providers: tuple[str, ...]
+    note: str  # one line: what runs where, and why CUDA is not used if it is not
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.providers[0] == CUDA
+
+
+def nvidia_driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def _capture_fd2(fn):
+    """Run fn() with file descriptor 2 sent to a temp file; return (result, text)."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read().decode("utf-8", "replace")
+
+
+def _reason(log: str) -> str:
+    m = re.search(r"error: ([^\n\x1b]+)", log) or re.search(r"\] ([^\n\x1b]+)", log)
+    return m.group(1).strip()[:160] if m else "the session did not list it"
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def make_session(model: str | bytes, device: str = "auto", threads: int | None = None) -> Runtime:
+    """Build one inference session. device: auto (CUDA if it works), cuda (must work), cpu."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    so = session_options(threads)
+    why = ""
+    if device != "cpu":
+        if CUDA not in ort.get_available_providers():
+            why = "this onnxruntime build has no CUDA provider"
+        elif not nvidia_driver_present():
+            why = "no NVIDIA driver (libcuda.so.1 not found)"
+        else:
+            sess, log = _capture_fd2(
+                lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
+            if sess.get_providers()[0] == CUDA:
+                return Runtime(sess, tuple(sess.get_providers()), "ONNX Runtime on CUDA")
+            why = f"CUDA provider failed to load: {_reason(log)}"
+        if device == "cuda":
+            raise RuntimeError(f"--device cuda asked for, but {why}")
+    sess = ort.InferenceSession(model, so, providers=[CPU])
+    note = "ONNX Runtime on CPU" + (f" (CUDA not used: {why})" if why else "")
+    return Runtime(sess, tuple(sess.get_providers()), note)

@@ -187,26 +187,243 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+
+def _add_serve(sub) -> None:
+    from hmlstm.serving.config import ServeConfig
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve streaming segmentation over gRPC",
+                       description="Serve an exported model (the shipped default when none is named) over "
+                       "gRPC, with health checking, reflection and Prometheus metrics.")
+    p.add_argument("model", nargs="?", default=None, help="an .onnx file written by `hmlstm export`")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; -1 turns it off")
+    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
+    p.add_argument("--max-streams", type=int, default=d.max_streams)
+    p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars)
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
+    p.add_argument("--grace", type=float, default=d.grace_s, help="seconds open streams get on SIGTERM")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (with --tls-key)")
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--auth-token-env", default=None, metavar="VAR",
+                   help="require 'authorization: Bearer $VAR' on every call")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.set_defaults(func=cmd_serve)
+
+
+def _serve_config(args):
+    from hmlstm.serving.config import ServeConfig
+
+    token = None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env)
+        if not token:
+            raise UserError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
+    for f in (args.tls_cert, args.tls_key):
+        if f and not Path(f).is_file():
+            raise UserError(f"TLS file {f} does not exist")
+    try:
+        return ServeConfig(
+            host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
+            idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            auth_token=token, workers=args.workers)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _load_model(path, device):
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    try:
+        return load_model(path, device)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from hmlstm.serving.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    config = _serve_config(args)
+    model = _load_model(args.model, config.device)
+    try:
+        asyncio.run(serve(model, config))
+    except OSError as e:
+        raise UserError(f"cannot serve on {config.host}:{config.port}: {e}") from None
+    return 0
+
+
+# ---------------------------------------------------------------- segment
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live")
+    p.add_argument("file", help="a UTF-8 text file, or - for standard input")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of `hmlstm serve`")
+    p.add_argument("--local", action="store_true", help="run the model in this process; no server")
+    p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
+    p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
+    p.add_argument("--layers", type=int, nargs="*", default=[], help="layers to report (default: all)")
+    p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
+    p.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
+    p.set_defaults(func=cmd_segment)
+
+
+def _read_chunks(path: str, size: int):
+    if size < 1:
+        raise UserError("--chunk-chars must be at least 1")
+    if path == "-":
+        stream = sys.stdin
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path} does not exist or is not a file")
+        stream = p.open(encoding="utf-8")
+    try:
+        while True:
+            piece = stream.read(size)
+            if not piece:
+                return
+            yield piece
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int) -> int:
+    """Print what ``r`` adds; ``text_by_offset`` holds the stream's text from offset ``base``. Returns printed."""
+    import json
+
+    from hmlstm.serving.render import mark
+
+    if jsonl:
+        for s in r.segments:
+            if s.final:
+                print(json.dumps({"layer": s.layer, "start": s.start, "end": s.end, "text": s.text},
+                                 ensure_ascii=False), flush=True)
+        return r.processed_chars
+    if r.processed_chars > printed:
+        b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+        sys.stdout.write(mark(text_by_offset[printed - base : r.processed_chars - base], printed, b))
+        sys.stdout.flush()
+    return max(printed, r.processed_chars)
+
+
+def cmd_segment(args) -> int:
+    from hmlstm.serving.render import legend
+
+    chunks = _read_chunks(args.file, args.chunk_chars)
+    sent: list[str] = []
+
+    def tee():
+        for c in chunks:
+            sent.append(c)
+            yield c
+
+    printed = 0
+    if args.local:
+        from hmlstm.serving.messages import response_pb
+        from hmlstm.serving.runner import process_chunk_sync
+        from hmlstm.serving.stream import StreamState
+
+        model = _load_model(args.model, "auto")
+        layers = sorted(set(args.layers)) or model.boundary_layers
+        bad = [l for l in layers if l not in model.boundary_layers]
+        if bad:
+            raise UserError(f"layer(s) {bad} cannot report boundaries; this model's are {model.boundary_layers}")
+        if not args.jsonl:
+            print(f"[{legend(layers)}]", file=sys.stderr)
+        st = StreamState(model.zero_state(1), layers, 0)
+        for c in tee():
+            r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
+            printed = _print_result(r, "".join(sent), 0, args.jsonl, printed)
+        _print_result(response_pb(st.finish()), "".join(sent), 0, args.jsonl, printed)
+        if not args.jsonl:
+            print()
+        return 0
+
+    import grpc
+
+    from hmlstm.serving.client import SegmenterClient
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with SegmenterClient(args.server, token=token, root_cert=args.tls_ca) as client:
+        try:
+            info = client.describe()
+            layers = sorted(set(args.layers)) or list(info.boundary_layers)
+            if not args.jsonl:
+                print(f"[{legend(layers)}]", file=sys.stderr)
+            for r in client.stream(tee(), layers=layers):
+                text = "".join(sent)
+                printed = _print_result(r, text, 0, args.jsonl, printed)
+        except grpc.RpcError as e:
+            raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+    if not args.jsonl:
+        print()
+    return 0
+
+
 # ---------------------------------------------------------------- demo
+
+DEMO_TEXT = (
+    "The for statement is used to iterate over the elements of a sequence (such as a string, tuple or "
+    "list) or other iterable object. The expression list is evaluated once; it should yield an iterable "
+    "object. An iterator is created for the result of that iterable."
+)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a small model on the built-in text and plot it")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--minutes", type=float, default=3.0)
+    p = sub.add_parser("demo", help="start a server, stream a built-in text through it, print the segments")
+    p.add_argument("--model", default=None, help="an .onnx file (default: the shipped model)")
+    p.add_argument("--chunk-chars", type=int, default=24)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    ns = argparse.Namespace(
-        corpus="builtin", format="auto", out=args.out, layers=2, units=64, embed_dim=32,
-        output_dim=128, top_boundary=False, layer_norm=False, batch_size=32, seq_len=100,
-        lr=2e-3, clip=1.0, epochs=1000, steps=None, minutes=args.minutes, seed=0,
-        val_fraction=0.1, slope_rate=0.04, slope_max=5.0, checkpoint_every=200, no_progress=False,
-    )
-    cmd_train(ns)
-    return cmd_plot(argparse.Namespace(checkpoint=args.out, text=None, file=None, chars=320,
-                                       out=args.out / "boundaries.png", allow_unknown=True))
+    import json
+    import time
+
+    from hmlstm.serving.background import BackgroundServer
+    from hmlstm.serving.client import SegmenterClient
+    from hmlstm.serving.config import ServeConfig
+    from hmlstm.serving.render import legend, mark
+
+    model = _load_model(args.model, "auto")
+    config = ServeConfig(port=0, metrics_port=None)
+    with BackgroundServer(model, config) as srv:
+        print(f"server on {srv.target}: {model.path.name}, {model.runtime.note}")
+        with SegmenterClient(srv.target) as client:
+            info = client.describe()
+            prov = json.loads(info.provenance_json or "{}")
+            print(f"model: {info.num_layers} layers x {list(info.units)} units, vocabulary {info.vocab_size}, "
+                  f"trained on {prov.get('corpus', '?')} (validation BPC {prov.get('val_bpc', '?')})")
+            layers = list(info.boundary_layers)
+            print(f"streaming {len(DEMO_TEXT)} characters in chunks of {args.chunk_chars}   [{legend(layers)}]\n")
+            chunks = [DEMO_TEXT[i : i + args.chunk_chars] for i in range(0, len(DEMO_TEXT), args.chunk_chars)]
+            t0 = time.perf_counter()
+            segments: dict[int, list[str]] = {l: [] for l in layers}
+            for r in client.stream(chunks, layers=layers, top_k=3):
+                if not r.final:
+                    b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+                    sys.stdout.write(mark(DEMO_TEXT[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
+                    sys.stdout.flush()
+                for s in r.segments:
+                    if s.final:
+                        segments[s.layer].append(s.text)
+            elapsed = time.perf_counter() - t0
+    print(f"\n\n{len(DEMO_TEXT)} characters in {elapsed * 1e3:.0f} ms over gRPC")
+    for l in layers:
+        seg = segments[l]
+        mean = sum(map(len, seg)) / max(1, len(seg))
+        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars; first: {[s for s in seg[:8]]}")
+    return 0
 
 
 # ---------------------------------------------------------------- main
@@ -219,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_plot(sub)
     _add_export(sub)
+    _add_serve(sub)
+    _add_segment(sub)
     _add_demo(sub)
     return parser
 

@@ -56,6 +56,14 @@ class Vocabulary:
         get = self._index.get
         return np.fromiter((get(ch, 0) for ch in text), dtype=np.int32, count=len(text))
 
+    def encode_counting(self, text: str) -> tuple[np.ndarray, int]:
+        """(ids, how many characters were not in the vocabulary)."""
+        get = self._index.get
+        raw = np.fromiter((get(ch, -1) for ch in text), dtype=np.int32, count=len(text))
+        unknown = raw < 0
+        raw[unknown] = 0
+        return raw, int(unknown.sum())
+
     def unknown_chars(self, text: str) -> set[str]:
         return {ch for ch in set(text) if ch not in self._index}
 

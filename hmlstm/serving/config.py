@@ -1,0 +1,32 @@
+"""The server's settings, built once at the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    metrics_port: int | None = 9464  # Prometheus text format on http://host:port/metrics; None: off
+    device: str = "auto"  # auto (CUDA where it works), cuda, cpu
+    max_streams: int = 256  # concurrent streaming calls; more get RESOURCE_EXHAUSTED
+    max_chunk_chars: int = 65_536  # per TextChunk
+    max_text_chars: int = 1_000_000  # per unary Segment request
+    max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit
+    max_top_k: int = 50
+    idle_timeout_s: float = 60.0  # a call silent this long is closed; a detached stream is forgotten
+    grace_s: float = 10.0  # on SIGTERM, open streams get this long to finish
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+    auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>"
+    workers: int = 4  # threads that run ONNX Runtime off the event loop
+    ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.max_streams < 1 or self.max_chunk_chars < 1:
+            raise ValueError("max_streams and max_chunk_chars must be at least 1")

@@ -1,0 +1,50 @@
+"""Plain conversions between the serving core's results and protobuf messages."""
+
+from __future__ import annotations
+
+import json
+
+from hmlstm.serving.model import LoadedModel
+from hmlstm.serving.segments import Span
+from hmlstm.serving.stream import ChunkResult
+from hmlstm.v1 import segmenter_pb2 as pb
+
+
+def segment_pb(span: Span) -> pb.Segment:
+    return pb.Segment(layer=span.layer, start=span.start, end=span.end, text=span.text, final=span.final)
+
+
+def boundaries_pb(boundaries: dict[int, list[int]]) -> list[pb.LayerBoundaries]:
+    return [pb.LayerBoundaries(layer=l, offsets=offs) for l, offs in sorted(boundaries.items())]
+
+
+def response_pb(r: ChunkResult) -> pb.SegmentResponse:
+    return pb.SegmentResponse(
+        chunk_offset=r.chunk_offset, processed_chars=r.processed_chars, duplicate=r.duplicate,
+        boundaries=boundaries_pb(r.boundaries), segments=[segment_pb(s) for s in r.segments],
+        next_chars=[pb.CharProbability(char=c, probability=p) for c, p in r.next_chars],
+        unknown_chars=r.unknown_chars, final=r.final,
+    )
+
+
+def text_response_pb(results: list[ChunkResult], chars: int) -> pb.SegmentTextResponse:
+    """The whole-text answer: the chunk result and the final flush, folded together."""
+    boundaries: dict[int, list[int]] = {}
+    segments = []
+    for r in results:
+        for l, offs in r.boundaries.items():
+            boundaries.setdefault(l, []).extend(offs)
+        segments.extend(s for s in r.segments if s.final)
+    segments.sort(key=lambda s: (s.layer, s.start))
+    return pb.SegmentTextResponse(boundaries=boundaries_pb(boundaries), segments=[segment_pb(s) for s in segments],
+                                  unknown_chars=sum(r.unknown_chars for r in results), chars=chars)
+
+
+def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        format="hmlstm-stream/1", num_layers=model.num_layers, units=model.units, vocab_size=len(model.vocab),
+        top_boundary=bool(model.config.get("top_boundary")), boundary_layers=model.boundary_layers,
+        providers=list(model.runtime.providers), model_path=str(model.path),
+        model_config_json=json.dumps(model.config), provenance_json=json.dumps(model.provenance),
+        max_chunk_chars=max_chunk_chars, max_text_chars=max_text_chars,
+    )

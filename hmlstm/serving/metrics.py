@@ -1,0 +1,34 @@
+"""Prometheus metrics, on a registry of the server's own (several servers may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.active_streams = Gauge("hmlstm_active_streams", "Streaming calls attached to a stream now",
+                                    registry=self.registry)
+        self.held_streams = Gauge("hmlstm_held_streams", "Streams held for resume by id", registry=self.registry)
+        self.chars = Counter("hmlstm_chars_processed", "Characters run through the model", registry=self.registry)
+        self.chunk_latency = Histogram(
+            "hmlstm_chunk_latency_seconds", "From a chunk's arrival to its response",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+            registry=self.registry)
+        self.errors = Counter("hmlstm_errors", "Calls ended with an error, by gRPC status code", ["code"],
+                              registry=self.registry)
+        self.requests = Counter("hmlstm_requests", "Calls started, by method", ["method"], registry=self.registry)
+        self._http = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,98 @@
+"""An exported hmlstm model loaded into ONNX Runtime, with what its metadata says.
+
+No TensorFlow and no onnx package here: the metadata is read through ONNX
+Runtime's own model metadata, so the server starts with onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hmlstm.export import spec
+from hmlstm.model.data import Vocabulary
+from hmlstm.runtime import Runtime, make_session
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_MODEL = ASSETS / "default.onnx"
+
+
+class ModelLoadError(Exception):
+    """The file is missing, not ONNX, or not an exported hmlstm model."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path
+    runtime: Runtime
+    vocab: Vocabulary
+    config: dict
+    provenance: dict
+    state_map: dict[str, str]  # output name -> input name
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.config["num_units"])
+
+    @property
+    def units(self) -> list[int]:
+        return list(self.config["num_units"])
+
+    @property
+    def boundary_layers(self) -> list[int]:
+        """1-based layers with a boundary detector."""
+        n = self.num_layers
+        return list(range(1, n + 1)) if self.config.get("top_boundary") else list(range(1, n))
+
+    @property
+    def state_inputs(self) -> list[str]:
+        return list(self.state_map.values())
+
+    def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        state = {}
+        for l, units in enumerate(self.units, start=1):
+            for part in spec.STATE_PARTS:
+                state[spec.state_input(part, l)] = np.zeros((batch, 1 if part == "z" else units), np.float32)
+        return state
+
+    def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One blocking ONNX Runtime call. tokens [B, T] with T >= 1; state inputs [B, ...]."""
+        if tokens.shape[1] < 1:
+            raise ValueError("time length 0 cannot run through the model's Loop")
+        names = self._output_names
+        feeds = {spec.TOKENS: tokens, spec.LENGTHS: lengths, **state}
+        return dict(zip(names, self.runtime.session.run(names, feeds)))
+
+    @property
+    def _output_names(self) -> list[str]:
+        return [o.name for o in self.runtime.session.get_outputs()]
+
+
+def load_model(path: str | Path | None = None, device: str = "auto", threads: int | None = None) -> LoadedModel:
+    path = Path(path) if path else DEFAULT_MODEL
+    if not path.is_file():
+        hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
+        raise ModelLoadError(f"model file {path} does not exist{hint}")
+    try:
+        rt = make_session(str(path), device, threads)
+    except RuntimeError as e:
+        raise ModelLoadError(str(e)) from None
+    except Exception as e:  # ORT raises its own types for files that are not ONNX
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from None
+    meta = rt.session.get_modelmeta().custom_metadata_map
+    if meta.get(spec.META_FORMAT) != spec.FORMAT:
+        raise ModelLoadError(
+            f"{path} is an ONNX model but not an exported hmlstm model (metadata {spec.META_FORMAT!r} is "
+            f"{meta.get(spec.META_FORMAT)!r}, expected {spec.FORMAT!r}); export one with `hmlstm export`")
+    try:
+        vocab = Vocabulary(json.loads(meta[spec.META_VOCAB]))
+        config = json.loads(meta[spec.META_CONFIG])
+        state_map = json.loads(meta[spec.META_STATE_MAP])
+        provenance = json.loads(meta.get(spec.META_PROVENANCE, "{}"))
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: hmlstm metadata is incomplete or corrupt ({e})") from None
+    return LoadedModel(path, rt, vocab, config, provenance, state_map)

@@ -1,0 +1,75 @@
+"""Running a stream's characters through the model, off the event loop.
+
+``process_chunk`` is the one place that turns a chunk's new text into a
+``ChunkResult``: it cuts long text into pieces of at most ``piece_chars``
+(bounding the logits held in memory), runs each through the model with the
+stream's state, and merges what the pieces report. The blocking variant
+serves ``hmlstm segment --local``; the async one the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from hmlstm.serving.model import LoadedModel
+from hmlstm.serving.stream import ChunkResult, StreamState
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
+    last = results[-1]
+    merged = ChunkResult(chunk_offset, last.processed_chars, next_chars=last.next_chars)
+    for r in results:
+        for layer, offs in r.boundaries.items():
+            merged.boundaries.setdefault(layer, []).extend(offs)
+        merged.segments.extend(s for s in r.segments if s.final)
+        merged.unknown_chars += r.unknown_chars
+    merged.segments.sort(key=lambda s: (s.layer, s.start))
+    merged.segments.extend(s for s in last.segments if not s.final)
+    return merged
+
+
+def _inputs(model: LoadedModel, piece: str):
+    ids, unknown = model.vocab.encode_counting(piece)
+    return ids[None, :], np.array([len(piece)], np.int32), unknown
+
+
+def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, new_text: str,
+                       piece_chars: int) -> ChunkResult:
+    results = []
+    for piece in _pieces(new_text, piece_chars):
+        tokens, lengths, unknown = _inputs(model, piece)
+        outputs = model.run(tokens, lengths, st.state)
+        results.append(st.apply(chunk_offset, piece, unknown, outputs, model.state_map, model.vocab.chars))
+    return _merge(results, chunk_offset)
+
+
+class Runner:
+    """Runs the model in a thread pool so the event loop never blocks on ONNX Runtime."""
+
+    def __init__(self, model: LoadedModel, workers: int = 4):
+        self.model = model
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+
+    async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self.model.run, tokens, lengths, state)
+
+    async def process_chunk(self, st: StreamState, chunk_offset: int, new_text: str,
+                            piece_chars: int) -> ChunkResult:
+        results = []
+        for piece in _pieces(new_text, piece_chars):
+            tokens, lengths, unknown = _inputs(self.model, piece)
+            outputs = await self.run(tokens, lengths, st.state)
+            results.append(st.apply(chunk_offset, piece, unknown, outputs, self.model.state_map,
+                                    self.model.vocab.chars))
+        return _merge(results, chunk_offset)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,82 @@
+"""From per-character boundary flags to boundary offsets and closed segments.
+
+Pure Python and NumPy. A boundary of layer l at offset t closes the layer's
+open segment [start, t + 1) and opens the next at t + 1. The tracker keeps
+the text of the oldest open segment so a closed segment can carry its text
+even when it began chunks ago. A segment that reaches ``max_segment_chars``
+without a boundary is closed there (so memory per stream stays bounded);
+this depends only on positions, so every chunking gives the same segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Span:
+    layer: int  # 1-based
+    start: int
+    end: int  # one past the last character
+    text: str
+    final: bool
+
+
+class SegmentTracker:
+    def __init__(self, layers: list[int], max_segment_chars: int = 65_536):
+        self.layers = list(layers)
+        self.max_segment_chars = max_segment_chars
+        self.open_start = {l: 0 for l in self.layers}
+        self._buffer = ""  # text from offset self._buffer_start on
+        self._buffer_start = 0
+        self.end = 0  # characters fed so far
+
+    def _text(self, start: int, end: int) -> str:
+        return self._buffer[start - self._buffer_start : end - self._buffer_start]
+
+    def feed(self, offset: int, text: str, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
+        """Add a chunk; z [len(text), L] holds every layer's 0/1 boundary per character.
+
+        Returns (boundary offsets per reported layer, segments closed, per layer in order).
+        """
+        if offset != self.end:
+            raise ValueError(f"chunk at offset {offset}, but {self.end} characters were fed")
+        if len(text) != z.shape[0]:
+            raise ValueError(f"{len(text)} characters but {z.shape[0]} boundary rows")
+        self._buffer += text
+        self.end = offset + len(text)
+        boundaries: dict[int, list[int]] = {}
+        closed: list[Span] = []
+        for l in self.layers:
+            fired = (offset + np.flatnonzero(z[:, l - 1] > 0.5)).tolist()
+            boundaries[l] = fired
+            start = self.open_start[l]
+            for t in (*fired, None):
+                stop = self.end - 1 if t is None else t
+                while stop - start + 1 >= self.max_segment_chars:  # forced close at the limit
+                    cut = start + self.max_segment_chars
+                    closed.append(Span(l, start, cut, self._text(start, cut), True))
+                    start = cut
+                if t is not None and t >= start:
+                    closed.append(Span(l, start, t + 1, self._text(start, t + 1), True))
+                    start = t + 1
+            self.open_start[l] = start
+        keep_from = min(self.open_start.values(), default=self.end)
+        self._buffer = self._buffer[keep_from - self._buffer_start :]
+        self._buffer_start = keep_from
+        return boundaries, closed
+
+    def open_spans(self) -> list[Span]:
+        """The segment still open in each layer: its span so far, no text."""
+        return [Span(l, s, self.end, "", False) for l, s in self.open_start.items() if s < self.end]
+
+    def flush(self) -> list[Span]:
+        """End of stream: close every open segment."""
+        spans = [Span(l, s, self.end, self._text(s, self.end), True)
+                 for l, s in self.open_start.items() if s < self.end]
+        for l in self.open_start:
+            self.open_start[l] = self.end
+        self._buffer, self._buffer_start = "", self.end
+        return spans

@@ -1,0 +1,263 @@
+"""The gRPC service: streaming and unary segmentation on ONNX Runtime (grpc.aio).
+
+``SegmenterServer`` owns everything a running server has: the loaded model,
+the runner that keeps inference off the event loop, the stream registry,
+health, reflection, metrics, auth and TLS. ``serve(config, model_path)`` runs
+one until SIGTERM or SIGINT, then shuts down gracefully: health goes
+NOT_SERVING, new calls are refused, open streams get ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hmlstm.serving import messages
+from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.metrics import Metrics
+from hmlstm.serving.model import LoadedModel
+from hmlstm.serving.runner import Runner
+from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState
+from hmlstm.v1 import segmenter_pb2 as pb
+from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
+
+log = logging.getLogger("hmlstm.serve")
+SERVICE = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
+_OPEN_CALLS = object()
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class SegmenterServicer(pb_grpc.SegmenterServicer):
+    def __init__(self, model: LoadedModel, runner: Runner, registry: StreamRegistry, config: ServeConfig,
+                 metrics: Metrics):
+        self.model, self.runner, self.registry = model, runner, registry
+        self.config, self.metrics = config, metrics
+
+    def _layers(self, requested) -> list[int]:
+        allowed = self.model.boundary_layers
+        layers = sorted(set(requested)) or allowed
+        bad = [l for l in layers if l not in allowed]
+        if bad:
+            raise StreamError("INVALID_ARGUMENT", f"layer(s) {bad} cannot report boundaries; this model's "
+                              f"boundary layers are {allowed}")
+        return layers
+
+    async def _fail(self, context, code: str, message: str):
+        self.metrics.errors.labels(code).inc()
+        await context.abort(getattr(grpc.StatusCode, code), message)
+
+    async def StreamSegment(self, request_iterator, context):
+        self.metrics.requests.labels("StreamSegment").inc()
+        it = request_iterator.__aiter__()
+        idle = self.config.idle_timeout_s
+
+        async def next_request():
+            try:
+                return await asyncio.wait_for(it.__anext__(), idle)
+            except StopAsyncIteration:
+                return None
+            except asyncio.TimeoutError:
+                raise StreamError("DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout); the stream "
+                                  "can be resumed by its id") from None
+
+        st: StreamState | None = None
+        finished = False
+        try:
+            first = await next_request()
+            if first is None:
+                return
+            if not first.HasField("config"):
+                raise StreamError("FAILED_PRECONDITION", "the first message must be a StreamConfig; "
+                                  "send the config before any chunk")
+            cfg = first.config
+            if len(cfg.stream_id) > 128:
+                raise StreamError("INVALID_ARGUMENT", "stream_id is longer than 128 characters")
+            if not cfg.resume:
+                layers = self._layers(cfg.layers)
+                if cfg.top_k > self.config.max_top_k:
+                    raise StreamError("INVALID_ARGUMENT", f"top_k {cfg.top_k} is over the limit of "
+                                      f"{self.config.max_top_k}")
+            st = self.registry.open(
+                lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id), cfg.stream_id,
+                cfg.resume)
+            self.metrics.active_streams.set(self.registry.active)
+            self.metrics.held_streams.set(len(self.registry))
+            while True:
+                req = await next_request()
+                if req is None:
+                    break
+                if not req.HasField("chunk"):
+                    raise StreamError("FAILED_PRECONDITION", "a StreamConfig may only be the first message")
+                t0 = time.perf_counter()
+                chunk = req.chunk
+                new = st.accept(chunk.offset, chunk.text, self.config.max_chunk_chars)
+                if not new:
+                    yield messages.response_pb(st.duplicate(chunk.offset))
+                    continue
+                result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
+                self.metrics.chars.inc(len(new))
+                self.metrics.chunk_latency.observe(time.perf_counter() - t0)
+                yield messages.response_pb(result)
+            finished = True
+            yield messages.response_pb(st.finish())
+        except StreamError as e:
+            await self._fail(context, e.code, str(e))
+        except asyncio.CancelledError:
+            self.metrics.errors.labels("CANCELLED").inc()
+            raise
+        finally:
+            if st is not None:
+                self.registry.detach(st, finished)
+                self.metrics.active_streams.set(self.registry.active)
+                self.metrics.held_streams.set(len(self.registry))
+
+    async def Segment(self, request, context):
+        self.metrics.requests.labels("Segment").inc()
+        try:
+            layers = self._layers(request.layers)
+            if len(request.text) > self.config.max_text_chars:
+                raise StreamError("INVALID_ARGUMENT", f"text has {len(request.text)} characters, over the limit "
+                                  f"of {self.config.max_text_chars}; use StreamSegment")
+        except StreamError as e:
+            await self._fail(context, e.code, str(e))
+        st = StreamState(self.model.zero_state(1), layers, 0)
+        results = []
+        if request.text:
+            results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))
+            self.metrics.chars.inc(len(request.text))
+        results.append(st.finish())
+        return messages.text_response_pb(results, len(request.text))
+
+    async def DescribeModel(self, request, context):
+        self.metrics.requests.labels("DescribeModel").inc()
+        return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.config.max_text_chars)
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Calls need ``authorization: Bearer <token>``; health and reflection are open (probes)."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, token: str, metrics: Metrics):
+        self.expected = f"Bearer {token}"
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return await continuation(details)
+        md = dict(details.invocation_metadata or ())
+        if md.get("authorization") == self.expected:
+            return await continuation(details)
+        self.metrics.errors.labels("UNAUTHENTICATED").inc()
+        msg = "missing or wrong bearer token; send metadata 'authorization: Bearer <token>'"
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+            yield  # pragma: no cover
+
+        if details.method.endswith("/StreamSegment"):
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny_unary)
+
+
+class SegmenterServer:
+    def __init__(self, model: LoadedModel, config: ServeConfig):
+        self.model, self.config = model, config
+        self.metrics = Metrics()
+        self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
+        self.runner = Runner(model, config.workers)
+        self.health = health.aio.HealthServicer()
+        interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ])
+        pb_grpc.add_SegmenterServicer_to_server(
+            SegmenterServicer(model, self.runner, self.registry, config, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._expiry: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        addr = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(addr, creds)
+        else:
+            self.port = self.server.add_insecure_port(addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {addr}")
+        await self.server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+        self._expiry = asyncio.create_task(self._expire_loop())
+        return self.port
+
+    async def _expire_loop(self) -> None:
+        period = max(0.05, min(self.config.idle_timeout_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            if self.registry.expire():
+                self.metrics.held_streams.set(len(self.registry))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let open ones finish within ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s if grace is None else grace)
+        if self._expiry:
+            self._expiry.cancel()
+        self.runner.close()
+        self.metrics.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> None:
+    """Run until SIGTERM/SIGINT; then shut down gracefully."""
+    server = SegmenterServer(model, config)
+    port = await server.start()
+    tls = "TLS" if config.tls_cert else "plaintext"
+    auth = ", bearer-token auth" if config.auth_token else ""
+    metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    log.info("serving %s on %s:%d (%s%s)%s", model.path.name, config.host, port, tls, auth, metrics)
+    log.info(model.runtime.note)
+    if ready is not None:
+        ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("shutting down: health NOT_SERVING, open streams have %gs to finish", config.grace_s)
+        await server.stop()
+    waiter.cancel()
+    stopper.cancel()

@@ -1,0 +1,169 @@
+"""One stream's state and the rules for its chunks; the registry of live streams.
+
+No gRPC here. ``StreamState.accept`` checks a chunk against what was processed
+and returns the part that is new; ``StreamState.apply`` takes the model's
+outputs for that part and returns what the client is told. The server wraps
+these in rpc handlers; ``hmlstm segment --local`` calls them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hmlstm.export import spec
+from hmlstm.serving.segments import SegmentTracker, Span
+
+
+class StreamError(Exception):
+    """A client mistake; ``code`` names the gRPC status (e.g. "INVALID_ARGUMENT")."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ChunkResult:
+    chunk_offset: int
+    processed_chars: int
+    duplicate: bool = False
+    boundaries: dict[int, list[int]] = field(default_factory=dict)
+    segments: list[Span] = field(default_factory=list)
+    next_chars: list[tuple[str, float]] = field(default_factory=list)
+    unknown_chars: int = 0
+    final: bool = False
+
+
+def top_k_chars(logits: np.ndarray, chars: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most likely next characters from one row of logits [V]."""
+    if k <= 0:
+        return []
+    z = logits - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    idx = np.argsort(-p, kind="stable")[:k]
+    return [(chars[i], float(p[i])) for i in idx]
+
+
+class StreamState:
+    """Everything the server holds for one stream between chunks."""
+
+    def __init__(self, state: dict[str, np.ndarray], layers: list[int], top_k: int, stream_id: str = "",
+                 max_segment_chars: int = 65_536):
+        self.state = state  # model state inputs, each [1, ...]
+        self.layers = layers
+        self.top_k = top_k
+        self.stream_id = stream_id
+        self.tracker = SegmentTracker(layers, max_segment_chars)
+        self.processed = 0
+        self.attached = True
+        self.last_seen = time.monotonic()
+        self._call_end: int | None = None  # end of the last chunk received on the current call
+
+    def attach(self) -> None:
+        """A (new) call takes the stream over: offsets restart their ordering check."""
+        self.attached = True
+        self._call_end = None
+        self.last_seen = time.monotonic()
+
+    def accept(self, offset: int, text: str, max_chunk_chars: int) -> str:
+        """Check a chunk; return the part not yet processed ("" for a pure resend)."""
+        if not text:
+            raise StreamError("INVALID_ARGUMENT", f"chunk at offset {offset} is empty; send at least one character")
+        if len(text) > max_chunk_chars:
+            raise StreamError("INVALID_ARGUMENT", f"chunk at offset {offset} has {len(text)} characters, over the "
+                              f"limit of {max_chunk_chars}; split it into smaller chunks")
+        if self._call_end is not None and offset < self._call_end:
+            raise StreamError("INVALID_ARGUMENT", f"chunk offset {offset} goes backwards: the previous chunk on "
+                              f"this call ended at {self._call_end}")
+        if offset > self.processed:
+            raise StreamError("OUT_OF_RANGE", f"chunk at offset {offset} leaves a gap: {self.processed} characters "
+                              f"were processed, so the next chunk must start at {self.processed}")
+        self._call_end = offset + len(text)
+        self.last_seen = time.monotonic()
+        return text[self.processed - offset :]
+
+    def apply(self, chunk_offset: int, new_text: str, unknown: int, outputs: dict[str, np.ndarray],
+              state_map: dict[str, str], chars: list[str]) -> ChunkResult:
+        """Take the model's outputs for ``new_text`` (row 0, first len(new_text) steps)."""
+        n = len(new_text)
+        start = self.processed
+        self.state = {state_map[k]: v for k, v in outputs.items() if k in state_map}
+        z = outputs[spec.BOUNDARIES][0, :n]
+        boundaries, closed = self.tracker.feed(start, new_text, z)
+        self.processed = start + n
+        result = ChunkResult(chunk_offset, self.processed, False, boundaries, closed + self.tracker.open_spans(),
+                             unknown_chars=unknown)
+        result.next_chars = top_k_chars(outputs[spec.LOGITS][0, n - 1], chars, self.top_k)
+        return result
+
+    def duplicate(self, chunk_offset: int) -> ChunkResult:
+        return ChunkResult(chunk_offset, self.processed, duplicate=True)
+
+    def finish(self) -> ChunkResult:
+        return ChunkResult(self.processed, self.processed, segments=self.tracker.flush(), final=True)
+
+
+class StreamRegistry:
+    """Streams by id, so a broken call can be resumed; a cap on concurrent streams."""
+
+    def __init__(self, max_streams: int, idle_timeout_s: float):
+        self.max_streams = max_streams
+        self.idle_timeout_s = idle_timeout_s
+        self._by_id: dict[str, StreamState] = {}
+        self.active = 0  # calls currently attached to a stream
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def open(self, make_state, stream_id: str, resume: bool) -> StreamState:
+        """Start or resume a stream for a new call; StreamError on any conflict."""
+        if resume:
+            if not stream_id:
+                raise StreamError("INVALID_ARGUMENT", "resume needs the stream_id of the stream to continue")
+            st = self._by_id.get(stream_id)
+            if st is None:
+                raise StreamError("NOT_FOUND", f"no stream {stream_id!r} to resume: never started, finished, or "
+                                  f"idle longer than {self.idle_timeout_s:g}s; start a new stream")
+            if st.attached:
+                raise StreamError("ABORTED", f"stream {stream_id!r} is still attached to another call; "
+                                  "close that call first")
+            self._check_capacity()
+            st.attach()
+            self.active += 1
+            return st
+        if stream_id and stream_id in self._by_id:
+            raise StreamError("ALREADY_EXISTS", f"stream {stream_id!r} exists; resume it (resume = true) or "
+                              "choose another id")
+        self._check_capacity()
+        st = make_state()
+        if stream_id:
+            self._by_id[stream_id] = st
+        self.active += 1
+        return st
+
+    def _check_capacity(self) -> None:
+        if self.active >= self.max_streams:
+            raise StreamError("RESOURCE_EXHAUSTED", f"the server is at its limit of {self.max_streams} concurrent "
+                              "streams; retry later")
+
+    def detach(self, st: StreamState, finished: bool) -> None:
+        """The call ended. A finished stream is forgotten; a broken one waits for a resume."""
+        if st.attached:
+            st.attached = False
+            self.active -= 1
+        st.last_seen = time.monotonic()
+        if finished and st.stream_id:
+            self._by_id.pop(st.stream_id, None)
+
+    def expire(self, now: float | None = None) -> int:
+        """Forget detached streams idle past the timeout; returns how many."""
+        now = time.monotonic() if now is None else now
+        stale = [k for k, st in self._by_id.items()
+                 if not st.attached and now - st.last_seen > self.idle_timeout_s]
+        for k in stale:
+            del self._by_id[k]
+        return len(stale)

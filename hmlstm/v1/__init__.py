@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for protos/hmlstm/v1 (never edit; `make protos` regenerates them)."""

@@ -5,9 +5,11 @@
             ...
         print(client.segment("one whole text").segments)
 
-Chunks are given as plain strings; the client numbers their offsets. Pass
-``start_offset`` (with ``stream_id`` and ``resume=True``) to continue a
-stream after a reconnect: resent characters are acknowledged and skipped.
+Chunks are given as plain strings; the client numbers their offsets. To
+continue a stream after a broken call, pass ``stream_id``, ``resume=True`` and
+``start_offset`` = the processed_chars of the last response received, and send
+the text from there: the server rewinds to that point, so nothing is lost or
+duplicated.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def _metadata(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
-def _config(layers, top_k, stream_id, resume) -> pb.StreamConfig:
-    return pb.StreamConfig(layers=list(layers), top_k=top_k, stream_id=stream_id, resume=resume)
+def _config(layers, top_k, stream_id, resume, start_offset) -> pb.StreamConfig:
+    return pb.StreamConfig(layers=list(layers), top_k=top_k, stream_id=stream_id, resume=resume,
+                           resume_offset=start_offset if resume else 0)
 
 
 class SegmenterClient:
@@ -71,7 +74,7 @@ class SegmenterClient:
 
     def stream(self, chunks: Iterable[str], layers: Iterable[int] = (), top_k: int = 0, stream_id: str = "",
                resume: bool = False, start_offset: int = 0) -> Iterator[pb.SegmentResponse]:
-        call = self.stub.StreamSegment(_requests(chunks, _config(layers, top_k, stream_id, resume), start_offset),
+        call = self.stub.StreamSegment(_requests(chunks, _config(layers, top_k, stream_id, resume, start_offset), start_offset),
                                        metadata=self.metadata, timeout=self.timeout)
         return call
 
@@ -109,7 +112,7 @@ class AsyncSegmenterClient:
                resume: bool = False, start_offset: int = 0):
         """An async iterator of responses; ``chunks`` may be an iterable or an async iterable."""
         return self.stub.StreamSegment(
-            _arequests(chunks, _config(layers, top_k, stream_id, resume), start_offset),
+            _arequests(chunks, _config(layers, top_k, stream_id, resume, start_offset), start_offset),
             metadata=self.metadata, timeout=self.timeout)
 
     async def segment(self, text: str, layers: Iterable[int] = ()) -> pb.SegmentTextResponse:

@@ -33,6 +33,13 @@ class SegmentTracker:
         self._buffer_start = 0
         self.end = 0  # characters fed so far
 
+    def copy(self) -> SegmentTracker:
+        other = SegmentTracker.__new__(SegmentTracker)
+        other.__dict__.update(self.__dict__)
+        other.layers = list(self.layers)
+        other.open_start = dict(self.open_start)
+        return other
+
     def _text(self, start: int, end: int) -> str:
         return self._buffer[start - self._buffer_start : end - self._buffer_start]
 

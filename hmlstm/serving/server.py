@@ -91,12 +91,15 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                       f"{self.config.max_top_k}")
             st = self.registry.open(
                 lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id), cfg.stream_id,
-                cfg.resume)
+                cfg.resume, cfg.resume_offset)
             self.metrics.active_streams.set(self.registry.active)
             self.metrics.held_streams.set(len(self.registry))
             while True:
                 req = await next_request()
                 if req is None:
+                    if context.cancelled():  # grpc.aio ends the request stream on a cancel too
+                        self.metrics.errors.labels("CANCELLED").inc()
+                        return
                     break
                 if not req.HasField("chunk"):
                     raise StreamError("FAILED_PRECONDITION", "a StreamConfig may only be the first message")
@@ -110,8 +113,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 self.metrics.chars.inc(len(new))
                 self.metrics.chunk_latency.observe(time.perf_counter() - t0)
                 yield messages.response_pb(result)
-            finished = True
+            # The stream is forgotten only once the final response went out: a cancel can
+            # look like a half-close, and then the stream must stay resumable.
             yield messages.response_pb(st.finish())
+            finished = not context.cancelled()
         except StreamError as e:
             await self._fail(context, e.code, str(e))
         except asyncio.CancelledError:

@@ -9,6 +9,7 @@ these in rpc handlers; ``hmlstm segment --local`` calls them directly.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,8 +53,8 @@ class StreamState:
     """Everything the server holds for one stream between chunks."""
 
     def __init__(self, state: dict[str, np.ndarray], layers: list[int], top_k: int, stream_id: str = "",
-                 max_segment_chars: int = 65_536):
-        self.state = state  # model state inputs, each [1, ...]
+                 max_segment_chars: int = 65_536, replay_depth: int = 32):
+        self.state = state  # model state inputs, each [1, ...]; replaced, never changed in place
         self.layers = layers
         self.top_k = top_k
         self.stream_id = stream_id
@@ -62,6 +63,27 @@ class StreamState:
         self.attached = True
         self.last_seen = time.monotonic()
         self._call_end: int | None = None  # end of the last chunk received on the current call
+        # (processed, model state, tracker) after each of the recent responses, to rewind a resume to.
+        self._history: deque = deque(maxlen=replay_depth) if stream_id else deque(maxlen=1)
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Remember the stream as it is after the response just built."""
+        self._history.append((self.processed, self.state, self.tracker.copy()))
+
+    def rewind(self, offset: int) -> None:
+        """Go back to the state after the response that ended at ``offset``."""
+        while self._history and self._history[-1][0] > offset:
+            self._history.pop()
+        if not self._history or self._history[-1][0] != offset:
+            held = f"{self._history[0][0]}..{self.processed}" if self._history else "none"
+            self._history.clear()
+            self.checkpoint()
+            raise StreamError("OUT_OF_RANGE", f"cannot resume at offset {offset}: the stream's responses ended "
+                              f"at other offsets or too long ago (held: {held}); resume_offset must be the "
+                              "processed_chars of the last response received")
+        self.processed, self.state, tracker = self._history[-1]
+        self.tracker = tracker.copy()
 
     def attach(self) -> None:
         """A (new) call takes the stream over: offsets restart their ordering check."""
@@ -119,7 +141,7 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def open(self, make_state, stream_id: str, resume: bool) -> StreamState:
+    def open(self, make_state, stream_id: str, resume: bool, resume_offset: int = 0) -> StreamState:
         """Start or resume a stream for a new call; StreamError on any conflict."""
         if resume:
             if not stream_id:
@@ -132,6 +154,7 @@ class StreamRegistry:
                 raise StreamError("ABORTED", f"stream {stream_id!r} is still attached to another call; "
                                   "close that call first")
             self._check_capacity()
+            st.rewind(resume_offset)
             st.attach()
             self.active += 1
             return st

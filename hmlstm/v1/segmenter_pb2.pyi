@@ -15,16 +15,18 @@ class SegmentRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., chunk: _Optional[_Union[TextChunk, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("layers", "top_k", "stream_id", "resume")
+    __slots__ = ("layers", "top_k", "stream_id", "resume", "resume_offset")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     stream_id: str
     resume: bool
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., stream_id: _Optional[str] = ..., resume: _Optional[bool] = ...) -> None: ...
+    resume_offset: int
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., stream_id: _Optional[str] = ..., resume: _Optional[bool] = ..., resume_offset: _Optional[int] = ...) -> None: ...
 
 class TextChunk(_message.Message):
     __slots__ = ("offset", "text")

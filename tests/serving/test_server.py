@@ -1,0 +1,347 @@
+"""A real server on a free loopback port, the real exported model, real clients."""
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hmlstm.model.data import synthetic_corpus
+from hmlstm.serving.background import BackgroundServer
+from hmlstm.serving.client import AsyncSegmenterClient, SegmenterClient
+from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.model import ModelLoadError, load_model
+from hmlstm.v1 import segmenter_pb2 as pb
+from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
+
+TEXT = synthetic_corpus(seed=5, n_chars=700).text[:700]
+
+
+def chunked(text, size):
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def collect(responses):
+    """Fold streamed responses into (boundaries per layer, final segments), checking order."""
+    bounds, segs, processed = {}, [], 0
+    for r in responses:
+        assert r.processed_chars >= processed
+        processed = r.processed_chars
+        for lb in r.boundaries:
+            bounds.setdefault(lb.layer, []).extend(lb.offsets)
+        segs += [(s.layer, s.start, s.end, s.text) for s in r.segments if s.final]
+    return bounds, sorted(segs)
+
+
+def unary(client, text):
+    r = client.segment(text)
+    return {lb.layer: list(lb.offsets) for lb in r.boundaries}, sorted(
+        (s.layer, s.start, s.end, s.text) for s in r.segments)
+
+
+def code_of(fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_describe_model(server, tiny_model):
+    with SegmenterClient(server.target) as c:
+        info = c.describe()
+    assert info.format == "hmlstm-stream/1" and info.num_layers == 2 and list(info.units) == [12, 10]
+    assert list(info.boundary_layers) == [1] and info.vocab_size == len(tiny_model.vocab)
+    assert list(info.providers) == ["CPUExecutionProvider"]
+    assert json.loads(info.provenance_json)["corpus"].startswith("synthetic")
+
+
+@pytest.fixture(scope="module")
+def tf_layer1_boundaries(tiny_run):
+    from hmlstm.model.checkpoint import load_network
+    from hmlstm.model.plot import text_boundaries
+
+    net, info = load_network(tiny_run)
+    return np.flatnonzero(text_boundaries(net, info.vocab.encode(TEXT))[:, 0]).tolist()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 500])
+def test_streaming_in_any_chunking_equals_unary_and_tensorflow(server, tf_layer1_boundaries, size):
+    with SegmenterClient(server.target) as c:
+        streamed = collect(c.stream(chunked(TEXT, size)))
+        assert streamed == unary(c, TEXT)
+    assert streamed[0][1] == tf_layer1_boundaries
+    assert "".join(s[3] for s in streamed[1] if s[0] == 1) == TEXT  # layer-1 segments tile the text
+
+
+def test_responses_carry_progress_open_segments_top_k_and_a_final_flush(server):
+    with SegmenterClient(server.target) as c:
+        rs = list(c.stream(chunked(TEXT[:60], 20), top_k=3))
+    assert [r.chunk_offset for r in rs] == [0, 20, 40, 60]
+    assert [r.processed_chars for r in rs] == [20, 40, 60, 60]
+    assert rs[-1].final and not any(r.final for r in rs[:-1])
+    for r in rs[:-1]:
+        assert len(r.next_chars) == 3
+        probs = [p.probability for p in r.next_chars]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        open_ = [s for s in r.segments if not s.final]
+        assert all(s.text == "" and s.end == r.processed_chars for s in open_)
+    assert rs[-1].segments and all(s.final and s.end == 60 for s in rs[-1].segments)
+
+
+def test_32_concurrent_streams_each_get_their_own_results(server):
+    texts = [synthetic_corpus(seed=100 + i, n_chars=300).text[:300] for i in range(32)]
+    with SegmenterClient(server.target) as c:
+        expected = [unary(c, t) for t in texts]
+
+    async def one(client, text, size):
+        return collect([r async for r in client.stream(chunked(text, size))])
+
+    async def main():
+        async with AsyncSegmenterClient(server.target) as client:
+            return await asyncio.gather(*(one(client, t, 5 + i % 7) for i, t in enumerate(texts)))
+
+    got = asyncio.run(main())
+    assert got == expected
+    assert len({json.dumps(g) for g in got}) == 32  # really 32 different answers
+
+
+def test_resent_chunks_before_the_resume_point_are_acknowledged_and_skipped(server):
+    with SegmenterClient(server.target) as c:
+        call = c.stream(held_open(["abcdef", "ghij"], __import__("threading").Event()), stream_id="resend")
+        it = iter(call)
+        assert next(it).processed_chars == 6 and next(it).processed_chars == 10
+        call.cancel()
+        time.sleep(0.2)
+        rs = _raw_stream(server, [cfg(stream_id="resend", resume=True, resume_offset=10),
+                                  chunk(0, "abcdefghij"), chunk(10, "kl")])
+    assert rs[0].duplicate and rs[0].processed_chars == 10
+    assert rs[1].chunk_offset == 10 and rs[1].processed_chars == 12 and not rs[1].duplicate
+
+
+def test_resume_after_a_dropped_connection_loses_and_duplicates_nothing(server):
+    chunks = chunked(TEXT, 50)
+    with SegmenterClient(server.target) as c:
+        expected = unary(c, TEXT)
+        call = c.stream(iter(chunks[:14]), stream_id="resume-me")
+        first = []
+        for r in call:
+            first.append(r)
+            if len(first) == 4:
+                call.cancel()  # the connection drops after 4 acknowledged chunks
+                break
+        received = first[-1].processed_chars
+        assert received == 200  # the server may well have processed more than the client saw
+        second = list(c.stream(chunked(TEXT[received:], 50), stream_id="resume-me", resume=True,
+                               start_offset=received))
+    assert second[0].chunk_offset == 200 and not second[0].duplicate
+    assert collect(first + second) == expected
+    # Finished streams are forgotten: resuming again is NOT_FOUND.
+    with SegmenterClient(server.target) as c:
+        code, _ = code_of(lambda: list(c.stream(["x"], stream_id="resume-me", resume=True)))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def _raw_stream(server, requests, timeout=10):
+    with grpc.insecure_channel(server.target) as ch:
+        return list(pb_grpc.SegmenterStub(ch).StreamSegment(iter(requests), timeout=timeout))
+
+
+def cfg(**kw):
+    return pb.SegmentRequest(config=pb.StreamConfig(**kw))
+
+
+def chunk(offset, text):
+    return pb.SegmentRequest(chunk=pb.TextChunk(offset=offset, text=text))
+
+
+@pytest.mark.parametrize("requests, code, words", [
+    ([chunk(0, "abc")], grpc.StatusCode.FAILED_PRECONDITION, "first message must be a StreamConfig"),
+    ([cfg(), chunk(0, "abc"), cfg()], grpc.StatusCode.FAILED_PRECONDITION, "only be the first"),
+    ([cfg(), chunk(0, "abc"), chunk(1, "bcd")], grpc.StatusCode.INVALID_ARGUMENT, "goes backwards"),
+    ([cfg(), chunk(0, "abc"), chunk(5, "fgh")], grpc.StatusCode.OUT_OF_RANGE, "leaves a gap"),
+    ([cfg(), chunk(3, "abc")], grpc.StatusCode.OUT_OF_RANGE, "must start at 0"),
+    ([cfg(), chunk(0, "")], grpc.StatusCode.INVALID_ARGUMENT, "is empty"),
+    ([cfg(), chunk(0, "a" * 501)], grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 500"),
+    ([cfg(stream_id="nobody", resume=True)], grpc.StatusCode.NOT_FOUND, "no stream 'nobody'"),
+    ([cfg(layers=[2])], grpc.StatusCode.INVALID_ARGUMENT, "cannot report boundaries"),
+    ([cfg(top_k=51)], grpc.StatusCode.INVALID_ARGUMENT, "top_k 51"),
+])
+def test_bad_input_gets_a_precise_status_and_the_server_keeps_going(server, requests, code, words):
+    import threading
+    release = threading.Event()
+    with SegmenterClient(server.target) as c:
+        it = iter(c.stream(held_open(chunked(TEXT[:200], 20), release)))  # open across the bad one
+        next(it)
+        got, details = code_of(lambda: _raw_stream(server, requests))
+        assert got == code and words in details
+        release.set()
+        rest = list(it)
+        assert rest[-1].final and rest[-1].processed_chars == 200  # the other stream finishes normally
+        assert c.segment("abc").chars == 3
+
+
+def test_message_over_the_grpc_limit_is_resource_exhausted(tiny_model):
+    with BackgroundServer(tiny_model, ServeConfig(port=0, metrics_port=None, max_message_bytes=1000)) as srv:
+        with SegmenterClient(srv.target) as c:
+            code, _ = code_of(lambda: c.segment("a" * 5000))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_unknown_characters_are_reported_not_fatal(server):
+    with SegmenterClient(server.target) as c:
+        rs = list(c.stream(["abc ZZ€ def"]))
+        assert rs[0].unknown_chars == 3 and rs[0].processed_chars == 11
+        assert c.segment("ZZ€").unknown_chars == 3
+
+
+def held_open(chunks, release):
+    """Yield chunks, then keep the call open until ``release`` is set."""
+    yield from chunks
+    release.wait(10)
+
+
+def test_too_many_streams_is_resource_exhausted_and_others_unaffected(tiny_model):
+    import threading
+    config = ServeConfig(port=0, metrics_port=None, max_streams=2)
+    release_a, release_b = threading.Event(), threading.Event()
+    with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
+        a = iter(c.stream(held_open(["abc"], release_a)))
+        b = iter(c.stream(held_open(chunked(TEXT[:40], 10), release_b)))
+        next(a)
+        next(b)
+        code, details = code_of(lambda: list(c.stream(["abc"])))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in details
+        release_b.set()
+        assert [r.processed_chars for r in b][-1] == 40  # the accepted stream is unaffected
+        assert list(c.stream(["abc"]))[-1].final  # capacity is back
+        release_a.set()
+        assert list(a)[-1].final
+
+
+def test_cancellation_and_deadline_free_the_stream_at_once(server):
+    def gen(stop_after):
+        yield "abc"
+        time.sleep(stop_after)
+        yield "def"
+
+    with SegmenterClient(server.target) as c:
+        call = c.stream(gen(2.0))
+        next(iter(call))
+        assert server.server.registry.active >= 1
+        call.cancel()
+        deadline = time.monotonic() + 2
+        while server.server.registry.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.server.registry.active == 0
+    with SegmenterClient(server.target, timeout=0.3) as c:
+        code, _ = code_of(lambda: list(c.stream(gen(1.0))))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.2)
+    assert server.server.registry.active == 0
+
+
+def test_idle_call_is_closed_and_its_stream_can_be_resumed(tiny_model):
+    config = ServeConfig(port=0, metrics_port=None, idle_timeout_s=0.4)
+
+    def slow():
+        yield "abcd"
+        time.sleep(1.5)
+        yield "efgh"
+
+    with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
+        seen = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in c.stream(slow(), stream_id="sleepy"):
+                seen.append(r)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in e.value.details()
+        assert seen[0].processed_chars == 4
+        rs = list(c.stream(["efgh"], stream_id="sleepy", resume=True, start_offset=4))
+        assert rs[-1].final and rs[-1].processed_chars == 8
+        with SegmenterClient(srv.target) as c2:  # a resume point the server never answered at
+            call = c2.stream(held_open(["abcd"], __import__("threading").Event()), stream_id="other")
+            next(iter(call))
+            call.cancel()
+            time.sleep(0.2)
+            code, details = code_of(lambda: list(c2.stream(["x"], stream_id="other", resume=True, start_offset=2)))
+            assert code == grpc.StatusCode.OUT_OF_RANGE and "cannot resume at offset 2" in details
+
+
+def test_health_and_reflection_answer(server):
+    with grpc.insecure_channel(server.target) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        assert h.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        assert h.Check(health_pb2.HealthCheckRequest(service="hmlstm.v1.Segmenter")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"hmlstm.v1.Segmenter", "grpc.health.v1.Health"} <= names
+        reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="hmlstm.v1.Segmenter")])))
+        assert reply.file_descriptor_response.file_descriptor_proto
+
+
+def test_metrics_scrape(server):
+    with SegmenterClient(server.target) as c:
+        list(c.stream(["hello world"]))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+    for name in ("hmlstm_active_streams", "hmlstm_chars_processed_total", "hmlstm_chunk_latency_seconds_bucket",
+                 "hmlstm_errors_total", "hmlstm_requests_total"):
+        assert name in body
+    chars = float(next(l for l in body.splitlines() if l.startswith("hmlstm_chars_processed_total")).split()[1])
+    assert chars >= 11
+
+
+def test_bearer_token_auth(tiny_model):
+    config = ServeConfig(port=0, metrics_port=None, auth_token="s3cret")
+    with BackgroundServer(tiny_model, config) as srv:
+        with SegmenterClient(srv.target) as c:
+            code, details = code_of(lambda: c.describe())
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in details
+            code, _ = code_of(lambda: list(c.stream(["abc"])))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        with SegmenterClient(srv.target, token="wrong") as c:
+            assert code_of(lambda: c.segment("abc"))[0] == grpc.StatusCode.UNAUTHENTICATED
+        with SegmenterClient(srv.target, token="s3cret") as c:
+            assert c.segment("abc").chars == 3 and list(c.stream(["abc"]))[-1].final
+        with grpc.insecure_channel(srv.target) as ch:  # probes need no token
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls(tiny_model, tmp_path):
+    import subprocess
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    config = ServeConfig(port=0, metrics_port=None, tls_cert=str(cert), tls_key=str(key))
+    with BackgroundServer(tiny_model, config) as srv:
+        target = f"localhost:{srv.port}"
+        with SegmenterClient(target, root_cert=cert) as c:
+            assert c.segment("abc").chars == 3
+        with SegmenterClient(target) as c:  # plaintext against TLS fails
+            assert code_of(lambda: c.describe())[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_file_that_is_not_an_hmlstm_model_is_refused(tmp_path, capsys):
+    import onnx
+    h = onnx.helper
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [2])],
+                     [h.make_tensor_value_info("y", 1, [2])])
+    other = tmp_path / "other.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(other))
+    with pytest.raises(ModelLoadError, match="not an exported hmlstm model"):
+        load_model(other)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx at all")
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
+        load_model(junk)
+    from hmlstm.cli import main
+    assert main(["serve", str(other), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an exported hmlstm model" in err[0]

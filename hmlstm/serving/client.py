@@ -74,9 +74,10 @@ class SegmenterClient:
 
     def stream(self, chunks: Iterable[str], layers: Iterable[int] = (), top_k: int = 0, stream_id: str = "",
                resume: bool = False, start_offset: int = 0) -> Iterator[pb.SegmentResponse]:
-        call = self.stub.StreamSegment(_requests(chunks, _config(layers, top_k, stream_id, resume, start_offset), start_offset),
-                                       metadata=self.metadata, timeout=self.timeout)
-        return call
+        """Stream ``chunks``; returns the call, an iterator of responses (``.cancel()`` ends it)."""
+        config = _config(layers, top_k, stream_id, resume, start_offset)
+        return self.stub.StreamSegment(_requests(chunks, config, start_offset), metadata=self.metadata,
+                                       timeout=self.timeout)
 
     def segment(self, text: str, layers: Iterable[int] = ()) -> pb.SegmentTextResponse:
         return self.stub.Segment(pb.SegmentTextRequest(text=text, layers=list(layers)), metadata=self.metadata,
@@ -111,9 +112,9 @@ class AsyncSegmenterClient:
     def stream(self, chunks, layers: Iterable[int] = (), top_k: int = 0, stream_id: str = "",
                resume: bool = False, start_offset: int = 0):
         """An async iterator of responses; ``chunks`` may be an iterable or an async iterable."""
-        return self.stub.StreamSegment(
-            _arequests(chunks, _config(layers, top_k, stream_id, resume, start_offset), start_offset),
-            metadata=self.metadata, timeout=self.timeout)
+        config = _config(layers, top_k, stream_id, resume, start_offset)
+        return self.stub.StreamSegment(_arequests(chunks, config, start_offset), metadata=self.metadata,
+                                       timeout=self.timeout)
 
     async def segment(self, text: str, layers: Iterable[int] = ()) -> pb.SegmentTextResponse:
         return await self.stub.Segment(pb.SegmentTextRequest(text=text, layers=list(layers)),

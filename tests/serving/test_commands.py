@@ -1,0 +1,151 @@
+"""The serving commands as users run them: serve (a real process), segment, demo; the shipped model."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hmlstm.cli import main
+from hmlstm.serving.background import BackgroundServer
+from hmlstm.serving.client import SegmenterClient
+from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.model import DEFAULT_MODEL, load_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise TimeoutError(f"server at {target} did not come up")
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model(DEFAULT_MODEL, "cpu")
+
+
+def test_shipped_model_streams_like_unary(default_model):
+    text = "The for statement iterates over the items of any sequence, in the order they appear. " * 3
+    with BackgroundServer(default_model, ServeConfig(port=0, metrics_port=None)) as srv, \
+            SegmenterClient(srv.target) as c:
+        info = c.describe()
+        assert list(info.units) == [128, 128, 128] and list(info.boundary_layers) == [1, 2]
+        whole = c.segment(text)
+        for size in (1, 13, 100):
+            chunks = [text[i : i + size] for i in range(0, len(text), size)]
+            bounds = {}
+            segs = []
+            for r in c.stream(chunks):
+                for lb in r.boundaries:
+                    bounds.setdefault(lb.layer, []).extend(lb.offsets)
+                segs += [(s.layer, s.start, s.end, s.text) for s in r.segments if s.final]
+            assert bounds == {lb.layer: list(lb.offsets) for lb in whole.boundaries}
+            assert sorted(segs) == sorted((s.layer, s.start, s.end, s.text) for s in whole.segments)
+
+
+def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls():
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
+                             "-1", "--grace", "10"], stderr=subprocess.PIPE, text=True, env=env)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        release = threading.Event()
+
+        def chunks():
+            yield "The for statement "
+            release.wait(20)
+            yield "is used to iterate."
+
+        with SegmenterClient(target) as c, grpc.insecure_channel(target) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            call = iter(c.stream(chunks()))
+            assert next(call).processed_chars == 18
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            time.sleep(0.3)
+            with SegmenterClient(target) as other, pytest.raises(grpc.RpcError) as e:
+                other.segment("new calls are refused")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            release.set()
+            rest = list(call)
+            assert rest[-1].final and rest[-1].processed_chars == 37
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "shutting down" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_reports_cpu_fallback_in_one_clean_line():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
+                             "-1"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        lines = proc.stderr.read().splitlines()
+        cuda = [l for l in lines if "CUDA" in l]
+        assert len(cuda) == 1 and "ONNX Runtime on CPU" in cuda[0]
+        assert not any("onnxruntime" in l.lower() and "error" in l.lower() for l in lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_segment_command_against_a_server_and_locally_agree(default_model, tmp_path, capsys):
+    text = "An iterator is created for the result of the expression list.\n"
+    f = tmp_path / "in.txt"
+    f.write_text(text)
+    with BackgroundServer(default_model, ServeConfig(port=0, metrics_port=None)) as srv:
+        assert main(["segment", str(f), "--server", srv.target, "--chunk-chars", "7"]) == 0
+        remote = capsys.readouterr().out
+        assert main(["segment", str(f), "--server", srv.target, "--jsonl"]) == 0
+        jsonl = capsys.readouterr().out
+    assert main(["segment", str(f), "--local", "--chunk-chars", "50"]) == 0
+    local = capsys.readouterr().out
+    assert remote == local
+    stripped = remote.replace("|", "").replace("‖", "")
+    assert stripped.rstrip("\n") == text.rstrip("\n")
+    import json
+    rows = [json.loads(l) for l in jsonl.splitlines()]
+    assert "".join(r["text"] for r in rows if r["layer"] == 1) == text
+
+
+def test_segment_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["segment", str(tmp_path / "missing.txt"), "--local"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    f = tmp_path / "in.txt"
+    f.write_text("abc")
+    assert main(["segment", str(f), "--server", f"127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UNAVAILABLE" in err[0]
+
+
+def test_demo_runs_end_to_end(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "server on 127.0.0.1:" in out and "characters in" in out and "layer 1:" in out

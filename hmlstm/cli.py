@@ -210,7 +210,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--auth-token-env", default=None, metavar="VAR",
                    help="require 'authorization: Bearer $VAR' on every call")
-    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--workers", type=int, default=d.workers, help="threads for unbatched model calls")
+    p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams' pieces per batched call")
+    p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
+                   help="how long a piece may wait for others to join its batch")
     p.set_defaults(func=cmd_serve)
 
 
@@ -230,7 +234,8 @@ def _serve_config(args):
             host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
             idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            auth_token=token, workers=args.workers)
+            auth_token=token, workers=args.workers, batching=not args.no_batching, max_batch=args.max_batch,
+            max_wait_us=args.max_wait_us)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -172,7 +172,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
             "corpus": corpus.name, "corpus_chars": len(corpus.text),
-            "command": " ".join(["hmlstm", *sys.argv[1:]]), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["hmlstm", *sys.argv[1:]]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensorflow": tf.__version__,
         })
 

@@ -24,6 +24,9 @@ class ServeConfig:
     workers: int = 4  # threads that run ONNX Runtime off the event loop
     ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
     piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
+    batching: bool = True  # run pending pieces of many streams as one call
+    max_batch: int = 64  # rows in one batched call
+    max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -19,6 +19,11 @@ class Metrics:
         self.errors = Counter("hmlstm_errors", "Calls ended with an error, by gRPC status code", ["code"],
                               registry=self.registry)
         self.requests = Counter("hmlstm_requests", "Calls started, by method", ["method"], registry=self.registry)
+        self.batch_size = Histogram("hmlstm_batch_size", "Streams' pieces per model call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.queue_wait = Histogram("hmlstm_queue_wait_seconds", "From a piece's arrival to its model call",
+                                    buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+                                    registry=self.registry)
         self._http = None
 
     def serve_http(self, host: str, port: int) -> int:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hmlstm.serving import messages
+from hmlstm.serving.batching import BatchingRunner
 from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.metrics import Metrics
 from hmlstm.serving.model import LoadedModel
@@ -185,7 +186,10 @@ class SegmenterServer:
         self.model, self.config = model, config
         self.metrics = Metrics()
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
-        self.runner = Runner(model, config.workers)
+        if config.batching:
+            self.runner: Runner = BatchingRunner(model, config.max_batch, config.max_wait_us, self.metrics)
+        else:
+            self.runner = Runner(model, config.workers)
         self.health = health.aio.HealthServicer()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[

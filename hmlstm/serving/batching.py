@@ -1,0 +1,131 @@
+"""Cross-stream batching: many streams' pending pieces run as one ONNX Runtime call.
+
+One stream at a time, each HM-LSTM step is a matrix-vector product bound by
+memory and per-call overhead; many streams in one call make it a
+matrix-matrix product. The scheduler keeps a FIFO queue of pending pieces.
+When the model is free it takes up to ``max_batch`` of the oldest, waiting at
+most ``max_wait_us`` (from the oldest one's arrival) for more to arrive, runs
+them in one call with the exported ``lengths`` input (rows may differ in
+length; each advances only its own), and hands each stream its own row.
+
+- Order per stream: a stream awaits its piece before it sends the next, so it
+  never has two in the queue.
+- No starvation: the queue is FIFO and a batch takes the oldest pieces.
+- Same result as alone: row b of a batch computes exactly what row b alone
+  would (the masking in the model's loop); only the matmul kernels differ, so
+  floats agree to ~1e-7, not bit for bit.
+- State inputs are gathered into buffers preallocated for ``max_batch`` rows
+  and reused for every call; outputs are handed out as row views, no copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from hmlstm.export import spec
+from hmlstm.serving.model import LoadedModel
+from hmlstm.serving.runner import Runner
+
+
+@dataclass
+class _Pending:
+    tokens: np.ndarray  # [T] int32
+    state: dict[str, np.ndarray]  # each [1, ...]
+    future: asyncio.Future
+    arrived: float
+
+
+class BatchingRunner(Runner):
+    def __init__(self, model: LoadedModel, max_batch: int = 64, max_wait_us: int = 200, metrics=None,
+                 workers: int = 1):
+        if max_batch < 1 or max_wait_us < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_us >= 0")
+        super().__init__(model, workers)
+        self.max_batch = max_batch
+        self.max_wait = max_wait_us / 1e6
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._arrival: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._buffers = {name: np.zeros((max_batch, *arr.shape[1:]), arr.dtype)
+                         for name, arr in model.zero_state(1).items()}
+        self.batches = 0  # calls made, for tests and reports
+        self.rows = 0
+
+    async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
+        """One stream's piece (tokens [1, T]); resolves with that stream's outputs, batch axis 1."""
+        if self._task is None or self._task.done():
+            self._arrival = asyncio.Event()
+            self._task = asyncio.create_task(self._schedule())
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(tokens[0, : int(lengths[0])], state, fut, time.perf_counter()))
+        self._arrival.set()
+        return await fut
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._arrival.clear()
+                await self._arrival.wait()
+            deadline = self._queue[0].arrived + self.max_wait
+            while len(self._queue) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            batch = [p for p in batch if not p.future.cancelled()]
+            if not batch:
+                continue
+            now = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(batch))
+                for p in batch:
+                    self.metrics.queue_wait.observe(now - p.arrived)
+            try:
+                rows = await loop.run_in_executor(self.pool, self._run_batch, batch)
+            except Exception as e:  # hand the failure to every caller; keep scheduling
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, out in zip(batch, rows):
+                if not p.future.done():
+                    p.future.set_result(out)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
+        b = len(batch)
+        lengths = np.fromiter((len(p.tokens) for p in batch), np.int32, b)
+        tokens = np.zeros((b, int(lengths.max())), np.int32)
+        for i, p in enumerate(batch):
+            tokens[i, : lengths[i]] = p.tokens
+        state = {}
+        for name, buf in self._buffers.items():
+            for i, p in enumerate(batch):
+                buf[i] = p.state[name][0]
+            state[name] = buf[:b]
+        out = self.model.run(tokens, lengths, state)
+        self.batches += 1
+        self.rows += b
+        rows = []
+        for i in range(b):
+            row = {k: v[i : i + 1] for k, v in out.items()}
+            for k in (spec.LOGITS, spec.BOUNDARIES, spec.BOUNDARY_LOGITS):
+                row[k] = row[k][:, : lengths[i]]
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        super().close()

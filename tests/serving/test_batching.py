@@ -1,0 +1,144 @@
+"""Cross-stream batching: same results as running each stream alone, fair, in order."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from hmlstm.export import spec
+from hmlstm.model.data import synthetic_corpus
+from hmlstm.serving.batching import BatchingRunner
+from hmlstm.serving.runner import Runner, process_chunk_sync
+from hmlstm.serving.stream import StreamState
+
+
+def new_stream(model):
+    return StreamState(model.zero_state(1), model.boundary_layers, top_k=3)
+
+
+def alone(model, text, size):
+    st = new_stream(model)
+    out = [process_chunk_sync(model, st, o, text[o : o + size], 4096) for o in range(0, len(text), size)]
+    return out, st
+
+
+async def streamed(runner, text, size, start_delay=0.0):
+    await asyncio.sleep(start_delay)
+    st = new_stream(runner.model)
+    out = []
+    for o in range(0, len(text), size):
+        out.append(await runner.process_chunk(st, o, text[o : o + size], 4096))
+    return out, st
+
+
+def assert_same(a, b):
+    (ra, sa), (rb, sb) = a, b
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert x.boundaries == y.boundaries and x.segments == y.segments
+        assert x.processed_chars == y.processed_chars
+        assert [c for c, _ in x.next_chars] == [c for c, _ in y.next_chars]
+        np.testing.assert_allclose([p for _, p in x.next_chars], [p for _, p in y.next_chars], atol=1e-5)
+    for k in sa.state:
+        np.testing.assert_allclose(sa.state[k], sb.state[k], atol=1e-5)
+
+
+def test_batched_streams_equal_each_stream_alone(tiny_model):
+    texts = [synthetic_corpus(seed=40 + i, n_chars=400).text[: 150 + 37 * i] for i in range(6)]
+    sizes = [1, 3, 16, 5, 64, 2]  # mixed chunk sizes: ragged rows in every batch
+    delays = [0, 0, 0, 0.05, 0, 0.1]  # two streams join while the others are mid-way
+    expected = [alone(tiny_model, t, s) for t, s in zip(texts, sizes)]
+
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=2000)
+        try:
+            got = await asyncio.gather(*(streamed(runner, t, s, d) for t, s, d in zip(texts, sizes, delays)))
+            return got, runner.batches, runner.rows
+        finally:
+            runner.close()
+
+    got, batches, rows = asyncio.run(main())
+    for g, e in zip(got, expected):
+        assert_same(g, e)  # streams that end early (short texts) and join late included
+    assert rows / batches > 1.5, "pieces were not actually batched"
+
+
+def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
+    runner = BatchingRunner(tiny_model, max_batch=4)
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(1, len(tiny_model.vocab), n).astype(np.int32) for n in (1, 9, 4)]
+    from hmlstm.serving.batching import _Pending
+    batch = [_Pending(p, tiny_model.zero_state(1), None, 0.0) for p in pieces]
+    rows = runner._run_batch(batch)
+    for p, row in zip(pieces, rows):
+        ref = tiny_model.run(p[None, :], np.array([len(p)], np.int32), tiny_model.zero_state(1))
+        assert row[spec.LOGITS].shape == ref[spec.LOGITS].shape
+        np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
+        np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
+        np.testing.assert_allclose(row["next_state_h1"], ref["next_state_h1"], atol=1e-5)
+    runner.close()
+
+
+def test_no_starvation_under_a_hot_stream(tiny_model):
+    """A cold stream's piece is served within the next two model calls, however busy a hot stream is."""
+
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=0)
+        hot = new_stream(tiny_model)
+        stop = asyncio.Event()
+
+        async def hot_loop():
+            o = 0
+            while not stop.is_set():
+                await runner.process_chunk(hot, o, "abcdefgh" * 8, 4096)
+                o += 64
+
+        hot_task = asyncio.create_task(hot_loop())
+        waits = []
+        for i in range(5):
+            await asyncio.sleep(0.01)
+            cold = new_stream(tiny_model)
+            before = runner.batches
+            await runner.process_chunk(cold, 0, "xyz", 4096)
+            waits.append(runner.batches - before)
+        stop.set()
+        await hot_task
+        runner.close()
+        return waits, hot.processed
+
+    waits, hot_processed = asyncio.run(main())
+    assert hot_processed > 0
+    assert max(waits) <= 2, waits
+
+
+def test_each_stream_sees_its_responses_in_order(tiny_model):
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=16, max_wait_us=500)
+        texts = [synthetic_corpus(seed=i, n_chars=200).text[:120] for i in range(12)]
+        got = await asyncio.gather(*(streamed(runner, t, 1 + i % 5) for i, t in enumerate(texts)))
+        runner.close()
+        return got
+
+    for results, st in asyncio.run(main()):
+        ends = [r.processed_chars for r in results]
+        assert ends == sorted(ends) and len(set(ends)) == len(ends) and ends[-1] == st.processed == 120
+        assert [r.chunk_offset for r in results] == [0, *ends[:-1]]
+
+
+def test_unbatched_runner_gives_the_same_answers(tiny_model):
+    text = synthetic_corpus(seed=9, n_chars=300).text[:200]
+
+    async def main():
+        runner = Runner(tiny_model, workers=2)
+        out = await streamed(runner, text, 7)
+        runner.close()
+        return out
+
+    assert_same(asyncio.run(main()), alone(tiny_model, text, 7))
+
+
+def test_bad_batching_settings(tiny_model):
+    with pytest.raises(ValueError):
+        BatchingRunner(tiny_model, max_batch=0)
+    with pytest.raises(ValueError):
+        BatchingRunner(tiny_model, max_wait_us=-1)

@@ -73,7 +73,7 @@ def hmlstm_step(
     """One HM-LSTM step of layer l; returns (new state, s_z [B, 1]).
 
     Shapes: h_below [B, D_below] (h^{l-1}_t; the embedding for l = 1),
-    z_below [B, 1] (z^{l-1}_t; 1 for l = 1), h_above [B, D_above] or None for
+    z_below [B, 1] (z^{l-1}_t; None for l = 1, where it is always 1), h_above [B, D_above] or None for
     the top layer (h^{l+1}_{t-1}), state (c, h, z) at t-1, kernel
     [D_below + H (+ D_above), 4H (+1)], bias [4H (+1)].
 
@@ -87,11 +87,14 @@ def hmlstm_step(
 
     A layer without a boundary detector (the top layer by default) keeps z = 0.
     The cases are blended with 0/1 multipliers rather than branches, so the
-    step stays one straight-line graph (cheap in a loop, clean to export).
+    step stays one straight-line graph (cheap in a loop, clean to export);
+    where z_below or z is known (layer 1, a layer without a detector) the blend
+    drops the terms that cannot occur, saving ops in every step of the loop.
     """
     c, h, z = state
     units = c.shape[-1]
-    parts = [z_below * h_below, h]
+    # z_below None means "always 1" (layer 1 reads the input at every step).
+    parts = [h_below if z_below is None else z_below * h_below, h]
     if h_above is not None:
         parts.append(z * h_above)  # top-down only right after a boundary
     s = tf.matmul(tf.concat(parts, axis=-1), kernel) + bias
@@ -101,11 +104,19 @@ def hmlstm_step(
     f, i, o, g = tf.split(gates, 4, axis=-1)
     f, i, o, g = tf.sigmoid(f), tf.sigmoid(i), tf.sigmoid(o), tf.tanh(g)
 
-    flush = z  # z^l_{t-1}
-    update = (1.0 - z) * z_below
-    copy = (1.0 - z) * (1.0 - z_below)
-    c_new = flush * (i * g) + update * (f * c + i * g) + copy * c
-    h_new = copy * h + (1.0 - copy) * (o * tf.tanh(c_new))
+    ig = i * g
+    if z_below is None:  # never COPY: FLUSH where z = 1, else UPDATE
+        c_new = ig + (1.0 - z) * (f * c)
+        h_new = o * tf.tanh(c_new)
+    elif not has_boundary:  # z is always 0 here: UPDATE where z_below = 1, else COPY
+        c_new = c + z_below * (f * c + ig - c)
+        h_new = h + z_below * (o * tf.tanh(c_new) - h)
+    else:
+        flush = z  # z^l_{t-1}
+        update = (1.0 - z) * z_below
+        copy = (1.0 - z) * (1.0 - z_below)
+        c_new = flush * ig + update * (f * c + ig) + copy * c
+        h_new = copy * h + (1.0 - copy) * (o * tf.tanh(c_new))
     if has_boundary:
         s_z = s[:, 4 * units :]
         z_new = straight_through_round(hard_sigmoid(slope * s_z))
@@ -223,7 +234,7 @@ class MultiHMLSTMCell(tf.Module):
 
     def call(self, inputs: tf.Tensor, state: tuple[HMLSTMState, ...], slope=1.0):
         h_below = inputs
-        z_below = tf.ones_like(inputs[:, :1])
+        z_below = None  # layer 1 reads the input at every step (z^0 = 1)
         outputs, new_states = [], []
         for l, cell in enumerate(self.cells):
             h_above = state[l + 1].h if l + 1 < len(self.cells) else None

@@ -57,8 +57,8 @@ def unroll(cell, inputs: tf.Tensor, state, lengths: tf.Tensor | None = None, slo
         prev_state, _ = prev
         out, new = cell(x_t, prev_state, slope)
         if lengths is not None:
-            live = tf.cast(tf.expand_dims(t < lengths, -1), tf.float32)  # [B, 1]
-            new = tf.nest.map_structure(lambda n, p: live * n + (1.0 - live) * p, new, prev_state)
+            live = tf.cast(tf.expand_dims(t < lengths, -1), tf.float32)  # [B, 1]: 1 while the row runs
+            new = tf.nest.map_structure(lambda n, p: p + live * (n - p), new, prev_state)
         return new, out
 
     states, outputs = tf.scan(step, (time_major, tf.range(num_steps)),

@@ -57,15 +57,30 @@ def test_flush_resets_cell_when_boundary_fired():
     np.testing.assert_allclose(a.c.numpy(), b.c.numpy(), atol=1e-6)  # old c forgotten
 
 
-def test_top_layer_without_detector_never_fires_or_flushes():
+@pytest.mark.parametrize("z_prev", [0, 1])
+def test_first_layer_path_equals_reference_with_z_below_one(z_prev):
+    """Layer 1 passes z_below=None (always 1): the shorter blend must equal the general equations."""
+    cell = HMLSTMCell(H, D, A, seed=2)
+    h_below, zb, h_above, c, h, z = _inputs(7, z_prev, 1)
+    _, new = cell((h_below, None, h_above), HMLSTMState(c, h, z), 1.5)
+    c_ref, h_ref, z_ref, _ = reference.step(cell.kernel.numpy(), cell.bias.numpy(), h_below, zb, h_above,
+                                            c, h, z, 1.5, True)
+    np.testing.assert_allclose(new.c.numpy(), c_ref, atol=1e-6)
+    np.testing.assert_allclose(new.h.numpy(), h_ref, atol=1e-6)
+    np.testing.assert_array_equal(new.z.numpy(), z_ref)
+
+
+@pytest.mark.parametrize("case", ["update", "copy"])
+def test_top_layer_without_detector_never_fires_or_flushes(case):
     cell = HMLSTMCell(H, D, None, has_boundary=False, seed=0)
-    h_below, zb, _, c, h, z = _inputs(4, *CASES["update"])
+    h_below, zb, _, c, h, z = _inputs(4, *CASES[case])
     _, new = cell((h_below, zb, None), HMLSTMState(c, h, z))
     assert cell.kernel.shape == (D + H, 4 * H)
     np.testing.assert_array_equal(new.z.numpy(), 0.0)
     c_ref, h_ref, _, _ = reference.step(cell.kernel.numpy(), cell.bias.numpy(), h_below, zb, None,
                                         c, h, z, 1.0, False)
     np.testing.assert_allclose(new.c.numpy(), c_ref, atol=1e-6)
+    np.testing.assert_allclose(new.h.numpy(), h_ref, atol=1e-6)
 
 
 def test_straight_through_gradient_flows_through_z():

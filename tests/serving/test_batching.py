@@ -95,7 +95,7 @@ def test_no_starvation_under_a_hot_stream(tiny_model):
 
         hot_task = asyncio.create_task(hot_loop())
         waits = []
-        for i in range(5):
+        for _ in range(5):
             await asyncio.sleep(0.01)
             cold = new_stream(tiny_model)
             before = runner.batches

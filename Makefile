@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test lint install clean protos
+.PHONY: demo test lint install clean protos redis
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,9 +20,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hmlstm demo
 
-test: $(STAMP)
+test: $(STAMP) redis
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The state-store tests start a real redis-server on loopback; install it where missing
+# (Debian/Ubuntu as root). Without it those tests skip and say why.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 \
+	      || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1)) \
+	  || echo "redis-server not installed: the Redis state-store tests will skip"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

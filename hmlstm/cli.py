@@ -211,6 +211,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--auth-token-env", default=None, metavar="VAR",
                    help="require 'authorization: Bearer $VAR' on every call")
     p.add_argument("--workers", type=int, default=d.workers, help="threads for unbatched model calls")
+    p.add_argument("--state-store", default=d.state_store,
+                   help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
     p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams' pieces per batched call")
     p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
@@ -235,7 +237,7 @@ def _serve_config(args):
             device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
             idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
             auth_token=token, workers=args.workers, batching=not args.no_batching, max_batch=args.max_batch,
-            max_wait_us=args.max_wait_us)
+            max_wait_us=args.max_wait_us, state_store=args.state_store)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -256,13 +258,46 @@ def cmd_serve(args) -> int:
     from hmlstm.serving.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from hmlstm.serving.store import StoreUnavailable, open_store
+
     config = _serve_config(args)
+    try:
+        store = open_store(config.state_store)
+        if store is not None:
+            store.close()
+    except (ValueError, StoreUnavailable) as e:
+        raise UserError(str(e)) from None
     model = _load_model(args.model, config.device)
     try:
         asyncio.run(serve(model, config))
     except OSError as e:
         raise UserError(f"cannot serve on {config.host}:{config.port}: {e}") from None
     return 0
+
+
+# ---------------------------------------------------------------- health
+
+
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", help="exit 0 if a server answers SERVING (for container health checks)")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
+
+
+def cmd_health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"{args.target}: {e.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    print(f"{args.target}: {status}")
+    return 0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 # ---------------------------------------------------------------- segment
@@ -442,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_export(sub)
     _add_serve(sub)
+    _add_health(sub)
     _add_segment(sub)
     _add_demo(sub)
     return parser

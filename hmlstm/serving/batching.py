@@ -3,10 +3,12 @@
 One stream at a time, each HM-LSTM step is a matrix-vector product bound by
 memory and per-call overhead; many streams in one call make it a
 matrix-matrix product. The scheduler keeps a FIFO queue of pending pieces.
-When the model is free it takes up to ``max_batch`` of the oldest, waiting at
-most ``max_wait_us`` (from the oldest one's arrival) for more to arrive, runs
-them in one call with the exported ``lengths`` input (rows may differ in
-length; each advances only its own), and hands each stream its own row.
+When the model is free it takes up to ``max_batch`` of the oldest. It waits
+for more to arrive only while some attached stream has nothing queued, and
+never longer than ``max_wait_us`` from the oldest piece's arrival, so a lone
+stream pays no wait. It runs them in one call with the exported ``lengths``
+input (rows may differ in length; each advances only its own), and hands each
+stream its own row.
 
 - Order per stream: a stream awaits its piece before it sends the next, so it
   never has two in the queue.
@@ -42,13 +44,14 @@ class _Pending:
 
 class BatchingRunner(Runner):
     def __init__(self, model: LoadedModel, max_batch: int = 64, max_wait_us: int = 200, metrics=None,
-                 workers: int = 1):
+                 workers: int = 1, attached=None):
         if max_batch < 1 or max_wait_us < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_us >= 0")
         super().__init__(model, workers)
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
         self.metrics = metrics
+        self.attached = attached or (lambda: max_batch)  # streams that may send a piece soon
         self._queue: deque[_Pending] = deque()
         self._arrival: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -74,7 +77,7 @@ class BatchingRunner(Runner):
                 self._arrival.clear()
                 await self._arrival.wait()
             deadline = self._queue[0].arrived + self.max_wait
-            while len(self._queue) < self.max_batch:
+            while len(self._queue) < min(self.max_batch, self.attached()):
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

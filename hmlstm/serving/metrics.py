@@ -18,6 +18,8 @@ class Metrics:
             registry=self.registry)
         self.errors = Counter("hmlstm_errors", "Calls ended with an error, by gRPC status code", ["code"],
                               registry=self.registry)
+        self.store_errors = Counter("hmlstm_state_store_errors", "State-store reads or writes that failed",
+                                    registry=self.registry)
         self.requests = Counter("hmlstm_requests", "Calls started, by method", ["method"], registry=self.registry)
         self.batch_size = Histogram("hmlstm_batch_size", "Streams' pieces per model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)

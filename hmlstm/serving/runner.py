@@ -47,7 +47,7 @@ def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, n
         tokens, lengths, unknown = _inputs(model, piece)
         outputs = model.run(tokens, lengths, st.state)
         results.append(st.apply(chunk_offset, piece, unknown, outputs, model.state_map, model.vocab.chars))
-    st.checkpoint()
+    st.checkpoint(new_text)
     return _merge(results, chunk_offset)
 
 
@@ -70,7 +70,7 @@ class Runner:
             outputs = await self.run(tokens, lengths, st.state)
             results.append(st.apply(chunk_offset, piece, unknown, outputs, self.model.state_map,
                                     self.model.vocab.chars))
-        st.checkpoint()
+        st.checkpoint(new_text)
         return _merge(results, chunk_offset)
 
     def close(self) -> None:

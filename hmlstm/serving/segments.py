@@ -33,6 +33,18 @@ class SegmentTracker:
         self._buffer_start = 0
         self.end = 0  # characters fed so far
 
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "max_segment_chars": self.max_segment_chars,
+                "open_start": {str(k): v for k, v in self.open_start.items()}, "buffer": self._buffer,
+                "buffer_start": self._buffer_start, "end": self.end}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegmentTracker:
+        t = cls(d["layers"], d["max_segment_chars"])
+        t.open_start = {int(k): v for k, v in d["open_start"].items()}
+        t._buffer, t._buffer_start, t.end = d["buffer"], d["buffer_start"], d["end"]
+        return t
+
     def copy(self) -> SegmentTracker:
         other = SegmentTracker.__new__(SegmentTracker)
         other.__dict__.update(self.__dict__)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.metrics import Metrics
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.runner import Runner
+from hmlstm.serving.store import StoreUnavailable, decode_record, open_store
 from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState
 from hmlstm.v1 import segmenter_pb2 as pb
 from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
@@ -42,9 +44,52 @@ class _Abort(Exception):
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):
     def __init__(self, model: LoadedModel, runner: Runner, registry: StreamRegistry, config: ServeConfig,
-                 metrics: Metrics):
+                 metrics: Metrics, store=None):
         self.model, self.runner, self.registry = model, runner, registry
         self.config, self.metrics = config, metrics
+        self.store = store
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
+        self._store_down = False
+
+    async def _store_io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+
+    async def _load_stored(self, stream_id: str, resume: bool) -> None:
+        """Bring a stream from the store into the registry if the store's copy is the newer one."""
+        try:
+            record = await self._store_io(self.store.load, stream_id)
+        except StoreUnavailable as e:
+            if resume and not self.registry.held(stream_id):
+                raise StreamError("UNAVAILABLE", f"the state store is unreachable ({e}); retry the resume") from None
+            return
+        if record is None:
+            return
+        if not resume:
+            raise StreamError("ALREADY_EXISTS", f"stream {stream_id!r} exists; resume it (resume = true) or "
+                              "choose another id")
+        r = decode_record(record)
+        end = r["processed"] + sum(len(t) for _, t in r["texts"])
+        held = self.registry.get(stream_id)
+        if held is not None and (held.attached or held.processed >= end):
+            return
+        st = StreamState.from_record(record)
+        for offset, text in st.pending:  # rebuild the rewind history by running the chunks again
+            await self.runner.process_chunk(st, offset, text, self.config.piece_chars)
+        st.pending = []
+        self.registry.adopt(st)
+
+    async def _save(self, st: StreamState) -> None:
+        try:
+            await self._store_io(self.store.save, st.stream_id, st.record(self.config.persist_depth),
+                                 self.config.idle_timeout_s)
+            if self._store_down:
+                log.info("state store reachable again")
+            self._store_down = False
+        except StoreUnavailable as e:
+            self.metrics.store_errors.inc()
+            if not self._store_down:
+                log.warning("state store unreachable, streams go on without durability: %s", e)
+            self._store_down = True
 
     def _layers(self, requested) -> list[int]:
         allowed = self.model.boundary_layers
@@ -90,6 +135,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 if cfg.top_k > self.config.max_top_k:
                     raise StreamError("INVALID_ARGUMENT", f"top_k {cfg.top_k} is over the limit of "
                                       f"{self.config.max_top_k}")
+            if self.store is not None and cfg.stream_id:
+                await self._load_stored(cfg.stream_id, cfg.resume)
             st = self.registry.open(
                 lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id), cfg.stream_id,
                 cfg.resume, cfg.resume_offset)
@@ -111,6 +158,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                     yield messages.response_pb(st.duplicate(chunk.offset))
                     continue
                 result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
+                if self.store is not None and st.stream_id:
+                    await self._save(st)  # durable before the response acknowledges it
                 self.metrics.chars.inc(len(new))
                 self.metrics.chunk_latency.observe(time.perf_counter() - t0)
                 yield messages.response_pb(result)
@@ -118,6 +167,11 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             # look like a half-close, and then the stream must stay resumable.
             yield messages.response_pb(st.finish())
             finished = not context.cancelled()
+            if finished and self.store is not None and st.stream_id:
+                try:
+                    await self._store_io(self.store.delete, st.stream_id)
+                except StoreUnavailable:
+                    self.metrics.store_errors.inc()
         except StreamError as e:
             await self._fail(context, e.code, str(e))
         except asyncio.CancelledError:
@@ -187,7 +241,8 @@ class SegmenterServer:
         self.metrics = Metrics()
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
         if config.batching:
-            self.runner: Runner = BatchingRunner(model, config.max_batch, config.max_wait_us, self.metrics)
+            self.runner: Runner = BatchingRunner(model, config.max_batch, config.max_wait_us, self.metrics,
+                                                 attached=lambda: self.registry.active)
         else:
             self.runner = Runner(model, config.workers)
         self.health = health.aio.HealthServicer()
@@ -196,8 +251,9 @@ class SegmenterServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ])
-        pb_grpc.add_SegmenterServicer_to_server(
-            SegmenterServicer(model, self.runner, self.registry, config, self.metrics), self.server)
+        self.store = open_store(config.state_store)
+        self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store)
+        pb_grpc.add_SegmenterServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -239,6 +295,8 @@ class SegmenterServer:
             self._expiry.cancel()
         self.runner.close()
         self.metrics.close()
+        if self.store is not None:
+            self.store.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -251,7 +309,8 @@ async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> None:
     tls = "TLS" if config.tls_cert else "plaintext"
     auth = ", bearer-token auth" if config.auth_token else ""
     metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    log.info("serving %s on %s:%d (%s%s)%s", model.path.name, config.host, port, tls, auth, metrics)
+    log.info("serving %s on %s:%d (%s%s)%s, state store: %s", model.path.name, config.host, port, tls, auth,
+             metrics, config.state_store)
     log.info(model.runtime.note)
     if ready is not None:
         ready(server)

@@ -63,13 +63,38 @@ class StreamState:
         self.attached = True
         self.last_seen = time.monotonic()
         self._call_end: int | None = None  # end of the last chunk received on the current call
-        # (processed, model state, tracker) after each of the recent responses, to rewind a resume to.
+        # (processed, model state, tracker, text of the chunk that led here) after each of the
+        # recent responses, to rewind a resume to and to persist.
         self._history: deque = deque(maxlen=replay_depth) if stream_id else deque(maxlen=1)
+        self.pending: list[tuple[int, str]] = []  # chunks to re-run after loading from a store
         self.checkpoint()
 
-    def checkpoint(self) -> None:
-        """Remember the stream as it is after the response just built."""
-        self._history.append((self.processed, self.state, self.tracker.copy()))
+    def checkpoint(self, text: str = "") -> None:
+        """Remember the stream as it is after the response just built (for ``text``)."""
+        self._history.append((self.processed, self.state, self.tracker.copy(), text))
+
+    def record(self, depth: int = 8) -> bytes:
+        """The persistent form: the snapshot ``depth`` responses back, and the chunks since."""
+        from hmlstm.serving.store import encode_record
+
+        hist = list(self._history)
+        base = hist[max(0, len(hist) - 1 - depth)]
+        texts = [(h[0] - len(h[3]), h[3]) for h in hist[hist.index(base) + 1 :]]
+        return encode_record(self.layers, self.top_k, self.stream_id, base[0], base[1], base[2], texts)
+
+    @classmethod
+    def from_record(cls, record: bytes, max_segment_chars: int = 65_536) -> StreamState:
+        """A stream at its record's base snapshot; ``pending`` holds the chunks to re-run."""
+        from hmlstm.serving.store import decode_record
+
+        r = decode_record(record)
+        st = cls(r["state"], r["layers"], r["top_k"], r["stream_id"], max_segment_chars)
+        st.processed, st.tracker = r["processed"], r["tracker"]
+        st._history.clear()
+        st.checkpoint()
+        st.pending = r["texts"]
+        st.attached = False
+        return st
 
     def rewind(self, offset: int) -> None:
         """Go back to the state after the response that ended at ``offset``."""
@@ -82,7 +107,7 @@ class StreamState:
             raise StreamError("OUT_OF_RANGE", f"cannot resume at offset {offset}: the stream's responses ended "
                               f"at other offsets or too long ago (held: {held}); resume_offset must be the "
                               "processed_chars of the last response received")
-        self.processed, self.state, tracker = self._history[-1]
+        self.processed, self.state, tracker, _ = self._history[-1]
         self.tracker = tracker.copy()
 
     def attach(self) -> None:
@@ -167,6 +192,16 @@ class StreamRegistry:
             self._by_id[stream_id] = st
         self.active += 1
         return st
+
+    def held(self, stream_id: str) -> bool:
+        return stream_id in self._by_id
+
+    def get(self, stream_id: str) -> StreamState | None:
+        return self._by_id.get(stream_id)
+
+    def adopt(self, st: StreamState) -> None:
+        """Hold a stream loaded from a state store (detached until a call opens it)."""
+        self._by_id[st.stream_id] = st
 
     def _check_capacity(self) -> None:
         if self.active >= self.max_streams:

@@ -1,0 +1,22 @@
+# CPU image: the server only (no TensorFlow), as a non-root user.
+#   docker build -t hmlstm:cpu .
+#   docker run -p 50051:50051 -p 9464:9464 hmlstm:cpu
+FROM python:3.11-slim
+
+RUN useradd --create-home --uid 10001 hmlstm
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY hmlstm ./hmlstm
+# The core install pulls onnxruntime-gpu on Linux x86_64; the CPU image takes the smaller CPU wheel.
+RUN pip install --no-cache-dir . \
+ && pip uninstall -y onnxruntime-gpu \
+ && pip install --no-cache-dir "onnxruntime>=1.31.1,<1.32"
+
+# /data: where --state-store sqlite:/data/state.db lives (a volume owned by the service user).
+RUN mkdir -p /data && chown hmlstm /data
+USER hmlstm
+EXPOSE 50051 9464
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["hmlstm", "health", "--target", "127.0.0.1:50051"]
+ENTRYPOINT ["hmlstm", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--device", "cpu"]

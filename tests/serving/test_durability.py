@@ -1,0 +1,139 @@
+"""State that survives: a SIGKILLed server, a dead replica, a store that goes away."""
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+
+from hmlstm.model.data import builtin_text
+from hmlstm.serving.runner import process_chunk_sync
+from hmlstm.serving.store import SQLiteStore, StoreUnavailable, decode_record, open_store
+from hmlstm.serving.stream import StreamState
+from tests.serving.durable import RedisProcess, ServerProcess, fold, stream_until_broken, unary
+
+TEXT = builtin_text()
+needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                 reason="redis-server is not installed (make test installs it with apt-get)")
+
+
+def texts(n, length=240):
+    return [TEXT[5000 + 3001 * i : 5000 + 3001 * i + length] for i in range(n)]
+
+
+def test_record_round_trip_rebuilds_the_exact_stream(tiny_model):
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 2, "rt")
+    text = "abcdefghij klmnop qrstu vwxyz " * 4
+    for off in range(0, 100, 10):
+        process_chunk_sync(tiny_model, st, off, text[off : off + 10], 4096)
+    record = st.record(depth=3)
+    r = decode_record(record)
+    assert r["processed"] == 70 and [o for o, _ in r["texts"]] == [70, 80, 90]
+    back = StreamState.from_record(record)
+    for off, t in back.pending:
+        process_chunk_sync(tiny_model, back, off, t, 4096)
+    assert back.processed == st.processed == 100 and back.tracker.to_dict() == st.tracker.to_dict()
+    for k in st.state:
+        np.testing.assert_array_equal(back.state[k], st.state[k])
+    back.rewind(80)  # the rebuilt history reaches back as far as the record did
+    assert back.processed == 80
+
+
+def test_store_specs(tmp_path):
+    assert open_store("memory") is None and open_store(None) is None
+    assert isinstance(open_store(f"sqlite:{tmp_path}/s.db"), SQLiteStore)
+    with pytest.raises(ValueError, match="unknown state store"):
+        open_store("postgres://x")
+    with pytest.raises(StoreUnavailable):
+        SQLiteStore(tmp_path / "no" / "such" / "dir" / "s.db")
+
+
+def test_sqlite_store_expires_entries(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    store.save("a", b"x", ttl_s=60)
+    store.save("b", b"y", ttl_s=-1)
+    assert store.load("a") == b"x" and store.load("b") is None
+    store.delete("a")
+    assert store.load("a") is None
+
+
+def run_streams(target, ids, bodies, chunk, pause):
+    async def main():
+        return await asyncio.gather(*(stream_until_broken(target, i, t, chunk, pause=pause)
+                                      for i, t in zip(ids, bodies)))
+    return asyncio.run(main())
+
+
+def kill_midway_then_resume(first: ServerProcess, make_second, n_streams: int, tmp_text_len=240):
+    """Start n streams on ``first``, SIGKILL it mid-stream, resume every stream on make_second()."""
+    import threading
+    ids = [f"s{i}" for i in range(n_streams)]
+    bodies = texts(n_streams, tmp_text_len)
+    killer = threading.Timer(1.0, first.kill9)
+    killer.start()
+    got = run_streams(first.target, ids, bodies, chunk=8, pause=0.05)
+    killer.join()
+    assert all(broke for _, broke in got), "the server was not killed mid-stream"
+    second = make_second()
+    try:
+        async def resume_all():
+            return await asyncio.gather(*(
+                stream_until_broken(second.target, i, t, 8, start=rs[-1].processed_chars if rs else 0,
+                                    resume=bool(rs))
+                for i, t, (rs, _) in zip(ids, bodies, got)))
+        resumed = asyncio.run(resume_all())
+        for body, (before, _), (after, broke) in zip(bodies, got, resumed):
+            assert not broke and after[-1].final
+            assert 0 < before[-1].processed_chars < len(body)  # really interrupted mid-stream
+            assert fold(before + after) == unary(second.target, body)  # nothing lost, nothing twice
+    finally:
+        second.stop()
+
+
+def test_sigkill_mid_stream_and_restart_loses_nothing(tmp_path):
+    db = f"sqlite:{tmp_path}/state.db"
+    first = ServerProcess("--state-store", db)
+    try:
+        kill_midway_then_resume(first, lambda: ServerProcess("--state-store", db, port=first.port), 16)
+    finally:
+        first.stop()
+
+
+@needs_redis
+def test_kill_one_of_two_replicas_and_clients_finish_on_the_other():
+    redis = RedisProcess()
+    a = ServerProcess("--state-store", redis.url)
+    b = ServerProcess("--state-store", redis.url)
+    try:
+        kill_midway_then_resume(a, lambda: b, 6)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+@needs_redis
+def test_a_store_that_goes_away_and_comes_back(tiny_model):
+    from hmlstm.serving.background import BackgroundServer
+    from hmlstm.serving.client import SegmenterClient
+    from hmlstm.serving.config import ServeConfig
+
+    redis = RedisProcess()
+    port = redis.port
+    config = ServeConfig(port=0, metrics_port=None, state_store=redis.url)
+    with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
+        assert list(c.stream(["abc def"], stream_id="x1"))[-1].final
+        redis.stop()  # the store goes away: streams keep working, without durability
+        rs = list(c.stream(["abc ", "def"], stream_id="x2"))
+        assert rs[-1].final and rs[-1].processed_chars == 7
+        assert srv.server.metrics.store_errors._value.get() >= 1
+        code = None
+        try:
+            list(c.stream(["x"], stream_id="gone", resume=True))
+        except Exception as e:  # a resume that needs the store says UNAVAILABLE, not UNKNOWN
+            code = e.code().name
+        assert code == "UNAVAILABLE"
+        redis = RedisProcess(port=port)  # it comes back
+        rs = list(c.stream(["ghi ", "jkl"], stream_id="x3"))
+        assert rs[-1].final
+    redis.stop()

@@ -64,9 +64,29 @@ def _add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--slope-rate", type=float, default=0.04, help="slope a += rate per epoch")
     p.add_argument("--slope-max", type=float, default=5.0)
+    p.add_argument("--slope-per-step", action="store_true",
+                   help="anneal the slope at every step (fractional epochs), not once per epoch")
+    p.add_argument("--rate-targets", default="",
+                   help="comma-separated firing-rate target per boundary layer, e.g. 0.2,0.08")
+    p.add_argument("--rate-penalty", type=float, default=1.0, help="weight of the firing-rate penalty")
+    p.add_argument("--strip-delimiters", nargs="?", const=" ", default=None, metavar="CHARS",
+                   help="train on the text with these characters removed (default a space); "
+                   "the removed positions are the boundary truth")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _unescape(chars: str | None) -> str | None:
+    """Let '\\n' and '\\t' on the command line mean newline and tab."""
+    return None if chars is None else chars.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def cmd_train(args) -> int:
@@ -83,11 +103,12 @@ def cmd_train(args) -> int:
             clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
             max_minutes=args.minutes, seed=args.seed, val_fraction=args.val_fraction,
             slope_rate=args.slope_rate, slope_max=args.slope_max,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, slope_per_step=args.slope_per_step,
+            rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
-    corpus = load_corpus(args.corpus, args.format, seed=args.seed)
+    corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_unescape(args.strip_delimiters))
     out = args.out or Path("runs") / Path(args.corpus).stem
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
@@ -149,6 +170,57 @@ def cmd_plot(args) -> int:
     plot_boundaries(text, z, args.out, title=f"{args.checkpoint} ({info.meta.get('corpus', '')})")
     rates = ", ".join(f"layer {l + 1} {z[:, l].mean():.0%}" for l in range(z.shape[1]))
     print(f"wrote {args.out} ({len(text)} chars; boundary rate {rates})")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="boundary quality of a model against a text's true segmentation",
+                       description="Score each layer's boundaries (both alignments, random baseline at the same "
+                       "rate) and the language model's entropy baselines against true unit ends.")
+    p.add_argument("model", type=Path, help="a training run directory or an exported .onnx file")
+    p.add_argument("text", help="'builtin', 'synthetic', or a UTF-8 file")
+    p.add_argument("--strip-delimiters", nargs="?", const=" ", default=None, metavar="CHARS",
+                   help="remove these characters (default a space); the removed positions are the truth")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "ptb", "lines"],
+                   help="lines: one unit per line (a segmented file)")
+    p.add_argument("--sep", default=None, help="units separated by this symbol (a segmented file)")
+    p.add_argument("--all", action="store_true",
+                   help="builtin/synthetic: score the whole text, not only the held-out last 10%%")
+    p.add_argument("--max-chars", type=int, default=60_000, help="score at most this many characters")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    if args.model.is_dir():
+        quiet_tensorflow()
+    from hmlstm.evaluation import evaluate, format_report
+    from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters
+
+    strip = _unescape(args.strip_delimiters)
+    if args.sep is not None:
+        corpus = read_segmented(args.text, args.sep)
+        if strip:
+            text, ends, _ = strip_delimiters(corpus.text, strip, corpus.word_ends)
+            corpus = Corpus(corpus.name, text, ends)
+    else:
+        corpus = load_corpus(args.text, args.format, seed=args.seed, strip=strip)
+    if args.text in ("builtin", "synthetic") and not args.all:  # what training held out
+        start = len(corpus.text) - int(len(corpus.text) * 0.1)
+        corpus = Corpus(corpus.name + ", held-out last 10%", corpus.text[start:], corpus.word_ends[start:],
+                        None if corpus.phrase_ends is None else corpus.phrase_ends[start:])
+    if len(corpus.text) > args.max_chars:
+        n = args.max_chars
+        corpus = Corpus(corpus.name + f", first {n:,} chars", corpus.text[:n], corpus.word_ends[:n],
+                        None if corpus.phrase_ends is None else corpus.phrase_ends[:n])
+    report = evaluate(args.model, corpus)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -475,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_plot(sub)
+    _add_evaluate(sub)
     _add_export(sub)
     _add_serve(sub)
     _add_health(sub)

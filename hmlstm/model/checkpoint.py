@@ -67,7 +67,9 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
         vocab = Vocabulary.from_json((p / "vocab.json").read_text(encoding="utf-8"))
         model = ModelConfig.from_dict(cfg.pop("model"))
-        train = TrainConfig(**cfg.pop("train"))
+        train_d = cfg.pop("train")
+        train_d["rate_targets"] = tuple(train_d.get("rate_targets", ()))
+        train = TrainConfig(**train_d)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{p}/config.json or vocab.json is corrupt ({e}); retrain or restore it") from None
     if len(vocab) != model.vocab_size:

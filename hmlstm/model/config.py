@@ -81,6 +81,9 @@ class TrainConfig:
     slope_max: float = 5.0
     checkpoint_every: int = 200
     eval_every: int | None = None
+    slope_per_step: bool = False  # anneal continuously (fractional epochs) instead of once per epoch
+    rate_targets: tuple[float, ...] = ()  # per boundary layer: wanted share of characters where z fires
+    rate_penalty: float = 1.0  # loss += rate_penalty * sum_l (mean z_l - target_l)^2
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -89,12 +92,17 @@ class TrainConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+        object.__setattr__(self, "rate_targets", tuple(float(r) for r in self.rate_targets))
+        if any(not 0.0 <= r <= 1.0 for r in self.rate_targets):
+            raise ValueError(f"rate targets are shares of characters in [0, 1], got {self.rate_targets}")
 
-    def slope_at(self, epoch: int) -> float:
+    def slope_at(self, epoch: float) -> float:
         return min(self.slope_max, self.slope_start + self.slope_rate * epoch)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["rate_targets"] = list(self.rate_targets)
+        return d
 
 
 def dumps(obj: dict[str, Any]) -> str:

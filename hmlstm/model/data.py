@@ -179,20 +179,70 @@ def space_word_ends(text: str) -> np.ndarray:
     return ends
 
 
-def load_corpus(source: str | None, fmt: str = "auto", seed: int = 0) -> Corpus:
-    """``None`` or "builtin" -> built-in text; "synthetic" -> synthetic; else a path."""
+def strip_delimiters(text: str, chars: str = " ", *extra: np.ndarray) -> tuple[str, np.ndarray, list]:
+    """Remove every character in ``chars``; the removed positions become the truth.
+
+    Returns (stripped text, word_ends, extra arrays mapped): word_ends[i] is True
+    where a run of delimiters followed stripped character i (it ended a unit).
+    Each array in ``extra`` (bool, one entry per original character, True on a
+    unit's last character) is carried over to the kept characters.
+    """
+    if not chars:
+        raise UserError("--strip-delimiters needs at least one character to strip")
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    removed = np.isin(codes, [ord(c) for c in chars])
+    kept = np.flatnonzero(~removed)
+    stripped = "".join(text[i] for i in kept) if len(kept) < len(text) else text
+    after = np.zeros(len(text), bool)
+    after[:-1] = removed[1:]
+    ends = after[kept]
+    if len(kept):
+        ends[-1] = True  # the text's end closes the last unit
+    return stripped, ends, [np.asarray(e, bool)[kept] for e in extra]
+
+
+def read_segmented(path: str | Path, sep: str | None = None) -> Corpus:
+    """Units one per line (``sep`` None) or separated by ``sep``; the text is their concatenation."""
+    raw = read_text_file(path)
+    units = [u for u in (raw.splitlines() if sep is None else raw.split(sep)) if u.strip()]
+    units = [u.strip() if sep is None else u for u in units]
+    if not units:
+        raise UserError(f"{path} holds no units; one unit per line, or separated by --sep")
+    text = "".join(units)
+    ends = np.zeros(len(text), bool)
+    ends[np.cumsum([len(u) for u in units]) - 1] = True
+    return Corpus(f"segmented:{path}", text, ends)
+
+
+def load_corpus(source: str | None, fmt: str = "auto", seed: int = 0, strip: str | None = None) -> Corpus:
+    """``None`` or "builtin" -> built-in text; "synthetic" -> synthetic; else a path.
+
+    ``strip``: characters to remove; the removed positions become the word truth.
+    """
     if source in (None, "builtin"):
         text = builtin_text()
-        return Corpus("builtin:pydoc_data.topics", text, space_word_ends(text))
-    if source == "synthetic":
-        return synthetic_corpus(seed)
-    text = read_text_file(source)
-    if fmt == "ptb" or (fmt == "auto" and looks_like_ptb_chars(text)):
-        text = decode_ptb_chars(text)
-        return Corpus(f"ptb-chars:{source}", text, space_word_ends(text))
-    if fmt not in ("auto", "text", "ptb"):
-        raise UserError(f"unknown corpus format {fmt!r}; use auto, text or ptb")
-    return Corpus(f"file:{source}", text, space_word_ends(text))
+        corpus = Corpus("builtin:pydoc_data.topics", text, space_word_ends(text))
+    elif source == "synthetic":
+        corpus = synthetic_corpus(seed)
+    else:
+        if fmt not in ("auto", "text", "ptb", "lines"):
+            raise UserError(f"unknown corpus format {fmt!r}; use auto, text, ptb or lines")
+        if fmt == "lines":
+            corpus = read_segmented(source)
+        else:
+            text = read_text_file(source)
+            if fmt == "ptb" or (fmt == "auto" and looks_like_ptb_chars(text)):
+                text = decode_ptb_chars(text)
+                corpus = Corpus(f"ptb-chars:{source}", text, space_word_ends(text))
+            else:
+                corpus = Corpus(f"file:{source}", text, space_word_ends(text))
+    if strip:
+        extra = [corpus.phrase_ends] if corpus.phrase_ends is not None else []
+        text, ends, mapped = strip_delimiters(corpus.text, strip, *extra)
+        if not text:
+            raise UserError(f"the corpus is empty once {strip!r} is stripped")
+        corpus = Corpus(f"{corpus.name} stripped of {strip!r}", text, ends, mapped[0] if mapped else None)
+    return corpus
 
 
 def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,12 @@ class Trainer(tf.Module):
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits)
             )
-        grads = tape.gradient(loss, self.variables_to_train)
+            total = loss
+            targets = self.cfg.rate_targets
+            if targets:  # pressure on each boundary layer's firing rate (straight-through gradient)
+                rates = tf.reduce_mean(out.boundaries[..., : len(targets)], axis=[0, 1])
+                total = loss + self.cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(targets)))
+        grads = tape.gradient(total, self.variables_to_train)
         grads = [tf.convert_to_tensor(g) for g in grads]
         grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
         ok = tf.math.is_finite(loss) & tf.math.is_finite(gnorm)
@@ -229,7 +234,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             epoch, k = divmod(step, steps_per_epoch)
             if k == 0:
                 trainer.reset_state()
-                trainer.network.slope.assign(cfg.slope_at(epoch))
+            if k == 0 or cfg.slope_per_step:
+                trainer.network.slope.assign(cfg.slope_at(step / steps_per_epoch if cfg.slope_per_step else epoch))
             x, y = batcher.batch(k)
             t0 = time.perf_counter()
             loss, gnorm, applied, rate = trainer.train_step(x, y)

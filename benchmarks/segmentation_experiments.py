@@ -1,0 +1,120 @@
+"""Which training choices make boundaries that beat the baselines on text without delimiters.
+
+Each configuration trains the same number of steps on the built-in text with all
+whitespace removed (the removed positions are the truth), then is scored on the
+held-out last 10% by hmlstm.evaluation: per-layer F1 against word ends (both
+alignments), a random detector at the same rate, and the language model's own
+entropy peaks/rises. Writes docs/segmentation.md.
+
+    python benchmarks/segmentation_experiments.py [--steps 600] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hmlstm.evaluation import evaluate  # noqa: E402
+from hmlstm.model.config import TrainConfig  # noqa: E402
+from hmlstm.model.data import Corpus, load_corpus  # noqa: E402
+from hmlstm.model.train import train  # noqa: E402
+
+STRIP = " \n\t"
+BASE_MODEL = dict(embed_dim=64, num_units=(128, 128, 128), output_dim=256)
+CONFIGS = {
+    "paper": ({}, {}),
+    "rate-penalty": ({}, dict(rate_targets=(0.2, 0.1))),
+    "rate-penalty+slope-per-step": ({}, dict(rate_targets=(0.2, 0.1), slope_per_step=True, slope_rate=0.25)),
+    "rate-penalty+layer-norm": (dict(layer_norm=True), dict(rate_targets=(0.2, 0.1))),
+    "rate-penalty+top-boundary": (dict(top_boundary=True), dict(rate_targets=(0.2, 0.1, 0.05))),
+    "rate-penalty-strong": ({}, dict(rate_targets=(0.2, 0.1), rate_penalty=5.0)),
+}
+
+
+def held_out(corpus: Corpus) -> Corpus:
+    start = len(corpus.text) - int(len(corpus.text) * 0.1)
+    return Corpus(corpus.name + ", held-out 10%", corpus.text[start:], corpus.word_ends[start:])
+
+
+def run(name: str, steps: int, out_root: Path) -> dict:
+    model_kw, train_kw = CONFIGS[name]
+    corpus = load_corpus("builtin", strip=STRIP)
+    cfg = TrainConfig(max_steps=steps, checkpoint_every=steps, seed=0, **train_kw)
+    t0 = time.monotonic()
+    result = train(corpus, {**BASE_MODEL, **model_kw}, cfg, out_root / name, progress=False)
+    minutes = (time.monotonic() - t0) / 60
+    report = evaluate(out_root / name, held_out(corpus))
+    return {"name": name, "model": model_kw, "train": train_kw, "steps": steps, "minutes": round(minutes, 1),
+            "skipped_steps": result.skipped_steps, "report": report}
+
+
+def row(r: dict) -> str:
+    rep = r["report"]
+    cells = [r["name"], f"{r['minutes']:.1f}", f"{rep['bpc']:.3f}"]
+    for l in ("layer1", "layer2"):
+        e = rep["layers"].get(l)
+        if e is None:
+            cells.append("")
+            continue
+        w = e["words"]
+        best = max(("end", "start"), key=lambda a: w[a]["f1"])
+        cells.append(f"{e['rate']:.0%} / {w[best]['f1']:.2f} ({best}) / {w[best]['random_f1']:.2f}")
+    peaks = rep["baselines"]["entropy_peaks"]["words"]
+    rises = rep["baselines"]["entropy_rises"]["words"]
+    cells += [f"{peaks['f1']:.2f}", f"{rises['f1']:.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write(results: list[dict], steps: int) -> Path:
+    path = ROOT / "docs" / "segmentation.md"
+    lines = [
+        "# Segmentation quality on text without delimiters", "",
+        "Written by `benchmarks/segmentation_experiments.py`. Every row: an HM-LSTM 3x128 (embedding 64, output "
+        f"256) trained {steps} steps (batch 32 x 100 characters, Adam 2e-3, clip 1.0, seed 0) on the built-in "
+        "text with all whitespace removed; scored on the held-out last 10% (about 38,000 characters) against "
+        "the removed positions (word ends). Minutes are wall-clock on the 2-core machine, with other work "
+        "running beside some rows.", "",
+        "Layer cells: firing rate / word-end F1 under the better alignment (end: the boundary on a word's last "
+        "character; start: on the next word's first) / F1 of a random detector firing at the same rate. "
+        "Baselines from the same network, which need no boundary detector: entropy peaks (the next-character "
+        "entropy is a local maximum) and entropy rises.", "",
+        "| configuration | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | entropy rises F1 |",
+        "|---|---:|---:|---|---|---:|---:|",
+    ]
+    lines += [row(r) for r in results]
+    lines += ["", "Configurations:", ""]
+    for r in results:
+        lines.append(f"- `{r['name']}`: model {json.dumps(r['model'])}, training {json.dumps(r['train'])}"
+                     + (f"; {r['skipped_steps']} non-finite steps skipped" if r["skipped_steps"] else ""))
+    path.write_text("\n".join(lines) + "\n")
+    (ROOT / "docs" / "segmentation.json").write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "segmentation")
+    args = ap.parse_args()
+    previous = ROOT / "docs" / "segmentation.json"
+    results = json.loads(previous.read_text()) if previous.exists() and args.only else []
+    for name in args.only or list(CONFIGS):
+        results = [r for r in results if r["name"] != name]
+        r = run(name, args.steps, args.runs)
+        results.append(r)
+        print(row(r), flush=True)
+        write(sorted(results, key=lambda x: list(CONFIGS).index(x["name"])), args.steps)
+    print(f"wrote {write(sorted(results, key=lambda x: list(CONFIGS).index(x['name'])), args.steps)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Boundary quality against true segmentations: the yardstick of the product.
+
+``evaluate(model_path, corpus)`` runs a model over a text whose true unit ends
+are known and reports, per layer: the firing rate; precision, recall and F1
+under both alignments (a boundary on the last character of a unit, or on the
+first character of the next); the F1 of a random detector at the same rate;
+and bits per character. Beside them, two baselines from the same network
+that need no boundary detector at all: peaks and rises of the language
+model's next-character entropy (a unit tends to end where what comes next is
+hardest to guess).
+
+Models: a training run directory (TensorFlow) or an exported .onnx file (ONNX
+Runtime; no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hmlstm import boundary_scores
+from hmlstm.errors import UserError
+from hmlstm.model.data import Corpus, Vocabulary
+
+PIECE = 4096
+
+
+@dataclass(frozen=True)
+class Outputs:
+    logits: np.ndarray  # [T, V]
+    boundaries: np.ndarray  # [T, L] 0/1
+    vocab: Vocabulary
+    unknown: int
+
+
+def _run_onnx(path: Path, text: str) -> Outputs:
+    from hmlstm.export import spec
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    try:
+        model = load_model(path, "cpu")
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+    ids, unknown = model.vocab.encode_counting(text)
+    state, logits, z = model.zero_state(1), [], []
+    for i in range(0, len(ids), PIECE):
+        piece = ids[None, i : i + PIECE]
+        out = model.run(piece, np.array([piece.shape[1]], np.int32), state)
+        logits.append(out[spec.LOGITS][0])
+        z.append(out[spec.BOUNDARIES][0])
+        state = {model.state_map[k]: v for k, v in out.items() if k in model.state_map}
+    return Outputs(np.concatenate(logits), np.concatenate(z), model.vocab, unknown)
+
+
+def _run_checkpoint(path: Path, text: str) -> Outputs:
+    import tensorflow as tf
+
+    from hmlstm.model.checkpoint import load_network
+
+    net, info = load_network(path)
+    ids, unknown = info.vocab.encode_counting(text)
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), net.initial_state(1))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None], tf.int32), spec])
+    def run(tokens, state):
+        out = net(tokens, state)
+        return out.logits, out.boundaries, out.final_state
+
+    state, logits, z = net.initial_state(1), [], []
+    for i in range(0, len(ids), PIECE):
+        lg, b, state = run(ids[None, i : i + PIECE], state)
+        logits.append(lg.numpy()[0])
+        z.append(b.numpy()[0])
+    return Outputs(np.concatenate(logits), np.concatenate(z), info.vocab, unknown)
+
+
+def run_model(path: str | Path, text: str) -> Outputs:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model {p} does not exist; give a training run directory or an exported .onnx file")
+    if not text:
+        raise UserError("the text to evaluate is empty")
+    return _run_onnx(p, text) if p.is_file() else _run_checkpoint(p, text)
+
+
+def next_char_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy in bits of the predicted next character after each position: [T]."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return -(p * np.log2(np.maximum(p, 1e-30))).sum(axis=-1)
+
+
+def entropy_peaks(h: np.ndarray) -> np.ndarray:
+    """Fire where the entropy is a local maximum (higher than before, not lower than after)."""
+    fire = np.zeros(len(h), bool)
+    fire[1:-1] = (h[1:-1] > h[:-2]) & (h[1:-1] >= h[2:])
+    return fire
+
+
+def entropy_rises(h: np.ndarray) -> np.ndarray:
+    """Fire wherever the entropy rises from the previous position."""
+    fire = np.zeros(len(h), bool)
+    fire[1:] = h[1:] > h[:-1]
+    return fire
+
+
+def bits_per_char(logits: np.ndarray, ids: np.ndarray) -> float:
+    if len(ids) < 2:
+        return float("nan")
+    z = logits[:-1] - logits[:-1].max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean() / math.log(2))
+
+
+def _aligned(truth_end: np.ndarray) -> dict[str, np.ndarray]:
+    start = np.zeros_like(truth_end)
+    start[1:] = truth_end[:-1]  # the first character of the next unit
+    return {"end": truth_end, "start": start}
+
+
+def evaluate(model: str | Path, corpus: Corpus) -> dict:
+    """Per-layer scores and baselines for ``model`` on ``corpus`` (which must know its word ends)."""
+    if corpus.word_ends is None:
+        raise UserError(f"{corpus.name} has no known boundaries to score against")
+    out = run_model(model, corpus.text)
+    ids = out.vocab.encode(corpus.text)
+    truths = {"words": corpus.word_ends}
+    if corpus.phrase_ends is not None:
+        truths["phrases"] = corpus.phrase_ends
+    layers = {}
+    for l in range(out.boundaries.shape[1]):
+        pred = out.boundaries[:, l] > 0.5
+        entry = {"rate": round(float(pred.mean()), 4)}
+        for unit, truth in truths.items():
+            entry[unit] = {a: boundary_scores.score(pred, t).to_dict() for a, t in _aligned(truth).items()}
+        layers[f"layer{l + 1}"] = entry
+    h = next_char_entropy(out.logits)
+    baselines = {}
+    for name, fire in (("entropy_peaks", entropy_peaks(h)), ("entropy_rises", entropy_rises(h))):
+        baselines[name] = {unit: boundary_scores.score(fire, truth).to_dict() for unit, truth in truths.items()}
+    return {"model": str(model), "text": corpus.name, "chars": len(corpus.text), "unknown_chars": out.unknown,
+            "bpc": round(bits_per_char(out.logits, ids), 4), "layers": layers, "baselines": baselines}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['model']} on {r['text']}: {r['chars']:,} characters, {r['bpc']:.3f} bits per character"
+             + (f", {r['unknown_chars']} unknown" if r["unknown_chars"] else "")]
+    units = [u for u in ("words", "phrases") if u in next(iter(r["layers"].values()))]
+    for unit in units:
+        lines.append(f"\n{unit}: true ends at {next(iter(r['layers'].values()))[unit]['end']['true_rate']:.1%} "
+                     "of characters")
+        lines.append(f"  {'detector':<16}{'rate':>7}{'P':>7}{'R':>7}{'F1':>7}{'F1 start':>10}{'random F1':>11}")
+        for name, e in r["layers"].items():
+            s, st = e[unit]["end"], e[unit]["start"]
+            lines.append(f"  {name:<16}{e['rate']:>7.1%}{s['precision']:>7.2f}{s['recall']:>7.2f}{s['f1']:>7.2f}"
+                         f"{st['f1']:>10.2f}{s['random_f1']:>11.2f}")
+        for name, b in r["baselines"].items():
+            s = b[unit]
+            lines.append(f"  {name:<16}{s['rate']:>7.1%}{s['precision']:>7.2f}{s['recall']:>7.2f}{s['f1']:>7.2f}"
+                         f"{'':>10}{s['random_f1']:>11.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The segmentation yardstick: exact numbers on hand-made cases, aligned truth, baselines that run."""
+
+import numpy as np
+import pytest
+
+from hmlstm import boundary_scores
+from hmlstm.errors import UserError
+from hmlstm.evaluation import _aligned, bits_per_char, entropy_peaks, entropy_rises, evaluate, next_char_entropy
+from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters, synthetic_corpus
+
+TEXT = "the cat sat on the mat"
+
+
+def test_strip_delimiters_keeps_truth_aligned_with_the_text():
+    stripped, ends, _ = strip_delimiters(TEXT, " ")
+    assert stripped == "thecatsatonthemat"
+    words = TEXT.split()
+    expected = np.zeros(len(stripped), bool)
+    expected[np.cumsum([len(w) for w in words]) - 1] = True
+    np.testing.assert_array_equal(ends, expected)
+    # Runs of several delimiters count once; any set of characters can be stripped.
+    s2, e2, _ = strip_delimiters("a,,b\n\nc", ",\n")
+    assert s2 == "abc" and e2.tolist() == [True, True, True]
+
+
+def test_synthetic_corpus_stripped_keeps_word_and_phrase_truth():
+    c = load_corpus("synthetic", strip=" .")
+    assert " " not in c.text and "." not in c.text
+    full = synthetic_corpus(0)
+    words = full.text.replace(".", " ").split()
+    assert int(c.word_ends.sum()) == len(words)
+    assert np.all(c.word_ends[c.phrase_ends]) and c.phrase_ends.sum() == full.phrase_ends.sum()
+    # Each unit between two truth marks is one of the original words, in order.
+    cuts = np.flatnonzero(c.word_ends) + 1
+    assert [c.text[a:b] for a, b in zip([0, *cuts[:-1]], cuts)] == words
+
+
+def test_segmented_file_formats(tmp_path):
+    f = tmp_path / "units.txt"
+    f.write_text("the\ncat\n\nsat\n")
+    c = read_segmented(f)
+    assert c.text == "thecatsat" and np.flatnonzero(c.word_ends).tolist() == [2, 5, 8]
+    g = tmp_path / "units.sep"
+    g.write_text("ab|cde|f")
+    c = read_segmented(g, "|")
+    assert c.text == "abcdef" and np.flatnonzero(c.word_ends).tolist() == [1, 4, 5]
+    with pytest.raises(UserError):
+        strip_delimiters("abc", "")
+
+
+TRUTH = np.array([0, 0, 1, 0, 0, 1, 0, 1], bool)
+
+
+@pytest.mark.parametrize("name, pred, end, start", [
+    ("perfect", TRUTH, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+    ("shifted-by-one", np.concatenate([[False], TRUTH[:-1]]), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    ("empty", np.zeros(8, bool), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    ("all-firing", np.ones(8, bool), (3 / 8, 1.0, 6 / 11), (2 / 8, 1.0, 0.4)),
+])
+def test_evaluator_numbers_on_hand_made_detectors(name, pred, end, start):
+    al = _aligned(TRUTH)
+    e, s = boundary_scores.score(pred, al["end"]), boundary_scores.score(pred, al["start"])
+    assert (e.precision, e.recall) == pytest.approx(end[:2]) and e.f1 == pytest.approx(end[2])
+    assert (s.precision, s.recall) == pytest.approx(start[:2]) and s.f1 == pytest.approx(start[2])
+
+
+def test_entropy_baselines_on_a_known_sequence():
+    h = np.array([1.0, 3.0, 2.0, 2.0, 5.0, 5.0, 1.0])
+    assert entropy_peaks(h).tolist() == [False, True, False, False, True, False, False]
+    assert entropy_rises(h).tolist() == [False, True, False, False, True, False, False]
+    uniform = np.zeros((3, 4))
+    np.testing.assert_allclose(next_char_entropy(uniform), 2.0)
+    assert bits_per_char(uniform, np.array([0, 1, 2])) == pytest.approx(2.0)
+
+
+def test_evaluate_runs_on_a_checkpoint_and_its_onnx_export_alike(tiny_run, tiny_onnx):
+    c = load_corpus("synthetic", strip=" .")
+    c = Corpus(c.name, c.text[:600], c.word_ends[:600], c.phrase_ends[:600])
+    a, b = evaluate(tiny_run, c), evaluate(tiny_onnx.path, c)
+    assert a["layers"] == b["layers"] and a["bpc"] == pytest.approx(b["bpc"], abs=1e-3)
+    for unit in ("words", "phrases"):
+        for base in ("entropy_peaks", "entropy_rises"):
+            assert 0.0 <= a["baselines"][base][unit]["f1"] <= 1.0
+    assert set(a["layers"]) == {"layer1", "layer2"} and "start" in a["layers"]["layer1"]["words"]
+
+
+def test_evaluate_cli(tiny_onnx, capsys):
+    from hmlstm.cli import main
+    assert main(["evaluate", str(tiny_onnx.path), "synthetic", "--strip-delimiters", " .", "--max-chars", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "entropy_peaks" in out and "layer1" in out and "phrases" in out
+    assert main(["evaluate", "/nonexistent.onnx", "builtin"]) == 2

@@ -74,6 +74,8 @@ def _add_train(sub) -> None:
                    "the removed positions are the boundary truth")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strategy", default=None, choices=["mirrored", "multiworker"],
+                   help="tf.distribute: mirrored (several GPUs) or multiworker (several hosts, TF_CONFIG)")
     p.set_defaults(func=cmd_train)
 
 
@@ -114,7 +116,10 @@ def cmd_train(args) -> int:
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
                         layer_norm=args.layer_norm)
     print(f"training on {corpus.name} ({len(corpus.text):,} chars) -> {out}", file=sys.stderr)
-    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress)
+    from hmlstm.model.distributed import make_strategy
+
+    strategy = make_strategy(getattr(args, "strategy", None))
+    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy)
     bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")
     for name, e in result.boundary.items():

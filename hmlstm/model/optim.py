@@ -20,10 +20,25 @@ class Adam(tf.Module):
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
 
-    def apply(self, grads, variables) -> None:
-        t = tf.cast(self.iterations.assign_add(1), tf.float32)
+    def apply(self, grads, variables, ok=None) -> None:
+        """One update. ``ok`` (a bool tensor): where False, every variable keeps its value.
+
+        The guard is arithmetic, not a branch, so the update also runs in a
+        tf.distribute replica context (no control flow around its assigns).
+        """
+        if ok is None:
+            t = tf.cast(self.iterations.assign_add(1), tf.float32)
+        else:
+            t = tf.cast(self.iterations.assign_add(tf.cast(ok, tf.int64)), tf.float32)
+            t = tf.maximum(t, 1.0)
         lr = self.learning_rate * tf.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+
+        def put(var, new):
+            var.assign(new if ok is None else tf.where(ok, new, var))
+
         for g, var, m, v in zip(grads, variables, self.m, self.v):
-            m.assign(self.beta1 * m + (1.0 - self.beta1) * g)
-            v.assign(self.beta2 * v + (1.0 - self.beta2) * tf.square(g))
-            var.assign_sub(lr * m / (tf.sqrt(v) + self.epsilon))
+            m_new = self.beta1 * m + (1.0 - self.beta1) * g
+            v_new = self.beta2 * v + (1.0 - self.beta2) * tf.square(g)
+            put(var, var - lr * m_new / (tf.sqrt(v_new) + self.epsilon))
+            put(m, m_new)
+            put(v, v_new)

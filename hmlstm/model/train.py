@@ -148,10 +148,21 @@ def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab:
 
 
 def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, run_dir: str | Path,
-          progress: bool = True, log=None) -> TrainResult:
-    """Train an HM-LSTM LM on ``corpus``; checkpoints, logs and metrics go to run_dir."""
+          progress: bool = True, log=None, strategy=None) -> TrainResult:
+    """Train an HM-LSTM LM on ``corpus``; checkpoints, logs and metrics go to run_dir.
+
+    ``strategy``: a tf.distribute strategy (see distributed.py), or None for one device.
+    """
+    from hmlstm.model.distributed import DistributedStep, is_chief
+
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run_dir = Path(run_dir)
+    chief = is_chief(strategy)
+    if not chief:  # other workers save to a scratch directory, as tf.distribute requires
+        import tempfile
+        progress = False
+        log = lambda msg: None  # noqa: E731
+        run_dir = Path(tempfile.mkdtemp(prefix="hmlstm-worker-"))
     if not corpus.text:
         raise UserError("the corpus is empty; give it some text")
     vocab = Vocabulary.from_text(corpus.text)
@@ -168,12 +179,19 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     tf.keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     resume = _check_resumable(run_dir, model, cfg, vocab, corpus)
-    trainer = Trainer(model, cfg)
+    if strategy is None:
+        trainer = Trainer(model, cfg)
+        step_fn, reset_state = trainer.train_step, trainer.reset_state
+    else:
+        dist = DistributedStep(strategy, lambda: Trainer(model, cfg), cfg.batch_size, cfg.seq_len)
+        trainer = dist.trainer
+        step_fn, reset_state = dist.train_step, dist.reset_state
+        log(f"training on {strategy.num_replicas_in_sync} replica(s) with {type(strategy).__name__}")
     ckpt = tf.train.Checkpoint(trainer=trainer)
     manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=3)
     if resume:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        log(f"resuming {run_dir} from step {int(trainer.step)}")
+        log(f"resuming {run_dir} from step {int(trainer.step.numpy())}")
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
             "corpus": corpus.name, "corpus_chars": len(corpus.text),
@@ -185,7 +203,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     steps_per_epoch = len(batcher)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
-    result = TrainResult(run_dir, int(trainer.step))
+    result = TrainResult(run_dir, int(trainer.step.numpy()))
     metrics_path = run_dir / "metrics.json"
     if resume and metrics_path.exists():
         import json
@@ -222,7 +240,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         return bpc
 
     start = time.monotonic()
-    step = int(trainer.step)
+    step = int(trainer.step.numpy())
     bar = None
     if progress:
         from tqdm import tqdm
@@ -233,12 +251,12 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
             if k == 0:
-                trainer.reset_state()
+                reset_state()
             if k == 0 or cfg.slope_per_step:
                 trainer.network.slope.assign(cfg.slope_at(step / steps_per_epoch if cfg.slope_per_step else epoch))
             x, y = batcher.batch(k)
             t0 = time.perf_counter()
-            loss, gnorm, applied, rate = trainer.train_step(x, y)
+            loss, gnorm, applied, rate = step_fn(x, y)
             dt = time.perf_counter() - t0
             step += 1
             if not bool(applied):
@@ -246,10 +264,10 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 consecutive_bad += 1
                 log(f"step {step}: non-finite loss or gradient; step skipped, state reset")
                 if consecutive_bad >= 3 and manager.latest_checkpoint:
-                    lr = float(trainer.optimizer.learning_rate) / 2
+                    lr = float(trainer.optimizer.learning_rate.numpy()) / 2
                     ckpt.restore(manager.latest_checkpoint)
                     trainer.optimizer.learning_rate.assign(lr)
-                    step = int(trainer.step)
+                    step = int(trainer.step.numpy())
                     consecutive_bad = 0
                     log(f"3 bad steps in a row: back to checkpoint at step {step}, "
                         f"learning rate halved to {lr:.2e}")
@@ -283,11 +301,14 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     finally:
         if bar is not None:
             bar.close()
-        if int(trainer.step) > 0 and (manager.latest_checkpoint is None
+        if int(trainer.step.numpy()) > 0 and (manager.latest_checkpoint is None
                                       or not manager.latest_checkpoint.endswith(f"-{step}")):
             if result.stopped_by != "done" and step % eval_every != 0:
                 validate(step)
             manager.save(checkpoint_number=step)
         writer.flush()
+        if not chief:
+            import shutil
+            shutil.rmtree(run_dir, ignore_errors=True)
     result.step = step
     return result

@@ -8,7 +8,11 @@ and run time per character at batch 1 and batch 16 over T characters (the
 Loop model runs the same T). Writes the "export_loop_vs_unrolled" section of
 docs/benchmarks.md and docs/export_loop_vs_unrolled.png.
 
-    python benchmarks/export_loop_vs_unrolled.py [--lengths 10 100 1000] [--checkpoint RUN]
+    python benchmarks/export_loop_vs_unrolled.py [--lengths 10 100 1000] [--checkpoint RUN] [--budget 600]
+
+Each unrolled export runs in a child process with a time budget: tf2onnx's time
+grows faster than linearly in T, and an export that runs out of budget is
+reported as not finished rather than waited for.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,28 +97,60 @@ def time_runs(data: bytes, feeds_by_batch, repeats: int):
     return load_s, per_char
 
 
+def load_net(checkpoint):
+    if checkpoint:
+        from hmlstm.model.checkpoint import load_network
+        return load_network(checkpoint)[0]
+    return HMLSTMNetwork(ModelConfig(vocab_size=len(Vocabulary.from_text(builtin_text()))))
+
+
+def export_unrolled_in_child(checkpoint, steps: int, budget: float, out: str):
+    """(bytes, seconds) of an unrolled export done by a child process, or None past the budget."""
+    import subprocess
+    cmd = [sys.executable, __file__, "--child", str(steps), "--child-out", out]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return None
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return Path(out).read_bytes(), float(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=600, help="seconds an unrolled export may take")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.checkpoint:
-        from hmlstm.model.checkpoint import load_network
-        net, _ = load_network(args.checkpoint)
-    else:
-        net = HMLSTMNetwork(ModelConfig(vocab_size=len(Vocabulary.from_text(builtin_text()))))
+    net = load_net(args.checkpoint)
+    if args.child is not None:  # child: export one unrolled length, print the seconds it took
+        data, secs = export_timed(*unrolled_function(net, args.child))
+        Path(args.child_out).write_bytes(data)
+        print(secs)
+        return
+    import tempfile
     cfg = net.config
     rng = np.random.default_rng(0)
     loop_data, loop_export = export_timed(stream_function(net), tf_signature(cfg.num_units, cfg.vocab_size))
     rows = []
     for steps in args.lengths:
         feeds = {b: make_feeds(rng, cfg.num_units, cfg.vocab_size, b, steps, None, False, False) for b in (1, 16)}
-        fn, sig = unrolled_function(net, steps)
-        data, export_s = export_timed(fn, sig)
-        load_s, per_char = time_runs(data, feeds, args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            done = export_unrolled_in_child(args.checkpoint, steps, args.budget, f"{tmp}/u.onnx")
         loop_load, loop_char = time_runs(loop_data, feeds, args.repeats)
+        if done is None:
+            rows.append({"T": steps, "unrolled": None, "loop": (len(loop_data), loop_export, loop_load, loop_char)})
+            print(f"T={steps}: unrolled export did not finish within {args.budget:.0f}s", flush=True)
+            continue
+        data, export_s = done
+        load_s, per_char = time_runs(data, feeds, args.repeats)
         rows.append({"T": steps, "unrolled": (len(data), export_s, load_s, per_char),
                      "loop": (len(loop_data), loop_export, loop_load, loop_char)})
         print(f"T={steps}: unrolled {len(data) / 1e6:.2f} MB export {export_s:.1f}s load {load_s:.2f}s "
@@ -132,15 +169,20 @@ def main() -> None:
     ]
     for r in rows:
         for kind in ("unrolled", "loop"):
+            if r[kind] is None:
+                lines.append(f"| {r['T']} | {kind} | | > {args.budget:.0f} (not finished) | | | |")
+                continue
             size, ex, load, pc = r[kind]
             lines.append(f"| {r['T']} | {kind} | {size / 1e6:.2f} | {ex:.1f} | {load:.2f} | "
                          f"{pc[1] * 1e6:.1f} | {pc[16] * 1e6:.2f} |")
-    big = rows[-1]
+    big = [r for r in rows if r["unrolled"] is not None][-1]
     lines += ["", f"At T = {big['T']} the unrolled file is {big['unrolled'][0] / big['loop'][0]:.0f}x the "
               f"Loop file, takes {big['unrolled'][1] / big['loop'][1]:.0f}x as long to export and "
               f"{big['unrolled'][2] / max(big['loop'][2], 1e-9):.0f}x as long to load; per character it runs "
               f"at {big['loop'][3][1] / big['unrolled'][3][1]:.2f}x the Loop model's time at batch 1 "
-              "(the ratio is Loop time / unrolled time). The Loop model's size is the same for every T.",
+              "(the ratio is Loop time / unrolled time). The Loop model's size is the same for every T."
+              + ("".join(f" At T = {r['T']} the unrolled export did not finish within the {args.budget:.0f} s "
+                         "budget." for r in rows if r["unrolled"] is None)),
               "", "![loop vs unrolled](export_loop_vs_unrolled.png)"]
     plot(rows, DOCS / "export_loop_vs_unrolled.png")
     print("\n".join(lines))
@@ -152,6 +194,7 @@ def plot(rows, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["unrolled"] is not None]
     ts = [r["T"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, idx, title, scale in ((axes[0], 0, "file size (MB)", 1e-6), (axes[1], 1, "export time (s)", 1),

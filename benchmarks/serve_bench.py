@@ -72,10 +72,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def start_server(model_path: Path, batching: bool, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "hmlstm.cli", "serve", str(model_path), "--port", str(port), "--metrics-port",
-           "-1", "--max-streams", "2000", "--idle-timeout", "600"]
+           "-1", "--max-streams", "2000", "--idle-timeout", "600", *extra]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -84,6 +84,8 @@ def start_server(model_path: Path, batching: bool) -> tuple[subprocess.Popen, st
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
         try:
             with grpc.insecure_channel(target) as ch:
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)

@@ -84,10 +84,9 @@ class DistributedStep:
             out = tr.network(x, state)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits))
             total = loss
-            targets = tr.cfg.rate_targets
-            if targets:
-                rates = tf.reduce_mean(out.boundaries[..., : len(targets)], axis=[0, 1])
-                total = loss + tr.cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(targets)))
+            if tr.cfg.rate_targets:
+                from hmlstm.model.train import rate_penalty
+                total = loss + rate_penalty(out.boundary_logits, tr.network.slope, tr.cfg)
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, tr.variables_to_train)]
         replicas = tf.cast(ctx.num_replicas_in_sync, tf.float32)
         grads = [g / replicas for g in ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)]

@@ -70,9 +70,8 @@ class Trainer(tf.Module):
             )
             total = loss
             targets = self.cfg.rate_targets
-            if targets:  # pressure on each boundary layer's firing rate (straight-through gradient)
-                rates = tf.reduce_mean(out.boundaries[..., : len(targets)], axis=[0, 1])
-                total = loss + self.cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(targets)))
+            if targets:
+                total = loss + rate_penalty(out.boundary_logits, self.network.slope, self.cfg)
         grads = tape.gradient(total, self.variables_to_train)
         grads = [tf.convert_to_tensor(g) for g in grads]
         grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
@@ -94,6 +93,21 @@ class Trainer(tf.Module):
         self.step.assign_add(1)
         rate = tf.reduce_mean(out.boundaries, axis=[0, 1])
         return loss, gnorm, applied, rate
+
+
+def rate_penalty(boundary_logits: tf.Tensor, slope: tf.Tensor, cfg: TrainConfig) -> tf.Tensor:
+    """penalty * sum_l (soft firing rate of layer l - target_l)^2.
+
+    The soft rate is mean(sigmoid(2 a s_z)), which has the hard sigmoid's slope
+    at the threshold and keeps a gradient far beyond it. A penalty on z itself
+    acts through the straight-through estimator, whose gradient vanishes once
+    a*s_z is past -1: pushed there, a detector stops firing for good (measured:
+    both layers at 0% after 600 steps).
+    """
+    targets = tf.constant(cfg.rate_targets)
+    soft = tf.sigmoid(2.0 * slope * boundary_logits[..., : len(cfg.rate_targets)])
+    rates = tf.reduce_mean(soft, axis=[0, 1])
+    return cfg.rate_penalty * tf.reduce_sum(tf.square(rates - targets))
 
 
 def evaluate_stream(network: HMLSTMNetwork, ids: np.ndarray, batch_size: int, seq_len: int):

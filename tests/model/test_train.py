@@ -66,3 +66,27 @@ def test_non_finite_step_is_skipped_and_changes_no_weight():
 def test_slope_anneals_per_epoch():
     cfg = TrainConfig()
     assert [cfg.slope_at(e) for e in (0, 10, 100, 1000)] == [1.0, 1.4, 5.0, 5.0]
+
+
+def test_rate_penalty_has_gradient_even_when_every_detector_is_saturated_off():
+    from hmlstm.model.train import rate_penalty
+    cfg = TrainConfig(rate_targets=(0.2, 0.1))
+    s_z = tf.Variable(tf.fill([2, 5, 3], -5.0))  # a * s_z far below -1: the hard sigmoid is flat here
+    with tf.GradientTape() as tape:
+        p = rate_penalty(s_z, tf.constant(1.0), cfg)
+    g = tape.gradient(p, s_z).numpy()
+    assert float(p) == pytest.approx(0.2**2 + 0.1**2, rel=1e-2)
+    assert np.all(g[..., :2] < 0)  # pushes the detectors back towards firing
+    np.testing.assert_array_equal(g[..., 2], 0.0)  # a layer without a target is left alone
+
+
+def test_rate_penalty_moves_the_firing_rate_towards_its_target():
+    corpus = synthetic_corpus(seed=1, n_chars=12_000)
+    base = TrainConfig(batch_size=8, seq_len=20, max_steps=60, checkpoint_every=1000)
+    from dataclasses import replace
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        free = train(corpus, SMALL, base, f"{d}/free", progress=False).boundary["layer1"]["rate"]
+        pushed = train(corpus, SMALL, replace(base, rate_targets=(0.9,), rate_penalty=10.0), f"{d}/pushed",
+                       progress=False).boundary["layer1"]["rate"]
+    assert pushed > free and pushed > 0.5, (free, pushed)

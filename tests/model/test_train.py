@@ -83,8 +83,8 @@ def test_rate_penalty_has_gradient_even_when_every_detector_is_saturated_off():
 def test_rate_penalty_moves_the_firing_rate_towards_its_target():
     corpus = synthetic_corpus(seed=1, n_chars=12_000)
     base = TrainConfig(batch_size=8, seq_len=20, max_steps=60, checkpoint_every=1000)
-    from dataclasses import replace
     import tempfile
+    from dataclasses import replace
     with tempfile.TemporaryDirectory() as d:
         free = train(corpus, SMALL, base, f"{d}/free", progress=False).boundary["layer1"]["rate"]
         pushed = train(corpus, SMALL, replace(base, rate_targets=(0.9,), rate_penalty=10.0), f"{d}/pushed",

@@ -83,7 +83,7 @@ class TrainConfig:
     eval_every: int | None = None
     slope_per_step: bool = False  # anneal continuously (fractional epochs) instead of once per epoch
     rate_targets: tuple[float, ...] = ()  # per boundary layer: wanted share of characters where z fires
-    rate_penalty: float = 1.0  # loss += rate_penalty * sum_l (soft firing rate of l - target_l)^2
+    rate_penalty: float = 1.0  # loss += rate_penalty * sum_l (firing rate of l - target_l)^2
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -86,7 +86,7 @@ class DistributedStep:
             total = loss
             if tr.cfg.rate_targets:
                 from hmlstm.model.train import rate_penalty
-                total = loss + rate_penalty(out.boundary_logits, tr.network.slope, tr.cfg)
+                total = loss + rate_penalty(out.boundaries, out.boundary_logits, tr.network.slope, tr.cfg)
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, tr.variables_to_train)]
         replicas = tf.cast(ctx.num_replicas_in_sync, tf.float32)
         grads = [g / replicas for g in ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)]

@@ -72,10 +72,11 @@ def test_rate_penalty_has_gradient_even_when_every_detector_is_saturated_off():
     from hmlstm.model.train import rate_penalty
     cfg = TrainConfig(rate_targets=(0.2, 0.1))
     s_z = tf.Variable(tf.fill([2, 5, 3], -5.0))  # a * s_z far below -1: the hard sigmoid is flat here
+    z = tf.zeros([2, 5, 3])  # no detector fires
     with tf.GradientTape() as tape:
-        p = rate_penalty(s_z, tf.constant(1.0), cfg)
+        p = rate_penalty(z, s_z, tf.constant(1.0), cfg)
     g = tape.gradient(p, s_z).numpy()
-    assert float(p) == pytest.approx(0.2**2 + 0.1**2, rel=1e-2)
+    assert float(p) == pytest.approx(0.2**2 + 0.1**2)  # the value is the true (hard) rate's
     assert np.all(g[..., :2] < 0)  # pushes the detectors back towards firing
     np.testing.assert_array_equal(g[..., 2], 0.0)  # a layer without a target is left alone
 

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,25 +16,7 @@ from hmlstm.serving.background import BackgroundServer
 from hmlstm.serving.client import SegmenterClient
 from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.model import DEFAULT_MODEL, load_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(target: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise TimeoutError(f"server at {target} did not come up")
+from tests.serving.durable import free_port, wait_serving
 
 
 @pytest.fixture(scope="module")

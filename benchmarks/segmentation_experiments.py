@@ -31,11 +31,11 @@ STRIP = " \n\t"
 BASE_MODEL = dict(embed_dim=64, num_units=(128, 128, 128), output_dim=256)
 CONFIGS = {
     "paper": ({}, {}),
+    "paper+top-boundary": (dict(top_boundary=True), {}),
     "rate-penalty": ({}, dict(rate_targets=(0.2, 0.1))),
-    "rate-penalty+slope-per-step": ({}, dict(rate_targets=(0.2, 0.1), slope_per_step=True, slope_rate=0.25)),
-    "rate-penalty+layer-norm": (dict(layer_norm=True), dict(rate_targets=(0.2, 0.1))),
+    "rate-penalty-layer1": ({}, dict(rate_targets=(0.2,))),
     "rate-penalty+top-boundary": (dict(top_boundary=True), dict(rate_targets=(0.2, 0.1, 0.05))),
-    "rate-penalty-strong": ({}, dict(rate_targets=(0.2, 0.1), rate_penalty=5.0)),
+    "rate-penalty+layer-norm": (dict(layer_norm=True), dict(rate_targets=(0.2, 0.1))),
 }
 
 

@@ -188,7 +188,8 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     metrics_file = info.path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     provenance = {
-        "run": info.path.name, "corpus": info.meta.get("corpus"), "command": info.meta.get("command"),
+        "run": info.path.name, "corpus": info.meta.get("corpus"), "strip_delimiters": info.meta.get("strip_delimiters"),
+        "command": info.meta.get("command"),
         "created": info.meta.get("created"), "train_config": info.train.to_dict(),
         "step": metrics.get("step"), "val_bpc": (metrics.get("val_bpc") or [[None, None]])[-1][1],
     }
@@ -232,7 +233,36 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     finally:
         if tmp.exists():
             tmp.unlink()
+    held_out = held_out_evaluation(out, info)
+    if held_out is not None:
+        card["evaluation"]["held_out"] = held_out
+        b = held_out["layers"].get("layer1", {}).get("words", {})
+        if b:
+            log(f"held-out evaluation on {held_out['chars']:,} characters: BPC {held_out['bpc']:.3f}, layer-1 "
+                f"word-end F1 {max(b['end']['f1'], b['start']['f1']):.2f} (random {b['end']['random_f1']:.2f}, "
+                f"entropy peaks {held_out['baselines']['entropy_peaks']['words']['f1']:.2f})")
     card_path = card_path_for(out)
     atomic_write_text(card_path, dumps(card))
     return ExportResult(out, card_path, card)
+
+
+def held_out_evaluation(model_path: Path, info, max_chars: int = 60_000) -> dict | None:
+    """The evaluator's report on the part of the training text that training held out."""
+    from hmlstm.evaluation import evaluate
+    from hmlstm.model.data import Corpus
+
+    source = info.meta.get("source")
+    if not source:
+        return None
+    try:
+        corpus = load_corpus(source, seed=info.train.seed, strip=info.meta.get("strip_delimiters"))
+    except UserError:
+        return None  # the training file is gone: nothing to evaluate on
+    if corpus.word_ends is None:
+        return None
+    start = len(corpus.text) - int(len(corpus.text) * info.train.val_fraction)
+    end = min(len(corpus.text), start + max_chars)
+    held = Corpus(f"{corpus.name}, held-out {info.train.val_fraction:.0%}", corpus.text[start:end],
+                  corpus.word_ends[start:end], None if corpus.phrase_ends is None else corpus.phrase_ends[start:end])
+    return evaluate(model_path, held)
 

@@ -10,6 +10,7 @@ This module needs only NumPy: export and serving share the vocabulary code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ class Corpus:
     text: str
     word_ends: np.ndarray | None = None
     phrase_ends: np.ndarray | None = None
+    source: str | None = None  # what load_corpus was given, to load it again
+    strip: str | None = None  # the delimiters removed, if any
 
 
 class Vocabulary:
@@ -242,7 +245,7 @@ def load_corpus(source: str | None, fmt: str = "auto", seed: int = 0, strip: str
         if not text:
             raise UserError(f"the corpus is empty once {strip!r} is stripped")
         corpus = Corpus(f"{corpus.name} stripped of {strip!r}", text, ends, mapped[0] if mapped else None)
-    return corpus
+    return dataclasses.replace(corpus, source=source or "builtin", strip=strip or None)
 
 
 def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -211,7 +211,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         log(f"resuming {run_dir} from step {int(trainer.step.numpy())}")
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
-            "corpus": corpus.name, "corpus_chars": len(corpus.text),
+            "corpus": corpus.name, "corpus_chars": len(corpus.text), "source": corpus.source,
+            "strip_delimiters": corpus.strip,
             "command": " ".join(["hmlstm", *sys.argv[1:]]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensorflow": tf.__version__,

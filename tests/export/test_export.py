@@ -264,3 +264,18 @@ def test_export_cli_refusal_is_one_line(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx"), "--opset", "19"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "opset 19" in err[0]
+
+
+def test_card_carries_the_held_out_evaluation_of_a_stripped_run(tmp_path):
+    from hmlstm.model.config import TrainConfig
+    from hmlstm.model.data import load_corpus
+    from hmlstm.model.train import train
+
+    corpus = load_corpus("synthetic", strip=" .")
+    train(corpus, TINY_MODEL, TrainConfig(batch_size=8, seq_len=20, max_steps=3), tmp_path / "run", progress=False)
+    result = export(tmp_path / "run", tmp_path / "m.onnx", ExportConfig(times=(7,), batches=(2,)),
+                    log=lambda m: None)
+    held = result.card["evaluation"]["held_out"]
+    assert result.card["provenance"]["strip_delimiters"] == " ."
+    assert held["chars"] == int(len(corpus.text) * 0.1) and "stripped" in held["text"]
+    assert {"words", "phrases"} <= set(held["layers"]["layer1"]) and "entropy_peaks" in held["baselines"]

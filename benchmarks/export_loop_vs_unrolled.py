@@ -176,11 +176,11 @@ def main() -> None:
             lines.append(f"| {r['T']} | {kind} | {size / 1e6:.2f} | {ex:.1f} | {load:.2f} | "
                          f"{pc[1] * 1e6:.1f} | {pc[16] * 1e6:.2f} |")
     big = [r for r in rows if r["unrolled"] is not None][-1]
-    lines += ["", f"At T = {big['T']} the unrolled file is {big['unrolled'][0] / big['loop'][0]:.0f}x the "
+    lines += ["", f"At T = {big['T']} the unrolled file is {big['unrolled'][0] / big['loop'][0]:.1f}x the "
               f"Loop file, takes {big['unrolled'][1] / big['loop'][1]:.0f}x as long to export and "
-              f"{big['unrolled'][2] / max(big['loop'][2], 1e-9):.0f}x as long to load; per character it runs "
-              f"at {big['loop'][3][1] / big['unrolled'][3][1]:.2f}x the Loop model's time at batch 1 "
-              "(the ratio is Loop time / unrolled time). The Loop model's size is the same for every T."
+              f"{big['unrolled'][2] / max(big['loop'][2], 1e-9):.0f}x as long to load; per character at batch 1 "
+              f"the Loop model takes {big['loop'][3][1] / big['unrolled'][3][1]:.2f}x the unrolled model's time. "
+              "The Loop model's file is the same for every T."
               + ("".join(f" At T = {r['T']} the unrolled export did not finish within the {args.budget:.0f} s "
                          "budget." for r in rows if r["unrolled"] is None)),
               "", "![loop vs unrolled](export_loop_vs_unrolled.png)"]

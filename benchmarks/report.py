@@ -17,9 +17,9 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def write_section(name: str, body: str) -> Path:
+def write_section(name: str, body: str, report: Path = REPORT, header: str = HEADER) -> Path:
     DOCS.mkdir(exist_ok=True)
-    text = REPORT.read_text() if REPORT.exists() else HEADER
+    text = report.read_text() if report.exists() else header
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     footer = f"_Written {stamp} on {machine()}._"
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n{footer}\n<!-- END {name} -->"
@@ -28,5 +28,5 @@ def write_section(name: str, body: str) -> Path:
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    REPORT.write_text(text)
-    return REPORT
+    report.write_text(text)
+    return report

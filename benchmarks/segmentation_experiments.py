@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_section  # noqa: E402
 from hmlstm.evaluation import evaluate  # noqa: E402
 from hmlstm.model.config import TrainConfig  # noqa: E402
 from hmlstm.model.data import Corpus, load_corpus  # noqa: E402
@@ -76,7 +77,7 @@ def row(r: dict) -> str:
 def write(results: list[dict], steps: int) -> Path:
     path = ROOT / "docs" / "segmentation.md"
     lines = [
-        "# Segmentation quality on text without delimiters", "",
+        "## Measurements", "",
         "Written by `benchmarks/segmentation_experiments.py`. Every row: an HM-LSTM 3x128 (embedding 64, output "
         f"256) trained {steps} steps (batch 32 x 100 characters, Adam 2e-3, clip 1.0, seed 0) on the built-in "
         "text with all whitespace removed; scored on the held-out last 10% (about 38,000 characters) against "
@@ -94,7 +95,7 @@ def write(results: list[dict], steps: int) -> Path:
     for r in results:
         lines.append(f"- `{r['name']}`: model {json.dumps(r['model'])}, training {json.dumps(r['train'])}"
                      + (f"; {r['skipped_steps']} non-finite steps skipped" if r["skipped_steps"] else ""))
-    path.write_text("\n".join(lines) + "\n")
+    write_section("segmentation", "\n".join(lines), path, "# Segmentation quality on text without delimiters\n")
     (ROOT / "docs" / "segmentation.json").write_text(json.dumps(results, indent=1) + "\n")
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ class LoadedModel:
         feeds = {spec.TOKENS: tokens, spec.LENGTHS: lengths, **state}
         return dict(zip(names, self.runtime.session.run(names, feeds)))
 
-    @property
+    @cached_property
     def _output_names(self) -> list[str]:
         return [o.name for o in self.runtime.session.get_outputs()]
 

@@ -72,7 +72,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         held = self.registry.get(stream_id)
         if held is not None and (held.attached or held.processed >= end):
             return
-        st = StreamState.from_record(record)
+        st = StreamState.from_record(r)
         for offset, text in st.pending:  # rebuild the rewind history by running the chunks again
             await self.runner.process_chunk(st, offset, text, self.config.piece_chars)
         st.pending = []

@@ -83,11 +83,14 @@ class StreamState:
         return encode_record(self.layers, self.top_k, self.stream_id, base[0], base[1], base[2], texts)
 
     @classmethod
-    def from_record(cls, record: bytes, max_segment_chars: int = 65_536) -> StreamState:
-        """A stream at its record's base snapshot; ``pending`` holds the chunks to re-run."""
+    def from_record(cls, record: bytes | dict, max_segment_chars: int = 65_536) -> StreamState:
+        """A stream at its record's base snapshot; ``pending`` holds the chunks to re-run.
+
+        ``record``: the stored bytes, or what ``store.decode_record`` made of them.
+        """
         from hmlstm.serving.store import decode_record
 
-        r = decode_record(record)
+        r = decode_record(record) if isinstance(record, bytes) else record
         st = cls(r["state"], r["layers"], r["top_k"], r["stream_id"], max_segment_chars)
         st.processed, st.tracker = r["processed"], r["tracker"]
         st._history.clear()

@@ -37,6 +37,8 @@ CONFIGS = {
     "rate-penalty-layer1": ({}, dict(rate_targets=(0.2,))),
     "rate-penalty+top-boundary": (dict(top_boundary=True), dict(rate_targets=(0.2, 0.1, 0.05))),
     "rate-penalty+layer-norm": (dict(layer_norm=True), dict(rate_targets=(0.2, 0.1))),
+    "entropy-target": ({}, dict(entropy_target=1.0)),
+    "entropy-target+top-boundary": (dict(top_boundary=True), dict(entropy_target=1.0)),
 }
 
 

@@ -69,6 +69,8 @@ def _add_train(sub) -> None:
     p.add_argument("--rate-targets", default="",
                    help="comma-separated firing-rate target per boundary layer, e.g. 0.2,0.08")
     p.add_argument("--rate-penalty", type=float, default=1.0, help="weight of the firing-rate penalty")
+    p.add_argument("--entropy-target", type=float, default=0.0,
+                   help="weight of a self-supervised target for layer 1: fire after the model's own entropy peaks")
     p.add_argument("--strip-delimiters", nargs="?", const=" ", default=None, metavar="CHARS",
                    help="train on the text with these characters removed (default a space); "
                    "the removed positions are the boundary truth")
@@ -107,6 +109,7 @@ def cmd_train(args) -> int:
             slope_rate=args.slope_rate, slope_max=args.slope_max,
             checkpoint_every=args.checkpoint_every, slope_per_step=args.slope_per_step,
             rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
+            entropy_target=args.entropy_target,
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None

@@ -84,6 +84,7 @@ class TrainConfig:
     slope_per_step: bool = False  # anneal continuously (fractional epochs) instead of once per epoch
     rate_targets: tuple[float, ...] = ()  # per boundary layer: wanted share of characters where z fires
     rate_penalty: float = 1.0  # loss += rate_penalty * sum_l (firing rate of l - target_l)^2
+    entropy_target: float = 0.0  # weight of layer 1's self-supervised target: the model's own entropy peaks
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -72,6 +72,9 @@ class Trainer(tf.Module):
             targets = self.cfg.rate_targets
             if targets:
                 total = loss + rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
+            if self.cfg.entropy_target:
+                total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits,
+                                                                     self.network.slope)
         grads = tape.gradient(total, self.variables_to_train)
         grads = [tf.convert_to_tensor(g) for g in grads]
         grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
@@ -111,6 +114,23 @@ def rate_penalty(boundaries: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Te
     lin = 0.5 * slope * boundary_logits[..., :n]
     rates = tf.reduce_mean(z + lin - tf.stop_gradient(lin), axis=[0, 1])
     return cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(cfg.rate_targets)))
+
+
+def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Tensor) -> tf.Tensor:
+    """Teach layer 1's detector where the model itself is most unsure of the next character.
+
+    The target needs no labels: it is the network's own next-character
+    entropy H (no gradient through it), peaking at t (H_t > H_{t-1} and
+    H_t >= H_{t+1}). A causal detector can only know that after reading
+    character t+1, so the target is for z at t+1 (the start alignment: the
+    first character of the next unit). Cross-entropy on sigmoid(2 a s_z).
+    """
+    logp = tf.nn.log_softmax(tf.stop_gradient(logits))
+    h = -tf.reduce_sum(tf.exp(logp) * logp, axis=-1)  # [B, T]
+    peak = tf.logical_and(h[:, 1:-1] > h[:, :-2], h[:, 1:-1] >= h[:, 2:])  # at t = 1..T-2
+    target = tf.cast(peak, tf.float32)  # for z at t + 1 = 2..T-1
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=target, logits=2.0 * slope * boundary_logits[:, 2:, 0]))
 
 
 def evaluate_stream(network: HMLSTMNetwork, ids: np.ndarray, batch_size: int, seq_len: int):

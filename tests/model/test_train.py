@@ -91,3 +91,15 @@ def test_rate_penalty_moves_the_firing_rate_towards_its_target():
         pushed = train(corpus, SMALL, replace(base, rate_targets=(0.9,), rate_penalty=10.0), f"{d}/pushed",
                        progress=False).boundary["layer1"]["rate"]
     assert pushed > free and pushed > 0.5, (free, pushed)
+
+
+def test_entropy_target_pushes_layer1_to_fire_one_step_after_each_entropy_peak():
+    from hmlstm.model.train import entropy_peak_loss
+    sharp, flat = [8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]  # low and high next-character entropy
+    logits = tf.constant([[sharp, flat, sharp, sharp, flat, sharp, sharp]])  # peaks at t = 1 and t = 4
+    s_z = tf.Variable(tf.zeros([1, 7, 2]))
+    with tf.GradientTape() as tape:
+        loss = entropy_peak_loss(logits, s_z, tf.constant(1.0))
+    g = tape.gradient(loss, s_z).numpy()[0, :, 0]
+    assert g[2] < 0 and g[5] < 0  # fire at t + 1 after each peak (the start alignment)
+    assert np.all(g[[3, 4, 6]] > 0) and np.all(g[:2] == 0)  # quiet elsewhere; no target before t = 2

@@ -525,24 +525,29 @@ def cmd_demo(args) -> int:
             print(f"model: {info.num_layers} layers x {list(info.units)} units, vocabulary {info.vocab_size}, "
                   f"trained on {prov.get('corpus', '?')} (validation BPC {prov.get('val_bpc', '?')})")
             layers = list(info.boundary_layers)
-            print(f"streaming {len(DEMO_TEXT)} characters in chunks of {args.chunk_chars}   [{legend(layers)}]\n")
-            chunks = [DEMO_TEXT[i : i + args.chunk_chars] for i in range(0, len(DEMO_TEXT), args.chunk_chars)]
+            text = DEMO_TEXT
+            strip = prov.get("strip_delimiters")
+            if strip:  # the model reads text without delimiters: send it so
+                text = "".join(ch for ch in DEMO_TEXT if ch not in strip)
+                print(f"the model was trained on text without {strip!r}: streaming the text with them removed")
+            print(f"streaming {len(text)} characters in chunks of {args.chunk_chars}   [{legend(layers)}]\n")
+            chunks = [text[i : i + args.chunk_chars] for i in range(0, len(text), args.chunk_chars)]
             t0 = time.perf_counter()
             segments: dict[int, list[str]] = {l: [] for l in layers}
             for r in client.stream(chunks, layers=layers, top_k=3):
                 if not r.final:
                     b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-                    sys.stdout.write(mark(DEMO_TEXT[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
+                    sys.stdout.write(mark(text[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
                     sys.stdout.flush()
                 for s in r.segments:
                     if s.final:
                         segments[s.layer].append(s.text)
             elapsed = time.perf_counter() - t0
-    print(f"\n\n{len(DEMO_TEXT)} characters in {elapsed * 1e3:.0f} ms over gRPC")
+    print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC")
     for l in layers:
         seg = segments[l]
         mean = sum(map(len, seg)) / max(1, len(seg))
-        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars; first: {[s for s in seg[:8]]}")
+        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars; first: {seg[:8]}")
     return 0
 
 

@@ -81,14 +81,7 @@ class DistributedStep:
         tr = self.trainer
         ctx = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            out = tr.network(x, state)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits))
-            total = loss
-            from hmlstm.model.train import entropy_peak_loss, rate_penalty
-            if tr.cfg.rate_targets:
-                total = loss + rate_penalty(out.boundaries, out.boundary_logits, tr.network.slope, tr.cfg)
-            if tr.cfg.entropy_target:
-                total += tr.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, tr.network.slope)
+            out, loss, total = tr.loss(x, y, state)
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, tr.variables_to_train)]
         replicas = tf.cast(ctx.num_replicas_in_sync, tf.float32)
         grads = [g / replicas for g in ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)]

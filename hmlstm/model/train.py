@@ -61,20 +61,26 @@ class Trainer(tf.Module):
         for v in tf.nest.flatten(self.carried):
             v.assign(tf.zeros_like(v))
 
+    def loss(self, x, y, state):
+        """(network output, mean cross-entropy, the loss that is optimized).
+
+        The optimized loss adds the configured firing-rate penalty and the
+        entropy-peak target to the cross-entropy. Shared by the single-device
+        step and the tf.distribute replica step.
+        """
+        out = self.network(x, state)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits))
+        total = ce
+        if self.cfg.rate_targets:
+            total += rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
+        if self.cfg.entropy_target:
+            total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, self.network.slope)
+        return out, ce, total
+
     def _train_step(self, x, y):
         state = tf.nest.map_structure(tf.identity, self.carried)
         with tf.GradientTape() as tape:
-            out = self.network(x, state)
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits)
-            )
-            total = loss
-            targets = self.cfg.rate_targets
-            if targets:
-                total = loss + rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
-            if self.cfg.entropy_target:
-                total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits,
-                                                                     self.network.slope)
+            out, loss, total = self.loss(x, y, state)
         grads = tape.gradient(total, self.variables_to_train)
         grads = [tf.convert_to_tensor(g) for g in grads]
         grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)

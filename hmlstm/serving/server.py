@@ -33,13 +33,6 @@ from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
 
 log = logging.getLogger("hmlstm.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
-_OPEN_CALLS = object()
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):

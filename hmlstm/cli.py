@@ -247,6 +247,11 @@ def _add_export(sub) -> None:
                    help="validate on CPU, plus CUDA where it works (auto)")
     p.add_argument("--quick", action="store_true",
                    help="validate on a smaller grid (time 1, 7, 333; batch 1, 3)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |ONNX - TensorFlow| on logits and states (default 1e-4)")
+    p.add_argument("--strict", action="store_true",
+                   help="the tolerance is absolute: no value beyond it is explained by TensorFlow's own "
+                        "float32 spread (see docs/export.md)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     p.set_defaults(func=cmd_export)
 
@@ -257,7 +262,10 @@ def cmd_export(args) -> int:
     from hmlstm.export.validate import ValidationError
 
     kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
-    cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device, **kw)
+    if args.strict:
+        kw["explain_factor"] = 0.0
+    cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
+                       tolerance=args.tolerance, **kw)
     try:
         result = export(args.checkpoint, args.out, cfg, log=lambda m: print(m, file=sys.stderr))
     except ValidationError as e:

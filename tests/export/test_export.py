@@ -7,7 +7,14 @@ import pytest
 
 from hmlstm.errors import UserError
 from hmlstm.export import spec
-from hmlstm.export.convert import ExportConfig, export, read_metadata, stream_function, tf_reference
+from hmlstm.export.convert import (
+    ExportConfig,
+    export,
+    read_metadata,
+    stream_function,
+    tf_float_spread,
+    tf_reference,
+)
 from hmlstm.export.validate import (
     BoundaryMismatchError,
     DtypeMismatchError,
@@ -47,6 +54,12 @@ def session(tiny_onnx):
 def reference(tiny_run):
     net, _ = load_network(tiny_run)
     return tf_reference(stream_function(net), UNITS), net
+
+
+@pytest.fixture(scope="module")
+def spread(reference):
+    net = reference[1]
+    return tf_float_spread(net, stream_function(net), UNITS)
 
 
 def test_export_keeps_one_loop_and_validates_on_the_full_grid(tiny_onnx, model):
@@ -115,17 +128,33 @@ def _session(m):
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_perturbed_weights_fail_on_values(model, reference):
+@pytest.mark.parametrize("shift", [0.05, 1e-4])
+def test_perturbed_weights_fail_on_values(model, reference, spread, shift):
+    """A wrong weight is not explained away by TensorFlow's float32 spread, even a small one."""
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     big = max(broken.graph.initializer, key=lambda t: np.prod(t.dims))
     arr = onnx.numpy_helper.to_array(big).copy()
-    arr += 0.05
+    arr += shift
     big.CopyFrom(onnx.numpy_helper.from_array(arr, big.name))
     with pytest.raises((ValueMismatchError, BoundaryMismatchError)) as e:
-        validate(broken, {"cpu": _session(broken)}, reference[0], UNITS, V, times=(7,), batches=(3,))
+        validate(broken, {"cpu": _session(broken)}, reference[0], UNITS, V, times=(7, 333), batches=(3,),
+                 tolerance=1e-6 if shift < 1e-3 else 1e-4, spread=spread)
     if isinstance(e.value, ValueMismatchError):
-        assert e.value.max_abs_diff > 1e-4 and e.value.output in {o.name for o in model.graph.output}
+        assert e.value.max_abs_diff > e.value.tolerance and e.value.output in {o.name for o in model.graph.output}
+
+
+def test_float_spread_is_seeded_nonzero_and_restores_the_weights(reference, spread):
+    fn, net = reference
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    feeds = make_feeds(np.random.default_rng(3), UNITS, V, 3, 50, None, ragged=True, random_state=True)
+    expected = fn(feeds)
+    first, second = spread(feeds, expected), spread(feeds, expected)
+    assert all(np.array_equal(w, v.numpy()) for w, v in zip(before, net.trainable_variables))
+    assert set(first) == set(expected)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert 0 < first[spec.LOGITS].max() < 1e-4  # one ulp of the weights: float noise, not a different model
+    assert np.array_equal(fn(feeds)[spec.LOGITS], expected[spec.LOGITS])
 
 
 def test_renamed_output_fails_on_names(model, session):
@@ -211,6 +240,47 @@ def test_value_mismatch_says_which_output_and_by_how_much():
         compare(e, a, np.array([5, 5]), 1e-4, 1e-4, "toy", ValidationReport())
     assert err.value.output == spec.LOGITS and err.value.max_abs_diff == pytest.approx(0.25)
     assert isinstance(err.value, ValueError)
+
+
+def _spread_case(ort_diff, tf_spread, step=3):
+    e, _ = _case(2.0)
+    a = {k: v.copy() for k, v in e.items()}
+    a[spec.LOGITS][0, step, 1] += ort_diff
+    moved = {k: np.zeros_like(v) for k, v in e.items()}
+    moved[spec.LOGITS][0, 1, 2] = tf_spread  # two steps away, same row: within the window
+    return e, a, lambda: moved
+
+
+def test_value_within_the_references_own_float_spread_is_explained_and_reported():
+    e, a, spread = _spread_case(3e-4, 2e-4)
+    report = ValidationReport()
+    compare(e, a, np.array([5, 5]), 1e-4, 1e-4, "toy", report, spread, explain_factor=2.0)
+    [v] = report.values_explained
+    assert v == {"case": "toy", "output": spec.LOGITS, "values": 1, "max_abs_diff": pytest.approx(3e-4),
+                 "reference_spread": pytest.approx(2e-4), "max_ratio_to_spread": pytest.approx(1.5)}
+
+
+@pytest.mark.parametrize("ort_diff, tf_spread, why", [
+    (5e-4, 2e-4, "more than twice the spread"),
+    (3e-2, 1e-1, "beyond the cap of 100x the tolerance"),
+])
+def test_value_beyond_the_references_float_spread_fails(ort_diff, tf_spread, why):
+    e, a, spread = _spread_case(ort_diff, tf_spread)
+    with pytest.raises(ValueMismatchError, match="logits") as err:
+        compare(e, a, np.array([5, 5]), 1e-4, 1e-4, "toy", ValidationReport(), spread, explain_factor=2.0)
+    assert err.value.max_abs_diff == pytest.approx(ort_diff, rel=1e-3), why
+
+
+def test_spread_in_another_row_or_far_away_explains_nothing():
+    for row, step in ((1, 3), (0, 3 + 9 + 1)):
+        e, _ = _case(2.0)
+        e = {k: np.concatenate([v] * 4, axis=1) if v.ndim == 3 else v for k, v in e.items()}  # 20 steps
+        a = {k: v.copy() for k, v in e.items()}
+        a[spec.LOGITS][0, 3, 0] += 3e-4
+        moved = {k: np.zeros_like(v) for k, v in e.items()}
+        moved[spec.LOGITS][row, step, 0] = 1e-3
+        with pytest.raises(ValueMismatchError, match="moves by only 0 there"):
+            compare(e, a, np.array([20, 20]), 1e-4, 1e-4, "toy", ValidationReport(), lambda moved=moved: moved)
 
 
 # ------------------------------------------------ bad input

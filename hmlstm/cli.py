@@ -305,6 +305,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams' pieces per batched call")
     p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
                    help="how long a piece may wait for others to join its batch")
+    p.add_argument("--io-binding", default=d.io_binding, choices=["auto", "on", "off"],
+                   help="keep recurrent state on the device between calls (auto: with CUDA)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -325,7 +327,7 @@ def _serve_config(args):
             device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
             idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
             auth_token=token, workers=args.workers, batching=not args.no_batching, max_batch=args.max_batch,
-            max_wait_us=args.max_wait_us, state_store=args.state_store)
+            max_wait_us=args.max_wait_us, state_store=args.state_store, io_binding=args.io_binding)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -29,9 +29,12 @@ class ServeConfig:
     batching: bool = True  # run pending pieces of many streams as one call
     max_batch: int = 64  # rows in one batched call
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
+    io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
+        if self.io_binding not in ("auto", "on", "off"):
+            raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
         if self.max_streams < 1 or self.max_chunk_chars < 1:
             raise ValueError("max_streams and max_chunk_chars must be at least 1")

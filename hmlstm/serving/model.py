@@ -64,7 +64,7 @@ class LoadedModel:
         if tokens.shape[1] < 1:
             raise ValueError("time length 0 cannot run through the model's Loop")
         names = self._output_names
-        feeds = {spec.TOKENS: tokens, spec.LENGTHS: lengths, **state}
+        feeds = {spec.TOKENS: tokens, spec.LENGTHS: lengths, **{k: np.asarray(v) for k, v in state.items()}}
         return dict(zip(names, self.runtime.session.run(names, feeds)))
 
     @cached_property

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from hmlstm.serving.device_state import Binder, host_state, reusable
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.stream import ChunkResult, StreamState
 
@@ -54,13 +55,20 @@ def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, n
 class Runner:
     """Runs the model in a thread pool so the event loop never blocks on ONNX Runtime."""
 
-    def __init__(self, model: LoadedModel, workers: int = 4):
+    def __init__(self, model: LoadedModel, workers: int = 4, io_binding: bool = False):
         self.model = model
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+        self.binder = Binder(model) if io_binding else None  # state stays on the device (device_state.py)
 
     async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.model.run, tokens, lengths, state)
+        fn = self.model.run if self.binder is None else self._run_bound
+        return await loop.run_in_executor(self.pool, fn, tokens, lengths, state)
+
+    def _run_bound(self, tokens: np.ndarray, lengths: np.ndarray, state: dict) -> dict:
+        hit = reusable([state])
+        host, bound = self.binder.run(tokens, lengths, hit[0] if hit else host_state(state))
+        return self.binder.rows(host, bound, lengths)[0]
 
     async def process_chunk(self, st: StreamState, chunk_offset: int, new_text: str,
                             piece_chars: int) -> ChunkResult:

@@ -233,11 +233,12 @@ class SegmenterServer:
         self.model, self.config = model, config
         self.metrics = Metrics()
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
+        bind = config.io_binding == "on" or (config.io_binding == "auto" and model.runtime.on_cuda)
         if config.batching:
             self.runner: Runner = BatchingRunner(model, config.max_batch, config.max_wait_us, self.metrics,
-                                                 attached=lambda: self.registry.active)
+                                                 attached=lambda: self.registry.active, io_binding=bind)
         else:
-            self.runner = Runner(model, config.workers)
+            self.runner = Runner(model, config.workers, io_binding=bind)
         self.health = health.aio.HealthServicer()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[

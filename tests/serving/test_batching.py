@@ -142,3 +142,80 @@ def test_bad_batching_settings(tiny_model):
         BatchingRunner(tiny_model, max_batch=0)
     with pytest.raises(ValueError):
         BatchingRunner(tiny_model, max_wait_us=-1)
+
+
+# ------------------------------------------------ state kept where the model ran (IO binding)
+
+
+def test_bound_batched_streams_equal_each_stream_alone(tiny_model):
+    """IO binding (forced on for the CPU): same answers, and a steady cohort reuses its state in place."""
+    texts = [synthetic_corpus(seed=60 + i, n_chars=400).text[: 120 + 29 * i] for i in range(5)]
+    sizes = [1, 3, 16, 5, 2]
+    delays = [0, 0, 0, 0.05, 0]  # one joins mid-way; short ones end early
+    expected = [alone(tiny_model, t, s) for t, s in zip(texts, sizes)]
+
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=2000, io_binding=True)
+        try:
+            got = await asyncio.gather(*(streamed(runner, t, s, d) for t, s, d in zip(texts, sizes, delays)))
+            return got, runner.binder.reused, runner.binder.gathered
+        finally:
+            runner.close()
+
+    got, reused, gathered = asyncio.run(main())
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert reused > 0 and gathered > 0, (reused, gathered)
+
+
+def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_model):
+    from hmlstm.serving.batching import _Pending
+    from hmlstm.serving.device_state import RowRef
+
+    runner = BatchingRunner(tiny_model, max_batch=4, io_binding=True)
+    rng = np.random.default_rng(1)
+    first = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), tiny_model.zero_state(1),
+                      None, 0.0) for n in (3, 7, 5)]
+    rows = runner._run_batch(first)
+    assert runner.binder.gathered == 1 and isinstance(rows[0]["next_state_c1"], RowRef)
+    states = [{tiny_model.state_map[k]: v for k, v in r.items() if k in tiny_model.state_map} for r in rows]
+    second = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), states[i], None, 0.0)
+              for i, n in ((2, 4), (0, 1), (1, 6))]  # the same streams, arriving in another order
+    got = runner._run_batch(second)
+    assert runner.binder.reused == 1
+    for p, row in zip(second, got):  # each piece gets its own answer, as if run alone from host state
+        ref = tiny_model.run(p.tokens[None, :], np.array([len(p.tokens)], np.int32), p.state)
+        np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
+        np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(row["next_state_h2"]), ref["next_state_h2"], atol=1e-5)
+    runner._run_batch(second[:2])  # a subset is not one call's rows: gathered on the host
+    assert runner.binder.gathered == 2
+    runner.close()
+
+
+def test_unbatched_bound_runner_and_a_stored_record_see_host_state(tiny_model):
+    from hmlstm.serving.store import decode_record
+
+    text = synthetic_corpus(seed=11, n_chars=300).text[:150]
+
+    async def main():
+        runner = Runner(tiny_model, workers=1, io_binding=True)
+        st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, top_k=3, stream_id="s")
+        out = []
+        for o in range(0, len(text), 9):
+            out.append(await runner.process_chunk(st, o, text[o : o + 9], 4096))
+        runner.close()
+        return (out, st), runner.binder.reused
+
+    got, reused = asyncio.run(main())
+    assert_same(got, alone(tiny_model, text, 9))
+    assert reused == len(range(0, len(text), 9)) - 1  # every call after the first reused the last one's state
+    record = decode_record(got[1].record())
+    assert all(isinstance(v, np.ndarray) and v.shape[0] == 1 for v in record["state"].values())
+
+
+def test_io_binding_setting_is_checked():
+    from hmlstm.serving.config import ServeConfig
+
+    with pytest.raises(ValueError, match="io_binding"):
+        ServeConfig(io_binding="sometimes")

@@ -120,6 +120,25 @@ def test_32_concurrent_streams_each_get_their_own_results(server):
     assert len({json.dumps(g) for g in got}) == 32  # really 32 different answers
 
 
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_server_that_keeps_state_on_the_device_gives_the_same_answers(tiny_model, batching):
+    """--io-binding on (CUDA's default, forced here on the CPU) changes no answer, batched or not."""
+    texts = [synthetic_corpus(seed=300 + i, n_chars=200).text[:160] for i in range(6)]
+    config = ServeConfig(port=0, metrics_port=None, io_binding="on", batching=batching, piece_chars=64)
+    with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
+        expected = [unary(c, t) for t in texts]
+
+        async def one(client, text, size):
+            return collect([r async for r in client.stream(chunked(text, size))])
+
+        async def main():
+            async with AsyncSegmenterClient(srv.target) as client:
+                return await asyncio.gather(*(one(client, t, 3 + i) for i, t in enumerate(texts)))
+
+        assert asyncio.run(main()) == expected
+        assert srv.server.runner.binder.reused > 0
+
+
 def test_resent_chunks_before_the_resume_point_are_acknowledged_and_skipped(server):
     with SegmenterClient(server.target) as c:
         call = c.stream(held_open(["abcdef", "ghij"], __import__("threading").Event()), stream_id="resend")

@@ -61,17 +61,19 @@ def main() -> None:
         notes.append(f"- {device}: {note}")
         lines += [f"| {device} | {b} | {rate:,.0f} | {ms:.2f} |" for b, rate, ms in rows]
     lines += ["", *notes, "", "## Server, 64 closed-loop streams", "",
-              "| device | chunk | chars/s | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
-    for device in ("cpu", "cuda"):
+              "| device | state on device (IO binding) | chunk | chars/s | p50 ms | p99 ms |",
+              "|---|---|---:|---:|---:|---:|"]
+    for device, binding in (("cpu", "off"), ("cuda", "off"), ("cuda", "on")):
         try:
-            proc, target = start_server(DEFAULT_MODEL, True, ["--device", device])
+            proc, target = start_server(DEFAULT_MODEL, True, ["--device", device, "--io-binding", binding])
         except RuntimeError as e:
-            lines.append(f"| {device} | | did not start: {e} | | |")
+            lines.append(f"| {device} | {binding} | | did not start: {e} | | |")
             continue
         try:
             for chunk in (16, 256):
                 rate, lat = asyncio.run(drive(target, 64, chunk, args.seconds, 1.0))
-                lines.append(f"| {device} | {chunk} | {rate:,.0f} | {pct(lat, 50):.2f} | {pct(lat, 99):.2f} |")
+                lines.append(f"| {device} | {binding} | {chunk} | {rate:,.0f} | {pct(lat, 50):.2f} | "
+                             f"{pct(lat, 99):.2f} |")
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi failed"; } \
   > "$out/gpu.txt" 2>&1
 "$py" -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" >> "$out/gpu.txt"
-# CUDA-provider tests (skipped where no GPU) plus the export validation, which adds CUDA when present.
-timeout 240 "$py" -m pytest -q -m gpu tests/test_runtime.py 2>&1 | tee "$out/gpu-tests.log"
+# CUDA-provider tests (skipped where no GPU): the provider, export validation on CUDA, IO binding.
+timeout 240 "$py" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
 timeout 240 "$py" benchmarks/provider_bench.py --out "$out/providers.md" 2>&1 | tee "$out/providers.log"
 echo "report: $out/providers.md"

@@ -305,7 +305,9 @@ async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> None:
     metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log.info("serving %s on %s:%d (%s%s)%s, state store: %s", model.path.name, config.host, port, tls, auth,
              metrics, config.state_store)
-    log.info(model.runtime.note)
+    bound = server.runner.binder is not None
+    log.info("%s; %s", model.runtime.note, "recurrent state stays on the device between calls (IO binding)"
+             if bound else "recurrent state returns to the host after each call")
     if ready is not None:
         ready(server)
     stop = asyncio.Event()

@@ -149,6 +149,29 @@ def _name_axes(model: onnx.ModelProto, num_units: tuple[int, ...], vocab_size: i
         vi.doc_string = s.doc
 
 
+def prune_unused_scan_outputs(model: onnx.ModelProto) -> int:
+    """Drop the time Loop's scan outputs that nothing reads; returns how many.
+
+    ``tf.scan`` stacks its whole accumulator, so the Loop stacks every layer's
+    c at every step although only h, z and s_z are used. ONNX Runtime copies
+    each scan output every iteration: measured on the shipped model, dropping
+    them makes a batch-64 call 1.1-1.4x as fast, with bit-identical outputs.
+    """
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dropped = 0
+    for loop in (n for n in graph.node if n.op_type == "Loop"):
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        carried = len(loop.input) - 2  # inputs: trip count, condition, carried values
+        pairs = list(zip(loop.output[carried:], body.output[1 + carried :]))
+        keep = [(o, b) for o, b in pairs if o in used]
+        dropped += len(pairs) - len(keep)
+        del loop.output[carried:], body.output[1 + carried :]
+        loop.output.extend(o for o, _ in keep)
+        body.output.extend(b for _, b in keep)
+    return dropped
+
+
 def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17) -> onnx.ModelProto:
     """The network's streaming step as an ONNX model with metadata (not validated)."""
     import tf2onnx
@@ -160,6 +183,7 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17) 
     # onnx >= 1.23 would stamp IR 14, which ONNX Runtime 1.31 refuses: use the
     # lowest IR version the opsets need.
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    prune_unused_scan_outputs(model)
     _name_axes(model, cfg.num_units, cfg.vocab_size)
     ins, outs = spec.io_spec(cfg.num_units, cfg.vocab_size)
     model.doc_string = spec.__doc__

@@ -72,6 +72,18 @@ def test_export_keeps_one_loop_and_validates_on_the_full_grid(tiny_onnx, model):
     assert sum(n.op_type == "Loop" for n in model.graph.node) == 1
 
 
+def test_the_loop_stacks_only_what_the_graph_reads(model):
+    from hmlstm.export.convert import prune_unused_scan_outputs
+
+    loop = next(n for n in model.graph.node if n.op_type == "Loop")
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    scan_outputs = loop.output[len(loop.input) - 2 :]
+    assert scan_outputs and all(o in read for o in scan_outputs)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert prune_unused_scan_outputs(copy) == 0  # already pruned at export
+
+
 def test_model_size_does_not_depend_on_sequence_length(model, session):
     tokens = next(i for i in model.graph.input if i.name == spec.TOKENS)
     assert [d.dim_param for d in tokens.type.tensor_type.shape.dim] == ["batch", "time"]

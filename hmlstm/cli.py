@@ -404,6 +404,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
     p.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
     p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
+    p.add_argument("--keep-delimiters", action="store_true",
+                   help="send the text as is, even the characters the model was trained without "
+                        "(by default they are removed before sending, and a note says so)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -446,14 +449,29 @@ def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int) 
     return max(printed, r.processed_chars)
 
 
+def _without(chunks, chars: str, keep: bool):
+    """The chunks with ``chars`` removed (unless ``keep``), empty chunks skipped; says so once on stderr."""
+    if not chars or keep:
+        yield from chunks
+        return
+    print(f"[the model was trained on text without {chars!r}: removing them before sending; "
+          "--keep-delimiters sends the text as is]", file=sys.stderr)
+    table = str.maketrans("", "", chars)
+    for c in chunks:
+        c = c.translate(table)
+        if c:
+            yield c
+
+
 def cmd_segment(args) -> int:
     from hmlstm.serving.render import legend
 
     chunks = _read_chunks(args.file, args.chunk_chars)
     sent: list[str] = []
+    trained_without = ""
 
     def tee():
-        for c in chunks:
+        for c in _without(chunks, trained_without, args.keep_delimiters):
             sent.append(c)
             yield c
 
@@ -464,6 +482,7 @@ def cmd_segment(args) -> int:
         from hmlstm.serving.stream import StreamState
 
         model = _load_model(args.model, "auto")
+        trained_without = model.provenance.get("strip_delimiters") or ""
         layers = sorted(set(args.layers)) or model.boundary_layers
         bad = [l for l in layers if l not in model.boundary_layers]
         if bad:
@@ -487,6 +506,7 @@ def cmd_segment(args) -> int:
     with SegmenterClient(args.server, token=token, root_cert=args.tls_ca) as client:
         try:
             info = client.describe()
+            trained_without = info.trained_without
             layers = sorted(set(args.layers)) or list(info.boundary_layers)
             if not args.jsonl:
                 print(f"[{legend(layers)}]", file=sys.stderr)
@@ -536,7 +556,7 @@ def cmd_demo(args) -> int:
                   f"trained on {prov.get('corpus', '?')} (validation BPC {prov.get('val_bpc', '?')})")
             layers = list(info.boundary_layers)
             text = DEMO_TEXT
-            strip = prov.get("strip_delimiters")
+            strip = info.trained_without
             if strip:  # the model reads text without delimiters: send it so
                 text = "".join(ch for ch in DEMO_TEXT if ch not in strip)
                 print(f"the model was trained on text without {strip!r}: streaming the text with them removed")

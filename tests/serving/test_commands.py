@@ -31,6 +31,7 @@ def test_shipped_model_streams_like_unary(default_model):
         info = c.describe()
         assert list(info.units) == default_model.units
         assert list(info.boundary_layers) == default_model.boundary_layers
+        assert info.trained_without == (default_model.provenance.get("strip_delimiters") or "")
         whole = c.segment(text)
         for size in (1, 13, 100):
             chunks = [text[i : i + size] for i in range(0, len(text), size)]
@@ -110,11 +111,16 @@ def test_segment_command_against_a_server_and_locally_agree(default_model, tmp_p
     assert main(["segment", str(f), "--local", "--chunk-chars", "50"]) == 0
     local = capsys.readouterr().out
     assert remote == local
+    # what the model was trained without is removed before sending (the server strips nothing)
+    sent = text.translate(str.maketrans("", "", default_model.provenance.get("strip_delimiters") or ""))
     from hmlstm.serving.render import MARKS
     stripped = "".join(ch for ch in remote if ch not in MARKS.values())
-    assert stripped.rstrip("\n") == text.rstrip("\n")
+    assert stripped.rstrip("\n") == sent.rstrip("\n")
     import json
     rows = [json.loads(l) for l in jsonl.splitlines()]
+    assert "".join(r["text"] for r in rows if r["layer"] == 1) == sent
+    assert main(["segment", str(f), "--local", "--keep-delimiters", "--jsonl"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert "".join(r["text"] for r in rows if r["layer"] == 1) == text
 
 

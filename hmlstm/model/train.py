@@ -254,6 +254,9 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         old = json.loads(metrics_path.read_text())
         result.val_bpc = [tuple(x) for x in old.get("val_bpc", [])]
         result.skipped_steps = old.get("skipped_steps", 0)
+        earlier_s = float(old.get("train_seconds", 0.0))
+    else:
+        earlier_s = 0.0
     writer = tf.summary.create_file_writer(str(run_dir / "tb"))
 
     val_truth = corpus.word_ends[len(train_ids):] if corpus.word_ends is not None else None
@@ -280,6 +283,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         run_io.atomic_write_text(metrics_path, dumps({
             "val_bpc": result.val_bpc, "boundary": result.boundary,
             "skipped_steps": result.skipped_steps, "step": step,
+            "train_seconds": round(earlier_s + time.monotonic() - start, 1),  # wall clock, resumes included
         }))
         return bpc
 

@@ -26,6 +26,9 @@ def test_training_lowers_validation_bpc(corpus, tmp_path):
     assert "word_ends" in result.boundary["layer1"] and "phrase_ends" in result.boundary["layer1"]
     assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "vocab.json").exists()
     assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events written
+    import json
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == result.step and 0 < metrics["train_seconds"] < 600
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path):
@@ -34,8 +37,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path)
     # Stop at 25 (mid-epoch, between checkpoints), then resume to 40.
     from dataclasses import replace
     train(corpus, SMALL, replace(cfg, max_steps=25), tmp_path / "split", progress=False)
+    import json
+    first = json.loads((tmp_path / "split" / "metrics.json").read_text())["train_seconds"]
     resumed = train(corpus, SMALL, cfg, tmp_path / "split", progress=False)
     assert resumed.step == 40
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["train_seconds"] > first  # accumulates
     a, _ = load_network(tmp_path / "full")
     b, _ = load_network(tmp_path / "split")
     for x, y in zip(a.trainable_variables, b.trainable_variables):

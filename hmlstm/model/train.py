@@ -31,6 +31,14 @@ LN2 = math.log(2.0)
 _STOP_FIELDS = {"epochs", "max_steps", "max_minutes", "checkpoint_every", "eval_every"}
 
 
+def command_line(argv: list[str]) -> str:
+    """``hmlstm ARGS`` as one line a shell runs again: quoted, with newlines and tabs written
+    as the backslash escapes that --strip-delimiters and --sep read back."""
+    import shlex
+
+    return shlex.join(["hmlstm", *(a.replace("\n", "\\n").replace("\t", "\\t") for a in argv)])
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -239,7 +247,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         run_io.write_run_info(run_dir, model, cfg, vocab, {
             "corpus": corpus.name, "corpus_chars": len(corpus.text), "source": corpus.source,
             "strip_delimiters": corpus.strip,
-            "command": " ".join(["hmlstm", *sys.argv[1:]]),
+            "command": command_line(sys.argv[1:]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensorflow": tf.__version__,
         })

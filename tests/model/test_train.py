@@ -109,3 +109,16 @@ def test_entropy_target_pushes_layer1_to_fire_one_step_after_each_entropy_peak()
     g = tape.gradient(loss, s_z).numpy()[0, :, 0]
     assert g[2] < 0 and g[5] < 0  # fire at t + 1 after each peak (the start alignment)
     assert np.all(g[[3, 4, 6]] > 0) and np.all(g[:2] == 0)  # quiet elsewhere; no target before t = 2
+
+
+def test_the_recorded_command_runs_again_in_a_shell():
+    import shlex
+
+    from hmlstm.cli import _unescape
+    from hmlstm.model.train import command_line
+
+    argv = ["train", "builtin", "--strip-delimiters", " \n\t", "--out", "runs/a b"]
+    line = command_line(argv)
+    assert line == "hmlstm train builtin --strip-delimiters ' \\n\\t' --out 'runs/a b'"
+    back = shlex.split(line)[1:]
+    assert back[:3] == argv[:3] and _unescape(back[3]) == " \n\t" and back[4:] == argv[4:]

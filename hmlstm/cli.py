@@ -430,11 +430,9 @@ def _read_chunks(path: str, size: int):
         raise UserError(f"{path} is not UTF-8 text") from None
 
 
-def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int) -> int:
+def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int, marker) -> int:
     """Print what ``r`` adds; ``text_by_offset`` holds the stream's text from offset ``base``. Returns printed."""
     import json
-
-    from hmlstm.serving.render import mark
 
     if jsonl:
         for s in r.segments:
@@ -444,8 +442,10 @@ def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int) 
         return r.processed_chars
     if r.processed_chars > printed:
         b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-        sys.stdout.write(mark(text_by_offset[printed - base : r.processed_chars - base], printed, b))
-        sys.stdout.flush()
+        sys.stdout.write(marker.feed(text_by_offset[printed - base : r.processed_chars - base], printed, b))
+    if r.final:
+        sys.stdout.write(marker.close())
+    sys.stdout.flush()
     return max(printed, r.processed_chars)
 
 
@@ -464,7 +464,7 @@ def _without(chunks, chars: str, keep: bool):
 
 
 def cmd_segment(args) -> int:
-    from hmlstm.serving.render import legend
+    from hmlstm.serving.render import Marker, legend
 
     chunks = _read_chunks(args.file, args.chunk_chars)
     sent: list[str] = []
@@ -489,11 +489,12 @@ def cmd_segment(args) -> int:
             raise UserError(f"layer(s) {bad} cannot report boundaries; this model's are {model.boundary_layers}")
         if not args.jsonl:
             print(f"[{legend(layers)}]", file=sys.stderr)
-        st = StreamState(model.zero_state(1), layers, 0)
+        st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment)
+        marker = Marker(model.alignment)
         for c in tee():
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
-            printed = _print_result(r, "".join(sent), 0, args.jsonl, printed)
-        _print_result(response_pb(st.finish()), "".join(sent), 0, args.jsonl, printed)
+            printed = _print_result(r, "".join(sent), 0, args.jsonl, printed, marker)
+        _print_result(response_pb(st.finish()), "".join(sent), 0, args.jsonl, printed, marker)
         if not args.jsonl:
             print()
         return 0
@@ -507,12 +508,13 @@ def cmd_segment(args) -> int:
         try:
             info = client.describe()
             trained_without = info.trained_without
+            marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
             layers = sorted(set(args.layers)) or list(info.boundary_layers)
             if not args.jsonl:
                 print(f"[{legend(layers)}]", file=sys.stderr)
             for r in client.stream(tee(), layers=layers):
                 text = "".join(sent)
-                printed = _print_result(r, text, 0, args.jsonl, printed)
+                printed = _print_result(r, text, 0, args.jsonl, printed, marker)
         except grpc.RpcError as e:
             raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
     if not args.jsonl:
@@ -543,7 +545,7 @@ def cmd_demo(args) -> int:
     from hmlstm.serving.background import BackgroundServer
     from hmlstm.serving.client import SegmenterClient
     from hmlstm.serving.config import ServeConfig
-    from hmlstm.serving.render import legend, mark
+    from hmlstm.serving.render import Marker, legend
 
     model = _load_model(args.model, "auto")
     config = ServeConfig(port=0, metrics_port=None)
@@ -555,6 +557,7 @@ def cmd_demo(args) -> int:
             print(f"model: {info.num_layers} layers x {list(info.units)} units, vocabulary {info.vocab_size}, "
                   f"trained on {prov.get('corpus', '?')} (validation BPC {prov.get('val_bpc', '?')})")
             layers = list(info.boundary_layers)
+            marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
             text = DEMO_TEXT
             strip = info.trained_without
             if strip:  # the model reads text without delimiters: send it so
@@ -567,11 +570,12 @@ def cmd_demo(args) -> int:
             for r in client.stream(chunks, layers=layers, top_k=3):
                 if not r.final:
                     b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-                    sys.stdout.write(mark(text[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
+                    sys.stdout.write(marker.feed(text[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
                     sys.stdout.flush()
                 for s in r.segments:
                     if s.final:
                         segments[s.layer].append(s.text)
+            sys.stdout.write(marker.close())
             elapsed = time.perf_counter() - t0
     print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC")
     for l in layers:

@@ -198,6 +198,8 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17) 
                                   "outputs": [s.to_dict() for s in outs]}),
         spec.META_VERSIONS: json.dumps(versions(opset)),
         spec.META_PROVENANCE: json.dumps(provenance, ensure_ascii=False),
+        spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(
+            cfg.num_layers, cfg.top_boundary, (provenance.get("train_config") or {}).get("entropy_target") or 0.0)),
     }
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -297,6 +299,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "format": spec.FORMAT, "model_config": info.model.to_dict(), "vocabulary_size": len(info.vocab),
         "io": json.loads(dict((p.key, p.value) for p in model.metadata_props)[spec.META_IO]),
         "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
+        "boundary_alignment": json.loads(dict((p.key, p.value) for p in model.metadata_props)[spec.META_ALIGNMENT]),
         "provenance": provenance, "evaluation": {"val_bpc": provenance["val_bpc"],
                                                  "boundaries": metrics.get("boundary", {})},
         "validation": report.to_dict() if config.validate else None,

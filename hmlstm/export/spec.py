@@ -41,6 +41,15 @@ META_STATE_MAP = "hmlstm.state_map"
 META_IO = "hmlstm.io"
 META_VERSIONS = "hmlstm.versions"
 META_PROVENANCE = "hmlstm.provenance"
+# {"1": "start", "2": "end", ...} per layer with a boundary detector: "end" = z fires on a
+# segment's last character (the paper's reading); "start" = on the next segment's first
+# (a layer trained with --entropy-target, whose target is set one step after an entropy peak).
+META_ALIGNMENT = "hmlstm.boundary_alignment"
+
+
+def boundary_alignment(num_layers: int, top_boundary: bool, entropy_target: float) -> dict[str, str]:
+    layers = range(1, num_layers + 1 if top_boundary else num_layers)
+    return {str(l): "start" if l == 1 and entropy_target else "end" for l in layers}
 
 
 @dataclass(frozen=True)

@@ -48,4 +48,5 @@ def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int)
         model_config_json=json.dumps(model.config), provenance_json=json.dumps(model.provenance),
         max_chunk_chars=max_chunk_chars, max_text_chars=max_text_chars,
         trained_without=model.provenance.get("strip_delimiters") or "",
+        boundary_alignment=[model.alignment[l] for l in model.boundary_layers],
     )

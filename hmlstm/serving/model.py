@@ -33,6 +33,7 @@ class LoadedModel:
     config: dict
     provenance: dict
     state_map: dict[str, str]  # output name -> input name
+    alignment: dict[int, str]  # boundary layer -> "end" (fires on a segment's last char) or "start" (next's first)
 
     @property
     def num_layers(self) -> int:
@@ -94,6 +95,10 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
         config = json.loads(meta[spec.META_CONFIG])
         state_map = json.loads(meta[spec.META_STATE_MAP])
         provenance = json.loads(meta.get(spec.META_PROVENANCE, "{}"))
+        alignment = {int(k): v for k, v in json.loads(meta.get(spec.META_ALIGNMENT, "{}")).items()}
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: hmlstm metadata is incomplete or corrupt ({e})") from None
-    return LoadedModel(path, rt, vocab, config, provenance, state_map)
+    n = len(config["num_units"])
+    detectors = range(1, n + 1 if config.get("top_boundary") else n)
+    alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
+    return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment)

@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
+from hmlstm.serving.segments import cut
+
 MARKS = {1: "|", 2: "‖", 3: "⦀"}
 
 
-def mark(text: str, offset: int, boundaries: dict[int, list[int]]) -> str:
-    """``text`` starts at stream ``offset``; after each boundary insert the highest layer's mark."""
-    top: dict[int, int] = {}
-    for layer, offsets in boundaries.items():
-        for o in offsets:
-            top[o] = max(top.get(o, 0), layer)
-    out = []
-    for i, ch in enumerate(text):
-        out.append(ch)
-        layer = top.get(offset + i)
-        if layer:
-            out.append(MARKS.get(layer, "‖" * layer))
-    return "".join(out)
+class Marker:
+    """Marks a stream's text piece by piece: where a layer's boundary cuts it, the highest layer's mark.
+
+    The cut is after the character a boundary fired on (end-aligned layers) or before it
+    (start-aligned). A cut at a piece's end waits for the next piece (or ``close``), so a
+    cut that two layers make from either side of a chunk border shows once, and every
+    chunking prints the same.
+    """
+
+    def __init__(self, alignment: dict[int, str] | None = None):
+        self.alignment = alignment or {}
+        self._cuts: dict[int, int] = {}  # position -> highest layer cutting there, not yet printed
+
+    def feed(self, text: str, offset: int, boundaries: dict[int, list[int]]) -> str:
+        for layer, offsets in boundaries.items():
+            for o in offsets:
+                c = cut(o, self.alignment.get(layer, "end"))
+                self._cuts[c] = max(self._cuts.get(c, 0), layer)
+        out = []
+        for i, ch in enumerate(text):
+            layer = self._cuts.pop(offset + i, 0)
+            if layer and offset + i > 0:  # no mark before the stream's first character
+                out.append(_mark(layer))
+            out.append(ch)
+        return "".join(out)
+
+    def close(self) -> str:
+        """The marks left at the end of the text fed so far."""
+        layer = max(self._cuts.values(), default=0)
+        self._cuts.clear()
+        return _mark(layer) if layer else ""
+
+
+def mark(text: str, offset: int, boundaries: dict[int, list[int]], alignment: dict[int, str] | None = None) -> str:
+    """One whole text, starting at stream ``offset``, with its boundaries marked."""
+    m = Marker(alignment)
+    return m.feed(text, offset, boundaries) + m.close()
+
+
+def _mark(layer: int) -> str:
+    return MARKS.get(layer, "‖" * layer)
 
 
 def legend(layers: list[int]) -> str:
-    return "  ".join(f"{MARKS.get(l, '‖' * l)} layer {l}" for l in layers)
+    return "  ".join(f"{_mark(l)} layer {l}" for l in layers)

@@ -1,7 +1,10 @@
 """From per-character boundary flags to boundary offsets and closed segments.
 
-Pure Python and NumPy. A boundary of layer l at offset t closes the layer's
-open segment [start, t + 1) and opens the next at t + 1. The tracker keeps
+Pure Python and NumPy. A boundary of layer l at offset t cuts the stream
+at t + 1 if the layer is end-aligned (z fires on a segment's last character,
+the paper's reading) or at t if it is start-aligned (z fires on the next
+segment's first character, as a layer trained with --entropy-target does):
+the cut closes the layer's open segment and opens the next. The tracker keeps
 the text of the oldest open segment so a closed segment can carry its text
 even when it began chunks ago. A segment that reaches ``max_segment_chars``
 without a boundary is closed there (so memory per stream stays bounded);
@@ -24,10 +27,17 @@ class Span:
     final: bool
 
 
+def cut(t: int, alignment: str) -> int:
+    """Where a boundary that fired at offset t splits the stream (the next segment's start)."""
+    return t if alignment == "start" else t + 1
+
+
 class SegmentTracker:
-    def __init__(self, layers: list[int], max_segment_chars: int = 65_536):
+    def __init__(self, layers: list[int], max_segment_chars: int = 65_536,
+                 alignment: dict[int, str] | None = None):
         self.layers = list(layers)
         self.max_segment_chars = max_segment_chars
+        self.alignment = {l: (alignment or {}).get(l, "end") for l in self.layers}
         self.open_start = {l: 0 for l in self.layers}
         self._buffer = ""  # text from offset self._buffer_start on
         self._buffer_start = 0
@@ -35,12 +45,13 @@ class SegmentTracker:
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "max_segment_chars": self.max_segment_chars,
+                "alignment": {str(k): v for k, v in self.alignment.items()},
                 "open_start": {str(k): v for k, v in self.open_start.items()}, "buffer": self._buffer,
                 "buffer_start": self._buffer_start, "end": self.end}
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmentTracker:
-        t = cls(d["layers"], d["max_segment_chars"])
+        t = cls(d["layers"], d["max_segment_chars"], {int(k): v for k, v in d.get("alignment", {}).items()})
         t.open_start = {int(k): v for k, v in d["open_start"].items()}
         t._buffer, t._buffer_start, t.end = d["buffer"], d["buffer_start"], d["end"]
         return t
@@ -50,6 +61,7 @@ class SegmentTracker:
         other.__dict__.update(self.__dict__)
         other.layers = list(self.layers)
         other.open_start = dict(self.open_start)
+        other.alignment = dict(self.alignment)
         return other
 
     def _text(self, start: int, end: int) -> str:
@@ -72,15 +84,15 @@ class SegmentTracker:
             fired = (offset + np.flatnonzero(z[:, l - 1] > 0.5)).tolist()
             boundaries[l] = fired
             start = self.open_start[l]
-            for t in (*fired, None):
-                stop = self.end - 1 if t is None else t
-                while stop - start + 1 >= self.max_segment_chars:  # forced close at the limit
-                    cut = start + self.max_segment_chars
-                    closed.append(Span(l, start, cut, self._text(start, cut), True))
-                    start = cut
-                if t is not None and t >= start:
-                    closed.append(Span(l, start, t + 1, self._text(start, t + 1), True))
-                    start = t + 1
+            for c in (*(cut(t, self.alignment[l]) for t in fired), None):
+                stop = self.end if c is None else c  # the segment so far ends before stop
+                while stop - start >= self.max_segment_chars:  # forced close at the limit
+                    limit = start + self.max_segment_chars
+                    closed.append(Span(l, start, limit, self._text(start, limit), True))
+                    start = limit
+                if c is not None and c > start:
+                    closed.append(Span(l, start, c, self._text(start, c), True))
+                    start = c
             self.open_start[l] = start
         keep_from = min(self.open_start.values(), default=self.end)
         self._buffer = self._buffer[keep_from - self._buffer_start :]

@@ -131,7 +131,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if self.store is not None and cfg.stream_id:
                 await self._load_stored(cfg.stream_id, cfg.resume)
             st = self.registry.open(
-                lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id), cfg.stream_id,
+                lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id,
+                                    alignment=self.model.alignment), cfg.stream_id,
                 cfg.resume, cfg.resume_offset)
             self.metrics.active_streams.set(self.registry.active)
             self.metrics.held_streams.set(len(self.registry))
@@ -185,7 +186,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                   f"of {self.config.max_text_chars}; use StreamSegment")
         except StreamError as e:
             await self._fail(context, e.code, str(e))
-        st = StreamState(self.model.zero_state(1), layers, 0)
+        st = StreamState(self.model.zero_state(1), layers, 0, alignment=self.model.alignment)
         results = []
         if request.text:
             results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))

@@ -53,12 +53,12 @@ class StreamState:
     """Everything the server holds for one stream between chunks."""
 
     def __init__(self, state: dict[str, np.ndarray], layers: list[int], top_k: int, stream_id: str = "",
-                 max_segment_chars: int = 65_536, replay_depth: int = 32):
+                 max_segment_chars: int = 65_536, replay_depth: int = 32, alignment: dict[int, str] | None = None):
         self.state = state  # model state inputs, each [1, ...]; replaced, never changed in place
         self.layers = layers
         self.top_k = top_k
         self.stream_id = stream_id
-        self.tracker = SegmentTracker(layers, max_segment_chars)
+        self.tracker = SegmentTracker(layers, max_segment_chars, alignment)
         self.processed = 0
         self.attached = True
         self.last_seen = time.monotonic()

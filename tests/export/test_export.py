@@ -108,6 +108,12 @@ def test_metadata_round_trip(tiny_onnx, tiny_run, model):
     assert json.loads(rt_meta[spec.META_VOCAB]) == info.vocab.chars
     card = json.loads(tiny_onnx.card_path.read_text())
     assert card["model_config"] == info.model.to_dict() and card["validation"]["loops"] == 1
+    assert meta[spec.META_ALIGNMENT] == card["boundary_alignment"] == {"1": "end"}  # no entropy target, no top z
+
+
+def test_boundary_alignment_follows_the_training_that_set_it():
+    assert spec.boundary_alignment(3, True, 1.0) == {"1": "start", "2": "end", "3": "end"}
+    assert spec.boundary_alignment(3, False, 0.0) == {"1": "end", "2": "end"}
 
 
 def test_chunked_runs_equal_one_full_run(session):

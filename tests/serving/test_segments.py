@@ -10,8 +10,8 @@ Z[[2, 5, 6], 0] = 1  # layer 1 closes "abc", "def", "g"
 Z[[5], 1] = 1  # layer 2 closes "abcdef"
 
 
-def run(chunks, max_chars=1000):
-    tr = SegmentTracker([1, 2], max_chars)
+def run(chunks, max_chars=1000, alignment=None):
+    tr = SegmentTracker([1, 2], max_chars, alignment)
     closed, bounds, pos = [], {1: [], 2: []}, 0
     for size in chunks:
         b, c = tr.feed(pos, TEXT[pos : pos + size], Z[pos : pos + size])
@@ -31,15 +31,47 @@ def test_segments_and_boundaries():
 
 
 @pytest.mark.parametrize("chunks", [[1] * 10, [3, 3, 4], [7, 3], [2, 8]])
-def test_any_chunking_gives_the_same_segments(chunks):
-    assert run(chunks) == run([10])
+@pytest.mark.parametrize("alignment", [None, {1: "start", 2: "end"}])
+def test_any_chunking_gives_the_same_segments(chunks, alignment):
+    assert run(chunks, alignment=alignment) == run([10], alignment=alignment)
+
+
+def test_a_start_aligned_layer_cuts_before_the_character_it_fired_on():
+    bounds, spans = run([10], alignment={1: "start", 2: "end"})
+    assert bounds == {1: [2, 5, 6], 2: [5]}  # boundary offsets are where z fired, whatever the alignment
+    assert [(s.layer, s.text) for s in spans] == [(1, "ab"), (1, "cde"), (1, "f"), (1, "ghij"), (2, "abcdef"),
+                                                  (2, "ghij")]
+
+
+def test_a_start_aligned_boundary_on_the_first_character_makes_no_empty_segment():
+    tr = SegmentTracker([1], alignment={1: "start"})
+    z = np.zeros((6, 1))
+    z[[0, 3], 0] = 1
+    _, closed = tr.feed(0, "thecat", z)
+    assert [s.text for s in closed + tr.flush()] == ["the", "cat"]
+
+
+def test_alignment_survives_the_persistent_form():
+    tr = SegmentTracker([1, 2], alignment={1: "start"})
+    back = SegmentTracker.from_dict(tr.to_dict())
+    assert back.alignment == {1: "start", 2: "end"} and tr.copy().alignment == back.alignment
+
+
+def test_marks_go_after_an_end_aligned_boundary_and_before_a_start_aligned_one():
+    from hmlstm.serving.render import mark
+
+    assert mark("the cat", 0, {1: [2]}) == "the| cat"
+    assert mark("thecatsat", 0, {1: [0, 3, 6]}, {1: "start"}) == "the|cat|sat"
+    assert mark("catsat", 3, {1: [3, 6]}, {1: "start"}) == "|cat|sat"  # a later chunk may open with a cut
+    assert mark("thecat", 0, {1: [2], 2: [3]}, {1: "end", 2: "start"}) == "the‖cat"
 
 
 @pytest.mark.parametrize("chunks", [[10], [1] * 10, [4, 6]])
-def test_long_segment_is_closed_at_the_limit_whatever_the_chunking(chunks):
-    _, spans = run(chunks, max_chars=3)
+@pytest.mark.parametrize("alignment", [None, {2: "start"}])
+def test_long_segment_is_closed_at_the_limit_whatever_the_chunking(chunks, alignment):
+    _, spans = run(chunks, max_chars=3, alignment=alignment)
     layer2 = [s.text for s in spans if s.layer == 2]
-    assert layer2 == ["abc", "def", "ghi", "j"]
+    assert layer2 == (["abc", "def", "ghi", "j"] if alignment is None else ["abc", "de", "fgh", "ij"])
 
 
 def test_open_spans_have_no_text():
@@ -106,3 +138,18 @@ def test_top_k_chars_are_probabilities_in_order():
     assert [c for c, _ in got] == ["a", "b"]
     p = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
     assert got[0][1] == pytest.approx(p[1]) and got[1][1] == pytest.approx(p[2])
+
+
+@pytest.mark.parametrize("sizes", [[6], [3, 3], [1] * 6, [4, 2]])
+def test_marking_in_pieces_prints_the_same_as_marking_the_whole(sizes):
+    """An end-aligned cut at a piece's end and a start-aligned one at the next piece's start are one cut."""
+    from hmlstm.serving.render import Marker, mark
+
+    bounds = {1: [2], 2: [3]}  # layer 1 fires on "e" (end-aligned), layer 2 on "c" (start-aligned)
+    alignment = {1: "end", 2: "start"}
+    m, out, pos = Marker(alignment), "", 0
+    for n in sizes:
+        out += m.feed("thecat"[pos : pos + n], pos, {l: [o for o in offs if pos <= o < pos + n]
+                                                     for l, offs in bounds.items()})
+        pos += n
+    assert out + m.close() == mark("thecat", 0, bounds, alignment) == "the‖cat"

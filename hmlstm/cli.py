@@ -305,6 +305,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams' pieces per batched call")
     p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
                    help="how long a piece may wait for others to join its batch")
+    p.add_argument("--max-wait-fraction", type=float, default=d.max_wait_fraction,
+                   help="...or, if longer, this fraction of the previous batched call's time (keeps busy "
+                        "closed-loop streams in one batch; 0 turns it off)")
+    p.add_argument("--ort-threads", type=int, default=d.ort_threads,
+                   help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument("--ort-spinning", choices=["on", "off"], default=None,
+                   help="whether ONNX Runtime's idle threads spin (its default: on). On gives one stream "
+                        "lower latency; off leaves the CPU they would burn between the Loop's steps to gRPC")
     p.add_argument("--io-binding", default=d.io_binding, choices=["auto", "on", "off"],
                    help="keep recurrent state on the device between calls (auto: with CUDA)")
     p.set_defaults(func=cmd_serve)
@@ -327,16 +335,18 @@ def _serve_config(args):
             device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
             idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
             auth_token=token, workers=args.workers, batching=not args.no_batching, max_batch=args.max_batch,
-            max_wait_us=args.max_wait_us, state_store=args.state_store, io_binding=args.io_binding)
+            max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
+            io_binding=args.io_binding, ort_threads=args.ort_threads,
+            ort_spinning=None if args.ort_spinning is None else args.ort_spinning == "on")
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def _load_model(path, device):
+def _load_model(path, device, threads=None, spinning=None):
     from hmlstm.serving.model import ModelLoadError, load_model
 
     try:
-        return load_model(path, device)
+        return load_model(path, device, threads, spinning)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
 
@@ -357,7 +367,7 @@ def cmd_serve(args) -> int:
             store.close()
     except (ValueError, StoreUnavailable) as e:
         raise UserError(str(e)) from None
-    model = _load_model(args.model, config.device)
+    model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)
     try:
         asyncio.run(serve(model, config))
     except OSError as e:

@@ -59,19 +59,26 @@ def _reason(log: str) -> str:
     return m.group(1).strip()[:160] if m else "the session did not list it"
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
+    """threads: intra-op threads (None: ORT's default, one per core). spinning: whether idle
+    worker threads spin waiting for work (None: ORT's default, on). Spinning lowers the latency
+    of one small call but burns a core between the Loop's steps, which a server that also runs
+    gRPC and Python on the same cores pays for (measured in docs/benchmarks.md)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
-def make_session(model: str | bytes, device: str = "auto", threads: int | None = None) -> Runtime:
+def make_session(model: str | bytes, device: str = "auto", threads: int | None = None,
+                 spinning: bool | None = None) -> Runtime:
     """Build one inference session. device: auto (CUDA if it works), cuda (must work), cpu."""
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-    so = session_options(threads)
+    so = session_options(threads, spinning)
     why = ""
     if device != "cpu":
         if CUDA not in ort.get_available_providers():

@@ -36,3 +36,16 @@ def test_cuda_provider_runs_the_model_and_matches_the_cpu(tiny_onnx):
     a, b = run_session(rt.session, feeds), run_session(cpu.session, feeds)
     np.testing.assert_allclose(a[spec.LOGITS], b[spec.LOGITS], atol=1e-3)
     assert tiny_onnx.card["validation"]["providers"] == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+
+
+def test_session_options_set_threads_and_spinning_only_when_asked():
+    from hmlstm.runtime import session_options
+
+    so = session_options(threads=1, spinning=False)
+    assert so.intra_op_num_threads == 1
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    default = session_options()
+    assert default.intra_op_num_threads == 0  # ORT's default: one thread per core
+    with pytest.raises(RuntimeError):  # ORT raises when the entry was never set: its own default applies
+        default.get_session_config_entry("session.intra_op.allow_spinning")

@@ -23,12 +23,14 @@ class ServeConfig:
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>"
     workers: int = 4  # threads that run ONNX Runtime off the event loop
     ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    ort_spinning: bool | None = None  # ONNX Runtime's idle threads spin (None: its default, on; runtime.py)
     piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
     state_store: str = "memory"  # memory, sqlite:PATH (one machine), redis://HOST:PORT/DB (replicas)
     persist_depth: int = 8  # a stored stream can rewind this many responses back
     batching: bool = True  # run pending pieces of many streams as one call
     max_batch: int = 64  # rows in one batched call
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
+    max_wait_fraction: float = 0.25  # ...or this fraction of the previous call's time, if longer (batching.py)
     io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off
 
     def __post_init__(self) -> None:

@@ -73,13 +73,14 @@ class LoadedModel:
         return [o.name for o in self.runtime.session.get_outputs()]
 
 
-def load_model(path: str | Path | None = None, device: str = "auto", threads: int | None = None) -> LoadedModel:
+def load_model(path: str | Path | None = None, device: str = "auto", threads: int | None = None,
+               spinning: bool | None = None) -> LoadedModel:
     path = Path(path) if path else DEFAULT_MODEL
     if not path.is_file():
         hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
         raise ModelLoadError(f"model file {path} does not exist{hint}")
     try:
-        rt = make_session(str(path), device, threads)
+        rt = make_session(str(path), device, threads, spinning)
     except RuntimeError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # ORT raises its own types for files that are not ONNX

@@ -237,7 +237,8 @@ class SegmenterServer:
         bind = config.io_binding == "on" or (config.io_binding == "auto" and model.runtime.on_cuda)
         if config.batching:
             self.runner: Runner = BatchingRunner(model, config.max_batch, config.max_wait_us, self.metrics,
-                                                 attached=lambda: self.registry.active, io_binding=bind)
+                                                 attached=lambda: self.registry.active, io_binding=bind,
+                                                 max_wait_fraction=config.max_wait_fraction)
         else:
             self.runner = Runner(model, config.workers, io_binding=bind)
         self.health = health.aio.HealthServicer()

@@ -245,3 +245,35 @@ def test_on_cuda_bound_state_stays_on_the_device_and_answers_match_the_cpu(tiny_
         assert_same(g, e)
     ref = next(iter(got[0][1].state.values()))
     assert binder.reused > 0 and ref.batch.values[ref.output].device_name().lower() == "cuda"
+
+
+@pytest.mark.parametrize("fraction, min_mean, max_mean", [(1.0, 6.5, 8.0), (0.0, 1.0, 5.0)])
+def test_closed_loop_streams_stay_in_one_batch_with_a_wait_fraction(tiny_model, fraction, min_mean, max_mean):
+    """Each stream sends its next piece a few ms after its answer. With max_wait_us=0 alone, the first
+    to come back runs by itself and the rest queue behind it (cohorts); waiting up to a fraction of the
+    previous call keeps all 8 together."""
+    text = synthetic_corpus(seed=5, n_chars=3000).text[:2048]
+
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=0, attached=lambda: 8,
+                                max_wait_fraction=fraction)
+
+        async def client(i):
+            st = new_stream(tiny_model)
+            for o in range(0, 6 * 1024, 1024):
+                await asyncio.sleep(0.0005 * i)  # the client's turnaround, different for each stream
+                await runner.process_chunk(st, o, text[: 1024] if o % 2048 == 0 else text[1024:], 4096)
+
+        try:
+            await asyncio.gather(*(client(i) for i in range(8)))
+            return runner.rows / runner.batches
+        finally:
+            runner.close()
+
+    mean = asyncio.run(main())
+    assert min_mean <= mean <= max_mean, mean
+
+
+def test_wait_fraction_must_be_a_fraction(tiny_model):
+    with pytest.raises(ValueError):
+        BatchingRunner(tiny_model, max_wait_fraction=1.5)

@@ -73,12 +73,14 @@ def free_port() -> int:
 
 
 def start_server(model_path: Path, batching: bool, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """A real `hmlstm serve` process; its Prometheus endpoint is at proc.metrics_url."""
+    port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "hmlstm.cli", "serve", str(model_path), "--port", str(port), "--metrics-port",
-           "-1", "--max-streams", "2000", "--idle-timeout", "600", *extra]
+           str(metrics_port), "--max-streams", "2000", "--idle-timeout", "600", *extra]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     target = f"127.0.0.1:{port}"
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -247,6 +249,15 @@ def pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) * 1e3 if len(x) else float("nan")
 
 
+def batch_counts(proc) -> tuple[float, float]:
+    """(pieces run, model calls) so far, from the server's batch-size histogram."""
+    import urllib.request
+
+    text = urllib.request.urlopen(proc.metrics_url, timeout=5).read().decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("hmlstm_batch_size_"))
+    return float(values.get("hmlstm_batch_size_sum", 0)), float(values.get("hmlstm_batch_size_count", 0))
+
+
 def bench_model(name: str, path: Path, streams: list[int], chunks: list[int], seconds: float, gflops: float):
     model = load_model(path, "cpu")
     limit = gflops * 1e9 / flops_per_char(model.config, len(model.vocab))
@@ -256,9 +267,13 @@ def bench_model(name: str, path: Path, streams: list[int], chunks: list[int], se
         try:
             for c in chunks:
                 for n in streams:
+                    before = batch_counts(proc) if batching else (0.0, 0.0)
                     rate, lat = asyncio.run(drive(target, n, c, seconds, warmup=min(1.0, seconds / 2)))
+                    after = batch_counts(proc) if batching else (0.0, 0.0)
+                    calls = after[1] - before[1]
                     rows.append({"what": f"server, batching {'on' if batching else 'off'}", "streams": n,
-                                 "chunk": c, "rate": rate, "p50": pct(lat, 50), "p99": pct(lat, 99)})
+                                 "chunk": c, "rate": rate, "p50": pct(lat, 50), "p99": pct(lat, 99),
+                                 "rows_per_call": (after[0] - before[0]) / calls if calls else float("nan")})
                     print(f"{name} {rows[-1]['what']} N={n} C={c}: {rate:,.0f} chars/s "
                           f"p50 {rows[-1]['p50']:.2f} ms p99 {rows[-1]['p99']:.2f} ms", flush=True)
         finally:
@@ -281,15 +296,19 @@ def report(results, gflops: float, seconds: float) -> str:
              f"Measured in one run: numpy sgemm {gflops:.0f} GFLOP/s (1024^3, float32, best of 10). The limit of a "
              "model is that rate / its FLOPs per character (matmuls only). Closed-loop clients: each stream sends a "
              f"chunk and waits for its response; {seconds:g} s per row after warm-up, client and server on the same "
-             "2 cores. `%` is each row's characters/s as a share of the limit.", ""]
+             "2 cores. `%` is each row's characters/s as a share of the limit. `streams per call`: the mean "
+             "batch the server ran (its batch-size histogram, warm-up included). This machine is a shared VM: "
+             "repeated runs of the 64-stream rows have varied by up to 1.5x, so compare rows within one run.", ""]
     for name, model, limit, rows in results:
         units = "x".join(map(str, model.units))
         lines += [f"### {name} ({units}, vocabulary {len(model.vocab)}): limit {limit:,.0f} chars/s", "",
-                  "| what | streams | chunk | chars/s | % of limit | p50 ms | p99 ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| what | streams | chunk | chars/s | % of limit | p50 ms | p99 ms | streams per call |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
+            per_call = r.get("rows_per_call", float("nan"))
             lines.append(f"| {r['what']} | {r['streams']} | {r['chunk']} | {r['rate']:,.0f} | "
-                         f"{100 * r['rate'] / limit:.1f}% | {r['p50']:.2f} | {r['p99']:.2f} |")
+                         f"{100 * r['rate'] / limit:.1f}% | {r['p50']:.2f} | {r['p99']:.2f} | "
+                         f"{'' if per_call != per_call else f'{per_call:.1f}'} |")
         lines += ["", *targets(rows, limit), ""]
     lines += ["![serving throughput](serve_bench.png)"]
     return "\n".join(lines)

@@ -130,6 +130,8 @@ def cmd_train(args) -> int:
         if "word_ends" in e:
             w = e["word_ends"]
             line += f"; word-end P {w['precision']:.2f} R {w['recall']:.2f} F1 {w['f1']:.2f}"
+            if "word_starts" in e:
+                line += f", on word starts F1 {e['word_starts']['f1']:.2f}"
             line += f" (random at that rate: F1 {w['random_f1']:.2f})"
         print(line)
     if result.skipped_steps:

@@ -268,6 +268,10 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     writer = tf.summary.create_file_writer(str(run_dir / "tb"))
 
     val_truth = corpus.word_ends[len(train_ids):] if corpus.word_ends is not None else None
+    val_starts = None  # a word's first character: where a start-aligned detector (--entropy-target) fires
+    if val_truth is not None:
+        val_starts = np.zeros_like(val_truth)
+        val_starts[1:] = val_truth[:-1]
     val_phrase = corpus.phrase_ends[len(train_ids):] if corpus.phrase_ends is not None else None
 
     def validate(step: int) -> float:
@@ -278,6 +282,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             entry = {"rate": round(float(z[..., l].mean()), 4)}
             if val_truth is not None:
                 entry["word_ends"] = boundary_scores.score(z[..., l] > 0.5, val_truth[pos]).to_dict()
+                entry["word_starts"] = boundary_scores.score(z[..., l] > 0.5, val_starts[pos]).to_dict()
             if val_phrase is not None:
                 entry["phrase_ends"] = boundary_scores.score(z[..., l] > 0.5, val_phrase[pos]).to_dict()
             layers[f"layer{l + 1}"] = entry
@@ -288,6 +293,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 tf.summary.scalar(f"val/{name}_rate", e["rate"])
                 if "word_ends" in e:
                     tf.summary.scalar(f"val/{name}_word_f1", e["word_ends"]["f1"])
+                    tf.summary.scalar(f"val/{name}_word_start_f1", e["word_starts"]["f1"])
         run_io.atomic_write_text(metrics_path, dumps({
             "val_bpc": result.val_bpc, "boundary": result.boundary,
             "skipped_steps": result.skipped_steps, "step": step,

@@ -11,8 +11,9 @@ moment the model became free. A lone stream pays no wait. The second bound
 is what keeps closed-loop clients in one batch: while a call runs, the streams
 it serves cannot send, so the others queue alone; without it, under load the
 streams split into cohorts that alternate, each paying the per-step cost of
-the loop for half a batch (measured: 64 streams ran as batches of 31). It
-costs a stream at most that fraction of a call in latency. It runs them in
+the loop for half a batch (measured at 64 streams of 16-character chunks:
+batches of 31 with no such wait, 32-52 with a quarter of a call, 63 with half,
+the default). It costs a stream at most that fraction of a call in latency. It runs them in
 one call with the exported ``lengths``
 input (rows may differ in length; each advances only its own), and hands each
 stream its own row.
@@ -56,7 +57,7 @@ class _Pending:
 
 class BatchingRunner(Runner):
     def __init__(self, model: LoadedModel, max_batch: int = 64, max_wait_us: int = 200, metrics=None,
-                 workers: int = 1, attached=None, io_binding: bool = False, max_wait_fraction: float = 0.25):
+                 workers: int = 1, attached=None, io_binding: bool = False, max_wait_fraction: float = 0.5):
         if max_batch < 1 or max_wait_us < 0 or not 0 <= max_wait_fraction <= 1:
             raise ValueError("max_batch must be >= 1, max_wait_us >= 0 and max_wait_fraction in [0, 1]")
         super().__init__(model, workers, io_binding)

@@ -30,7 +30,7 @@ class ServeConfig:
     batching: bool = True  # run pending pieces of many streams as one call
     max_batch: int = 64  # rows in one batched call
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
-    max_wait_fraction: float = 0.25  # ...or this fraction of the previous call's time, if longer (batching.py)
+    max_wait_fraction: float = 0.5  # ...or this fraction of the previous call's time, if longer (batching.py)
     io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ def test_training_lowers_validation_bpc(corpus, tmp_path):
     assert len(bpcs) == 4
     assert bpcs[-1] < bpcs[0] - 0.5, bpcs
     assert set(result.boundary) == {"layer1", "layer2"}
-    assert "word_ends" in result.boundary["layer1"] and "phrase_ends" in result.boundary["layer1"]
+    assert {"word_ends", "word_starts", "phrase_ends"} <= set(result.boundary["layer1"])
     assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "vocab.json").exists()
     assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events written
     import json

@@ -593,7 +593,9 @@ def cmd_demo(args) -> int:
     for l in layers:
         seg = segments[l]
         mean = sum(map(len, seg)) / max(1, len(seg))
-        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars; first: {seg[:8]}")
+        joined = "|".join(seg)
+        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars: "
+              f"{joined[:100] + ('...' if len(joined) > 100 else '')}")
     return 0
 
 

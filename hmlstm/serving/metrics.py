@@ -21,6 +21,8 @@ class Metrics:
         self.store_errors = Counter("hmlstm_state_store_errors", "State-store reads or writes that failed",
                                     registry=self.registry)
         self.requests = Counter("hmlstm_requests", "Calls started, by method", ["method"], registry=self.registry)
+        self.takeovers = Counter("hmlstm_stream_takeovers", "Resumes that took a stream over from a call still "
+                                 "attached to it", registry=self.registry)
         self.batch_size = Histogram("hmlstm_batch_size", "Streams' pieces per model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue_wait = Histogram("hmlstm_queue_wait_seconds", "From a piece's arrival to its model call",

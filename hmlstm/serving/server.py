@@ -97,6 +97,25 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.metrics.errors.labels(code).inc()
         await context.abort(getattr(grpc.StatusCode, code), message)
 
+    async def _take_over(self, stream_id: str, timeout_s: float = 5.0) -> None:
+        """A resume wins over the call still attached to its stream.
+
+        That call is usually a dead connection the server has not noticed yet (a client that
+        reconnects does so because its call broke). It is cancelled, and answered ABORTED if
+        its client is still there; the resume goes on once it has let go. Whatever it was
+        doing is safe to drop: the resume rewinds to the last response its client received.
+        """
+        held = self.registry.get(stream_id)
+        if held is None or not held.attached or held.owner is None or held.owner.done():
+            return
+        held.taken_over = True
+        held.owner.cancel()
+        try:
+            await asyncio.wait_for(held.released.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass  # the registry then answers ABORTED: retry
+        self.metrics.takeovers.inc()
+
     async def StreamSegment(self, request_iterator, context):
         self.metrics.requests.labels("StreamSegment").inc()
         it = request_iterator.__aiter__()
@@ -130,10 +149,13 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                       f"{self.config.max_top_k}")
             if self.store is not None and cfg.stream_id:
                 await self._load_stored(cfg.stream_id, cfg.resume)
+            if cfg.resume and cfg.stream_id:
+                await self._take_over(cfg.stream_id)
             st = self.registry.open(
                 lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id,
                                     alignment=self.model.alignment), cfg.stream_id,
                 cfg.resume, cfg.resume_offset)
+            st.claim(asyncio.current_task(), asyncio.Event())
             self.metrics.active_streams.set(self.registry.active)
             self.metrics.held_streams.set(len(self.registry))
             while True:
@@ -169,6 +191,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         except StreamError as e:
             await self._fail(context, e.code, str(e))
         except asyncio.CancelledError:
+            if st is not None and st.taken_over:  # a newer call resumed this stream
+                self.metrics.errors.labels("ABORTED").inc()
+                await context.abort(grpc.StatusCode.ABORTED, "a newer call resumed this stream and took it over")
             self.metrics.errors.labels("CANCELLED").inc()
             raise
         finally:

@@ -62,6 +62,11 @@ class StreamState:
         self.processed = 0
         self.attached = True
         self.last_seen = time.monotonic()
+        # The call holding the stream (the server's handler task), an event set when it lets go,
+        # and whether a newer call resumed the stream and took it over.
+        self.owner = None
+        self.released = None
+        self.taken_over = False
         self._call_end: int | None = None  # end of the last chunk received on the current call
         # (processed, model state, tracker, text of the chunk that led here) after each of the
         # recent responses, to rewind a resume to and to persist.
@@ -112,6 +117,10 @@ class StreamState:
                               "processed_chars of the last response received")
         self.processed, self.state, tracker, _ = self._history[-1]
         self.tracker = tracker.copy()
+
+    def claim(self, owner, released) -> None:
+        """The call now attached (its task, and an event to set when it lets go)."""
+        self.owner, self.released, self.taken_over = owner, released, False
 
     def attach(self) -> None:
         """A (new) call takes the stream over: offsets restart their ordering check."""
@@ -179,8 +188,8 @@ class StreamRegistry:
                 raise StreamError("NOT_FOUND", f"no stream {stream_id!r} to resume: never started, finished, or "
                                   f"idle longer than {self.idle_timeout_s:g}s; start a new stream")
             if st.attached:
-                raise StreamError("ABORTED", f"stream {stream_id!r} is still attached to another call; "
-                                  "close that call first")
+                raise StreamError("ABORTED", f"stream {stream_id!r} is still attached to another call that "
+                                  "did not let go; retry the resume shortly")
             self._check_capacity()
             st.rewind(resume_offset)
             st.attach()
@@ -216,6 +225,8 @@ class StreamRegistry:
         if st.attached:
             st.attached = False
             self.active -= 1
+        if st.released is not None:
+            st.released.set()
         st.last_seen = time.monotonic()
         if finished and st.stream_id:
             self._by_id.pop(st.stream_id, None)

@@ -374,3 +374,24 @@ def test_a_file_that_is_not_an_hmlstm_model_is_refused(tmp_path, capsys):
     assert main(["serve", str(other), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an exported hmlstm model" in err[0]
+
+
+def test_a_resume_takes_over_a_stream_whose_old_call_still_looks_attached(server):
+    """A client whose connection broke without the server noticing resumes at once: the old call is
+    ended with ABORTED, and the stream continues from the last response the client received."""
+    import threading
+
+    release = threading.Event()
+    with SegmenterClient(server.target) as c:
+        expected = unary(c, TEXT[:120])
+        old = c.stream(held_open(chunked(TEXT[:60], 20), release), stream_id="takeover")
+        first = [next(iter(old)) for _ in range(3)]  # the old call is still open after 60 characters
+        assert first[-1].processed_chars == 60
+        new = list(c.stream(chunked(TEXT[60:120], 20), stream_id="takeover", resume=True, start_offset=60))
+        with pytest.raises(grpc.RpcError) as e:
+            list(old)
+        release.set()
+    assert e.value.code() == grpc.StatusCode.ABORTED and "took it over" in e.value.details()
+    assert new[0].chunk_offset == 60 and new[-1].final
+    assert collect(first + new) == expected
+    assert server.server.metrics.registry.get_sample_value("hmlstm_stream_takeovers_total") >= 1

@@ -41,8 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmlstm.export import spec
-from hmlstm.serving.device_state import reusable
+from hmlstm.serving.device_state import reusable, split_rows
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.runner import Runner
 
@@ -142,16 +141,10 @@ class BatchingRunner(Runner):
         if self.binder is not None:
             rows = self.binder.rows(*self.binder.run(tokens, lengths, state), lengths)
         else:
-            out = self.model.run(tokens, lengths, state)
-            rows = []
-            for i in range(b):
-                row = {k: v[i : i + 1] for k, v in out.items()}
-                for k in (spec.LOGITS, spec.BOUNDARIES, spec.BOUNDARY_LOGITS):
-                    row[k] = row[k][:, : lengths[i]]
-                rows.append(row)
+            rows = split_rows(self.model.run(tokens, lengths, state), lengths)
         self.batches += 1
         self.rows += b
-        result: list[dict[str, np.ndarray]] = [{}] * b
+        result: list[dict[str, np.ndarray] | None] = [None] * b
         for pos, i in enumerate(order):
             result[i] = rows[pos]
         return result

@@ -66,6 +66,12 @@ class RowRef:
         return np.asarray(self)[index]
 
 
+def split_rows(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """A batched call's outputs, per row: views of batch size 1, time axes ([B, T, ...]) cut to the row's length."""
+    return [{k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in outputs.items()}
+            for i in range(len(lengths))]
+
+
 def host_state(state: dict) -> dict[str, np.ndarray]:
     """The same state with every value as a NumPy array on the host."""
     return {k: np.asarray(v) for k, v in state.items()}
@@ -123,9 +129,7 @@ class Binder:
 
     def rows(self, host: dict[str, np.ndarray], bound: BoundBatch, lengths: np.ndarray) -> list[dict]:
         """Per row: its host outputs cut to its length, and RowRefs to its state."""
-        out = []
-        for i in range(bound.rows):
-            row = {k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in host.items()}
+        rows = split_rows(host, lengths)
+        for i, row in enumerate(rows):
             row.update({k: RowRef(bound, k, i) for k in self.state_map})
-            out.append(row)
-        return out
+        return rows

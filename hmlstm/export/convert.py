@@ -296,11 +296,12 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
                 f"explained: TensorFlow itself moves by up to {v['reference_spread']:.3g} there with its weights "
                 f"one float32 ulp away ({v['case']})")
 
+    meta = read_metadata(model)
     card = {
         "format": spec.FORMAT, "model_config": info.model.to_dict(), "vocabulary_size": len(info.vocab),
-        "io": json.loads(dict((p.key, p.value) for p in model.metadata_props)[spec.META_IO]),
+        "io": meta[spec.META_IO],
         "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
-        "boundary_alignment": json.loads(dict((p.key, p.value) for p in model.metadata_props)[spec.META_ALIGNMENT]),
+        "boundary_alignment": meta[spec.META_ALIGNMENT],
         "provenance": provenance, "evaluation": {"val_bpc": provenance["val_bpc"],
                                                  "boundaries": metrics.get("boundary", {})},
         "validation": report.to_dict() if config.validate else None,

@@ -113,7 +113,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         try:
             await asyncio.wait_for(held.released.wait(), timeout_s)
         except asyncio.TimeoutError:
-            pass  # the registry then answers ABORTED: retry
+            return  # the registry then answers ABORTED: retry
         self.metrics.takeovers.inc()
 
     async def StreamSegment(self, request_iterator, context):

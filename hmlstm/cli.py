@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from hmlstm.errors import UserError
@@ -242,7 +243,9 @@ def _add_export(sub) -> None:
                        description="Convert a training run's streaming step function to ONNX with the "
                        "time loop kept as one Loop, prove it equal to TensorFlow, and write it with a "
                        "JSON model card beside it. A model that fails validation is not written.")
-    p.add_argument("checkpoint", type=Path, help="run directory written by `hmlstm train`")
+    p.add_argument("checkpoint", type=Path,
+                   help="run directory written by `hmlstm train`, or an exported .onnx to export again with "
+                        "this version's exporter (its weights are recovered and checked first)")
     p.add_argument("--out", type=Path, default=Path("model.onnx"))
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -268,11 +271,18 @@ def cmd_export(args) -> int:
         kw["explain_factor"] = 0.0
     cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
                        tolerance=args.tolerance, **kw)
-    try:
-        result = export(args.checkpoint, args.out, cfg, log=lambda m: print(m, file=sys.stderr))
-    except ValidationError as e:
-        print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:
+        run = args.checkpoint
+        if run.suffix == ".onnx" and run.is_file():
+            from hmlstm.export.recover import recover_run
+
+            run = recover_run(run, Path(tmp) / run.stem, log=log)
+        try:
+            result = export(run, args.out, cfg, log=log)
+        except ValidationError as e:
+            print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     print(f"wrote {result.path} ({result.card['size_bytes'] / 1e6:.2f} MB) and {result.card_path}")
     return 0
 

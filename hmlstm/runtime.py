@@ -13,7 +13,9 @@ import ctypes
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
@@ -21,11 +23,56 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+def _task_ids() -> set[int]:
+    """This process's thread ids (Linux; empty elsewhere)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _threads_cpu_seconds(tids) -> float:
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:  # the thread has ended
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class ModelCpu:
+    """CPU seconds spent running the model: the calling threads inside ``session.run`` (``time.thread_time``)
+    plus ONNX Runtime's own intra-op pool threads, which do nothing else. The pool threads are those
+    the session created (ids seen before and after it was made; Linux only, elsewhere they are not
+    counted). Read by the server's ``hmlstm_model_cpu_seconds_total`` and the serving benchmark."""
+
+    def __init__(self, pool_threads: frozenset[int] = frozenset()):
+        self.pool_threads = pool_threads
+        self._calls = 0.0
+        self._lock = threading.Lock()
+
+    def run(self, fn, *args):
+        t0 = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            spent = time.thread_time() - t0
+            with self._lock:
+                self._calls += spent
+
+    def seconds(self) -> float:
+        return self._calls + _threads_cpu_seconds(self.pool_threads)
+
+
 @dataclass(frozen=True)
 class Runtime:
     session: ort.InferenceSession
     providers: tuple[str, ...]
     note: str  # one line: what runs where, and why CUDA is not used if it is not
+    cpu: ModelCpu = field(default_factory=ModelCpu, compare=False)
 
     @property
     def on_cuda(self) -> bool:
@@ -79,6 +126,11 @@ def make_session(model: str | bytes, device: str = "auto", threads: int | None =
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     so = session_options(threads, spinning)
+    before = _task_ids()
+
+    def runtime(sess, note):
+        return Runtime(sess, tuple(sess.get_providers()), note, ModelCpu(frozenset(_task_ids() - before)))
+
     why = ""
     if device != "cpu":
         if CUDA not in ort.get_available_providers():
@@ -89,10 +141,9 @@ def make_session(model: str | bytes, device: str = "auto", threads: int | None =
             sess, log = _capture_fd2(
                 lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
             if sess.get_providers()[0] == CUDA:
-                return Runtime(sess, tuple(sess.get_providers()), "ONNX Runtime on CUDA")
+                return runtime(sess, "ONNX Runtime on CUDA")
             why = f"CUDA provider failed to load: {_reason(log)}"
         if device == "cuda":
             raise RuntimeError(f"--device cuda asked for, but {why}")
     sess = ort.InferenceSession(model, so, providers=[CPU])
-    note = "ONNX Runtime on CPU" + (f" (CUDA not used: {why})" if why else "")
-    return Runtime(sess, tuple(sess.get_providers()), note)
+    return runtime(sess, "ONNX Runtime on CPU" + (f" (CUDA not used: {why})" if why else ""))

@@ -46,6 +46,11 @@ class Vocabulary:
             chars = [UNK] + [c for c in chars if c != UNK]
         self.chars = chars
         self._index = {c: i for i, c in enumerate(chars)}
+        # id by code point, -1 where unknown: encoding is one vectorised lookup (the server's hot path)
+        single = [(ord(c), i) for c, i in self._index.items() if len(c) == 1]
+        self._table = np.full(max((cp for cp, _ in single), default=0) + 1, -1, np.int32)
+        for cp, i in single:
+            self._table[cp] = i
 
     @classmethod
     def from_text(cls, text: str) -> Vocabulary:
@@ -56,16 +61,18 @@ class Vocabulary:
 
     def encode(self, text: str) -> np.ndarray:
         """Text -> int32 ids; unknown characters map to 0."""
-        get = self._index.get
-        return np.fromiter((get(ch, 0) for ch in text), dtype=np.int32, count=len(text))
+        return self.encode_counting(text)[0]
 
     def encode_counting(self, text: str) -> tuple[np.ndarray, int]:
         """(ids, how many characters were not in the vocabulary)."""
-        get = self._index.get
-        raw = np.fromiter((get(ch, -1) for ch in text), dtype=np.int32, count=len(text))
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        table = self._table
+        inside = cps < len(table)
+        raw = table[np.where(inside, cps, 0)]
+        raw[~inside] = -1
         unknown = raw < 0
         raw[unknown] = 0
-        return raw, int(unknown.sum())
+        return raw, int(np.count_nonzero(unknown))
 
     def unknown_chars(self, text: str) -> set[str]:
         return {ch for ch in set(text) if ch not in self._index}

@@ -134,10 +134,8 @@ class BatchingRunner(Runner):
             tokens[i, : lengths[i]] = p.tokens
         state = hit[0] if hit else {}
         if not hit:
-            for name, buf in self._buffers.items():
-                for i, p in enumerate(ordered):
-                    buf[i] = p.state[name][0]
-                state[name] = buf[:b]
+            for name, buf in self._buffers.items():  # one C-level copy per state input
+                state[name] = np.concatenate([p.state[name] for p in ordered], out=buf[:b])
         if self.binder is not None:
             rows = self.binder.rows(*self.binder.run(tokens, lengths, state), lengths)
         else:

@@ -68,8 +68,16 @@ class RowRef:
 
 def split_rows(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[dict[str, np.ndarray]]:
     """A batched call's outputs, per row: views of batch size 1, time axes ([B, T, ...]) cut to the row's length."""
-    return [{k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in outputs.items()}
-            for i in range(len(lengths))]
+    b = len(lengths)
+    ragged = b > 1 and bool((lengths != lengths[0]).any())
+    columns = []
+    for v in outputs.values():
+        if v.ndim == 3 and (ragged or v.shape[1] != lengths[0]):
+            columns.append([v[i : i + 1, : lengths[i]] for i in range(b)])
+        else:  # every row's view at once, made in C (this runs for every row of every call)
+            columns.append(list(v[:, None]))
+    keys = list(outputs)
+    return [dict(zip(keys, row)) for row in zip(*columns)]
 
 
 def host_state(state: dict) -> dict[str, np.ndarray]:
@@ -96,6 +104,7 @@ class Binder:
 
     def __init__(self, model):
         self.session = model.runtime.session
+        self.cpu = model.runtime.cpu
         self.device = "cuda" if model.runtime.on_cuda else "cpu"
         self.state_map = dict(model.state_map)  # output -> input
         self.output_for = {i: o for o, i in self.state_map.items()}
@@ -122,7 +131,7 @@ class Binder:
             self.gathered += 1
         for name in self.outputs:
             binding.bind_output(name, self.device if name in self.state_map else "cpu")
-        self.session.run_with_iobinding(binding)
+        self.cpu.run(self.session.run_with_iobinding, binding)
         values = dict(zip(self.outputs, binding.get_outputs()))
         host = {k: v.numpy() for k, v in values.items() if k not in self.state_map}
         return host, BoundBatch({k: values[k] for k in self.state_map}, len(tokens))

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+
+class _ModelCpu:
+    """hmlstm_model_cpu_seconds_total, read from the runtime's own accounting at each scrape."""
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+
+    def collect(self):
+        yield CounterMetricFamily("hmlstm_model_cpu_seconds", "CPU seconds spent in model calls (the calling "
+                                  "thread inside ONNX Runtime plus its intra-op threads); process_cpu_seconds_total "
+                                  "less this is the server's own work", value=self.cpu.seconds())
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_cpu=None) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds
+        if model_cpu is not None:
+            self.registry.register(_ModelCpu(model_cpu))
         self.active_streams = Gauge("hmlstm_active_streams", "Streaming calls attached to a stream now",
                                     registry=self.registry)
         self.held_streams = Gauge("hmlstm_held_streams", "Streams held for resume by id", registry=self.registry)

@@ -66,7 +66,7 @@ class LoadedModel:
             raise ValueError("time length 0 cannot run through the model's Loop")
         names = self._output_names
         feeds = {spec.TOKENS: tokens, spec.LENGTHS: lengths, **{k: np.asarray(v) for k, v in state.items()}}
-        return dict(zip(names, self.runtime.session.run(names, feeds)))
+        return dict(zip(names, self.runtime.cpu.run(self.runtime.session.run, names, feeds)))
 
     @cached_property
     def _output_names(self) -> list[str]:

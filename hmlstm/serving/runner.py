@@ -24,6 +24,8 @@ def _pieces(text: str, size: int) -> list[str]:
 
 
 def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
+    if len(results) == 1:  # one piece (the usual case): already in order
+        return results[0]
     last = results[-1]
     merged = ChunkResult(chunk_offset, last.processed_chars, next_chars=last.next_chars)
     for r in results:

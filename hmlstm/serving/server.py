@@ -120,22 +120,15 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.metrics.requests.labels("StreamSegment").inc()
         it = request_iterator.__aiter__()
         idle = self.config.idle_timeout_s
-
-        async def next_request():
-            try:
-                return await asyncio.wait_for(it.__anext__(), idle)
-            except StopAsyncIteration:
-                return None
-            except asyncio.TimeoutError:
-                raise StreamError("DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout); the stream "
-                                  "can be resumed by its id") from None
-
         st: StreamState | None = None
         finished = False
         try:
-            first = await next_request()
-            if first is None:
+            try:  # later waits are watched by the server's watchdog (_expire_loop), not a timer per message
+                first = await asyncio.wait_for(it.__anext__(), idle)
+            except StopAsyncIteration:
                 return
+            except asyncio.TimeoutError:
+                raise StreamError("DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout)") from None
             if not first.HasField("config"):
                 raise StreamError("FAILED_PRECONDITION", "the first message must be a StreamConfig; "
                                   "send the config before any chunk")
@@ -156,10 +149,17 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                     alignment=self.model.alignment), cfg.stream_id,
                 cfg.resume, cfg.resume_offset)
             st.claim(asyncio.current_task(), asyncio.Event())
+            st.context = context
             self.metrics.active_streams.set(self.registry.active)
             self.metrics.held_streams.set(len(self.registry))
+            durable = self.store is not None and bool(st.stream_id)
             while True:
-                req = await next_request()
+                st.wait("read")
+                try:
+                    req = await it.__anext__()
+                except StopAsyncIteration:
+                    req = None
+                st.wait("")
                 if req is None:
                     if context.cancelled():  # grpc.aio ends the request stream on a cancel too
                         self.metrics.errors.labels("CANCELLED").inc()
@@ -171,19 +171,24 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 chunk = req.chunk
                 new = st.accept(chunk.offset, chunk.text, self.config.max_chunk_chars)
                 if not new:
-                    yield messages.response_pb(st.duplicate(chunk.offset))
-                    continue
-                result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
-                if self.store is not None and st.stream_id:
-                    await self._save(st)  # durable before the response acknowledges it
-                self.metrics.chars.inc(len(new))
-                self.metrics.chunk_latency.observe(time.perf_counter() - t0)
-                yield messages.response_pb(result)
+                    response = messages.response_pb(st.duplicate(chunk.offset))
+                else:
+                    result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
+                    if durable:
+                        await self._save(st)  # durable before the response acknowledges it
+                    self.metrics.chars.inc(len(new))
+                    self.metrics.chunk_latency.observe(time.perf_counter() - t0)
+                    response = messages.response_pb(result)
+                st.wait("write")
+                yield response
+                st.wait("")
             # The stream is forgotten only once the final response went out: a cancel can
             # look like a half-close, and then the stream must stay resumable.
+            st.wait("write")
             yield messages.response_pb(st.finish())
+            st.wait("")
             finished = not context.cancelled()
-            if finished and self.store is not None and st.stream_id:
+            if finished and durable:
                 try:
                     await self._store_io(self.store.delete, st.stream_id)
                 except StoreUnavailable:
@@ -194,7 +199,11 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if st is not None and st.taken_over:  # a newer call resumed this stream
                 self.metrics.errors.labels("ABORTED").inc()
                 await context.abort(grpc.StatusCode.ABORTED, "a newer call resumed this stream and took it over")
-            self.metrics.errors.labels("CANCELLED").inc()
+            if st is not None and st.idle_expired == "read":  # the watchdog ended a silent call
+                resumable = "; the stream can be resumed by its id" if st.stream_id else ""
+                await self._fail(context, "DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout){resumable}")
+            if st is None or st.idle_expired != "write":  # the watchdog counted that one
+                self.metrics.errors.labels("CANCELLED").inc()
             raise
         finally:
             if st is not None:
@@ -257,7 +266,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 class SegmenterServer:
     def __init__(self, model: LoadedModel, config: ServeConfig):
         self.model, self.config = model, config
-        self.metrics = Metrics()
+        self.metrics = Metrics(model.runtime.cpu)
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
         bind = config.io_binding == "on" or (config.io_binding == "auto" and model.runtime.on_cuda)
         if config.batching:
@@ -282,6 +291,7 @@ class SegmenterServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._expiry: asyncio.Task | None = None
+        self._late_statuses: set[asyncio.Task] = set()
 
     async def start(self) -> int:
         addr = f"{self.config.host}:{self.config.port}"
@@ -302,11 +312,44 @@ class SegmenterServer:
         return self.port
 
     async def _expire_loop(self) -> None:
+        """The idle-timeout watchdog: ends calls stalled on their client (waiting for its next message,
+        or for it to read a response) and forgets detached streams, every quarter of the timeout
+        (at most 5 s), so a stalled call ends between 1 and 1.25 idle timeouts after it stalled."""
         period = max(0.05, min(self.config.idle_timeout_s / 4, 5.0))
         while True:
             await asyncio.sleep(period)
+            for st in self.registry.stalled():
+                if st.owner is None or st.owner.done() or st.idle_expired:
+                    continue
+                st.idle_expired = st.waiting
+                st.owner.cancel()
+                if st.waiting == "write":
+                    self._end_unread(st)
             if self.registry.expire():
                 self.metrics.held_streams.set(len(self.registry))
+
+    def _end_unread(self, st: StreamState) -> None:
+        """End a call whose client stopped reading: its unread responses filled the transport's
+        flow-control window, so the handler is cancelled (the stream's slot is free at once, and
+        it stays resumable) and the status is queued behind those responses: a client that reads
+        again gets them, then DEADLINE_EXCEEDED. One that never reads holds only the transport's
+        window until it disconnects."""
+        idle = self.config.idle_timeout_s
+        self.metrics.errors.labels("DEADLINE_EXCEEDED").inc()
+        log.info("stream %s: its client read no response for %gs (idle timeout); call ended",
+                 st.stream_id or "(no id)", idle)
+        resumable = "; the stream can be resumed by its id" if st.stream_id else ""
+        message = f"the client did not read its responses for {idle:g}s (idle timeout){resumable}"
+
+        async def late_status(context):
+            try:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+            except BaseException:  # AbortError once sent; a batch error if the client went away
+                pass
+
+        task = asyncio.create_task(late_status(st.context))
+        self._late_statuses.add(task)
+        task.add_done_callback(self._late_statuses.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let open ones finish within ``grace``."""
@@ -314,6 +357,8 @@ class SegmenterServer:
         await self.server.stop(self.config.grace_s if grace is None else grace)
         if self._expiry:
             self._expiry.cancel()
+        for task in list(self._late_statuses):
+            task.cancel()
         self.runner.close()
         self.metrics.close()
         if self.store is not None:

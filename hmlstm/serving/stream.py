@@ -65,8 +65,15 @@ class StreamState:
         # The call holding the stream (the server's handler task), an event set when it lets go,
         # and whether a newer call resumed the stream and took it over.
         self.owner = None
+        self.context = None  # the attached call's grpc context (server only)
         self.released = None
         self.taken_over = False
+        # What the call holding the stream waits on ("read": the client's next message, "write": the
+        # client to read a response, "" while the server works) and since when; the server's
+        # watchdog ends a call that has waited longer than the idle timeout (``StreamRegistry.stalled``).
+        self.waiting = ""
+        self.waiting_since = time.monotonic()
+        self.idle_expired = ""
         self._call_end: int | None = None  # end of the last chunk received on the current call
         # (processed, model state, tracker, text of the chunk that led here) after each of the
         # recent responses, to rewind a resume to and to persist.
@@ -75,7 +82,12 @@ class StreamState:
         self.checkpoint()
 
     def checkpoint(self, text: str = "") -> None:
-        """Remember the stream as it is after the response just built (for ``text``)."""
+        """Remember the stream as it is after the response just built (for ``text``).
+
+        A stream without an id cannot be resumed or stored, so only its first snapshot is kept.
+        """
+        if not self.stream_id and self._history:
+            return
         self._history.append((self.processed, self.state, self.tracker.copy(), text))
 
     def record(self, depth: int = 8) -> bytes:
@@ -121,6 +133,12 @@ class StreamState:
     def claim(self, owner, released) -> None:
         """The call now attached (its task, and an event to set when it lets go)."""
         self.owner, self.released, self.taken_over = owner, released, False
+        self.idle_expired = ""
+
+    def wait(self, what: str) -> None:
+        """The call starts waiting for ``what`` ("read", "write") or stops waiting ("")."""
+        self.waiting = what
+        self.waiting_since = time.monotonic()
 
     def attach(self) -> None:
         """A (new) call takes the stream over: offsets restart their ordering check."""
@@ -150,7 +168,7 @@ class StreamState:
         """Take the model's outputs for ``new_text`` (row 0, first len(new_text) steps)."""
         n = len(new_text)
         start = self.processed
-        self.state = {state_map[k]: v for k, v in outputs.items() if k in state_map}
+        self.state = {i: outputs[o] for o, i in state_map.items()}
         z = outputs[spec.BOUNDARIES][0, :n]
         boundaries, closed = self.tracker.feed(start, new_text, z)
         self.processed = start + n
@@ -173,6 +191,7 @@ class StreamRegistry:
         self.max_streams = max_streams
         self.idle_timeout_s = idle_timeout_s
         self._by_id: dict[str, StreamState] = {}
+        self._attached: set[StreamState] = set()  # streams with a call attached, with an id or not
         self.active = 0  # calls currently attached to a stream
 
     def __len__(self) -> int:
@@ -194,6 +213,7 @@ class StreamRegistry:
             st.rewind(resume_offset)
             st.attach()
             self.active += 1
+            self._attached.add(st)
             return st
         if stream_id and stream_id in self._by_id:
             raise StreamError("ALREADY_EXISTS", f"stream {stream_id!r} exists; resume it (resume = true) or "
@@ -203,6 +223,7 @@ class StreamRegistry:
         if stream_id:
             self._by_id[stream_id] = st
         self.active += 1
+        self._attached.add(st)
         return st
 
     def held(self, stream_id: str) -> bool:
@@ -225,11 +246,18 @@ class StreamRegistry:
         if st.attached:
             st.attached = False
             self.active -= 1
+        self._attached.discard(st)
         if st.released is not None:
             st.released.set()
         st.last_seen = time.monotonic()
         if finished and st.stream_id:
             self._by_id.pop(st.stream_id, None)
+
+    def stalled(self, now: float | None = None) -> list[StreamState]:
+        """Attached streams whose call has waited on its client longer than the idle timeout."""
+        now = time.monotonic() if now is None else now
+        return [st for st in self._attached
+                if st.waiting and now - st.waiting_since > self.idle_timeout_s]
 
     def expire(self, now: float | None = None) -> int:
         """Forget detached streams idle past the timeout; returns how many."""

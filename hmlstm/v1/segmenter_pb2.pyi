@@ -111,7 +111,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("format", "num_layers", "units", "vocab_size", "top_boundary", "boundary_layers", "providers", "model_path", "model_config_json", "provenance_json", "max_chunk_chars", "max_text_chars", "trained_without", "boundary_alignment")
+    __slots__ = ("format", "num_layers", "units", "vocab_size", "top_boundary", "boundary_layers", "providers", "model_path", "model_config_json", "provenance_json", "max_chunk_chars", "max_text_chars", "trained_without", "boundary_alignment", "worker", "worker_pid")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class ModelInfo(_message.Message):
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_WITHOUT_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     format: str
     num_layers: int
     units: _containers.RepeatedScalarFieldContainer[int]
@@ -140,4 +142,6 @@ class ModelInfo(_message.Message):
     max_text_chars: int
     trained_without: str
     boundary_alignment: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, format: _Optional[str] = ..., num_layers: _Optional[int] = ..., units: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., top_boundary: _Optional[bool] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., providers: _Optional[_Iterable[str]] = ..., model_path: _Optional[str] = ..., model_config_json: _Optional[str] = ..., provenance_json: _Optional[str] = ..., max_chunk_chars: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., trained_without: _Optional[str] = ..., boundary_alignment: _Optional[_Iterable[str]] = ...) -> None: ...
+    worker: int
+    worker_pid: int
+    def __init__(self, format: _Optional[str] = ..., num_layers: _Optional[int] = ..., units: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., top_boundary: _Optional[bool] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., providers: _Optional[_Iterable[str]] = ..., model_path: _Optional[str] = ..., model_config_json: _Optional[str] = ..., provenance_json: _Optional[str] = ..., max_chunk_chars: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., trained_without: _Optional[str] = ..., boundary_alignment: _Optional[_Iterable[str]] = ..., worker: _Optional[int] = ..., worker_pid: _Optional[int] = ...) -> None: ...

@@ -395,3 +395,45 @@ def test_a_resume_takes_over_a_stream_whose_old_call_still_looks_attached(server
     assert new[0].chunk_offset == 60 and new[-1].final
     assert collect(first + new) == expected
     assert server.server.metrics.registry.get_sample_value("hmlstm_stream_takeovers_total") >= 1
+
+
+def test_a_client_that_stops_reading_is_ended_after_the_idle_timeout_and_frees_its_slot(tiny_model):
+    """The client keeps writing and reads nothing: once its unread responses fill the flow-control
+    window (kept small here: no BDP probing) the server's write waits, and the watchdog ends the
+    call. Its slot is free at once; the status waits behind the responses the client has not read."""
+    config = ServeConfig(port=0, metrics_port=None, idle_timeout_s=0.5, max_streams=1, max_top_k=50)
+
+    async def stops_reading(target, srv):
+        async with grpc.aio.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0)]) as ch:
+            call = pb_grpc.SegmenterStub(ch).StreamSegment(
+                pb.SegmentRequest(chunk=pb.TextChunk(offset=16 * i, text=TEXT[:16])) if i >= 0 else
+                pb.SegmentRequest(config=pb.StreamConfig(stream_id="deaf", top_k=50)) for i in range(-1, 10**6))
+            t0 = time.monotonic()
+            while (held := srv.server.registry.get("deaf")) is None or held.attached:
+                await asyncio.sleep(0.05)
+                assert time.monotonic() - t0 < 30, "the stalled call was never ended"
+            assert srv.server.registry.active == 0
+            read = 0
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in call:
+                    read += 1
+            return read, e.value
+
+    with BackgroundServer(tiny_model, config) as srv:
+        read, err = asyncio.run(stops_reading(srv.target, srv))
+        assert read > 10  # the responses it had not read still arrive, then the status
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "did not read its responses" in err.details()
+        assert srv.server.metrics.errors.labels("DEADLINE_EXCEEDED")._value.get() == 1
+        with SegmenterClient(srv.target) as c:  # the one slot is free again
+            assert list(c.stream(["abc"]))[-1].final
+
+
+def test_metrics_split_the_process_cpu_into_model_calls_and_the_rest(server):
+    with SegmenterClient(server.target) as c:
+        c.segment(TEXT)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["hmlstm_model_cpu_seconds_total"] > 0
+    assert values["process_cpu_seconds_total"] >= values["hmlstm_model_cpu_seconds_total"]
+    assert values["process_resident_memory_bytes"] > 1e6 and values["process_open_fds"] > 0

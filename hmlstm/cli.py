@@ -310,7 +310,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--auth-token-env", default=None, metavar="VAR",
                    help="require 'authorization: Bearer $VAR' on every call")
-    p.add_argument("--workers", type=int, default=d.workers, help="threads for unbatched model calls")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="server processes sharing the port, each with its own ONNX Runtime session and batcher; "
+                        "worker i serves metrics on --metrics-port + i; resume across workers needs a shared "
+                        "--state-store")
+    p.add_argument("--call-threads", type=int, default=d.call_threads,
+                   help="threads for unbatched model calls (--no-batching)")
     p.add_argument("--state-store", default=d.state_store,
                    help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
     p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
@@ -343,10 +348,11 @@ def _serve_config(args):
             raise UserError(f"TLS file {f} does not exist")
     try:
         return ServeConfig(
-            host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            host=args.host, port=args.port, metrics_port=None if args.metrics_port == -1 else args.metrics_port,
             device=args.device, max_streams=args.max_streams, max_chunk_chars=args.max_chunk_chars,
             idle_timeout_s=args.idle_timeout, grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            auth_token=token, workers=args.workers, batching=not args.no_batching, max_batch=args.max_batch,
+            auth_token=token, workers=args.workers, call_threads=args.call_threads, batching=not args.no_batching,
+            max_batch=args.max_batch,
             max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
             io_binding=args.io_binding, ort_threads=args.ort_threads,
             ort_spinning=None if args.ort_spinning is None else args.ort_spinning == "on")
@@ -379,6 +385,14 @@ def cmd_serve(args) -> int:
             store.close()
     except (ValueError, StoreUnavailable) as e:
         raise UserError(str(e)) from None
+    if config.workers > 1:
+        from hmlstm.serving.workers import run_workers
+
+        _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)  # fail here, once
+        try:
+            return run_workers(args.model, config)
+        except OSError as e:
+            raise UserError(f"cannot serve on {config.host}:{config.port}: {e}") from None
     model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)
     try:
         asyncio.run(serve(model, config))

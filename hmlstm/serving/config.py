@@ -21,7 +21,8 @@ class ServeConfig:
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>"
-    workers: int = 4  # threads that run ONNX Runtime off the event loop
+    workers: int = 1  # server processes on this port (workers.py); each has its own session and batcher
+    call_threads: int = 4  # threads that run unbatched ONNX Runtime calls off the event loop
     ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
     ort_spinning: bool | None = None  # ONNX Runtime's idle threads spin (None: its default, on; runtime.py)
     piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
@@ -32,6 +33,8 @@ class ServeConfig:
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
     max_wait_fraction: float = 0.5  # ...or this fraction of the previous call's time, if longer (batching.py)
     io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off
+    worker_index: int = 0  # set by the supervisor for each of its workers
+    reuse_port: bool = False  # share the port with this server's own workers (SO_REUSEPORT); set by the supervisor
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -40,3 +43,8 @@ class ServeConfig:
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
         if self.max_streams < 1 or self.max_chunk_chars < 1:
             raise ValueError("max_streams and max_chunk_chars must be at least 1")
+        if self.workers < 1 or self.call_threads < 1:
+            raise ValueError("--workers and --call-threads must be at least 1")
+        for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} {port} is not a port number (0-65535)")

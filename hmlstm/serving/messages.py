@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.segments import Span
@@ -48,7 +49,7 @@ def text_response_pb(results: list[ChunkResult], chars: int) -> pb.SegmentTextRe
                                   unknown_chars=sum(r.unknown_chars for r in results), chars=chars)
 
 
-def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int) -> pb.ModelInfo:
+def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int, worker: int = 0) -> pb.ModelInfo:
     return pb.ModelInfo(
         format="hmlstm-stream/1", num_layers=model.num_layers, units=model.units, vocab_size=len(model.vocab),
         top_boundary=bool(model.config.get("top_boundary")), boundary_layers=model.boundary_layers,
@@ -57,4 +58,5 @@ def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int)
         max_chunk_chars=max_chunk_chars, max_text_chars=max_text_chars,
         trained_without=model.provenance.get("strip_delimiters") or "",
         boundary_alignment=[model.alignment[l] for l in model.boundary_layers],
+        worker=worker, worker_pid=os.getpid(),
     )

@@ -230,7 +230,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
 
     async def DescribeModel(self, request, context):
         self.metrics.requests.labels("DescribeModel").inc()
-        return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.config.max_text_chars)
+        return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.config.max_text_chars,
+                                      self.config.worker_index)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
@@ -274,12 +275,14 @@ class SegmenterServer:
                                                  attached=lambda: self.registry.active, io_binding=bind,
                                                  max_wait_fraction=config.max_wait_fraction)
         else:
-            self.runner = Runner(model, config.workers, io_binding=bind)
+            self.runner = Runner(model, config.call_threads, io_binding=bind)
         self.health = health.aio.HealthServicer()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # gRPC shares ports by default (SO_REUSEPORT): only a supervisor's own workers may (workers.py)
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         ])
         self.store = open_store(config.state_store)
         self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store)
@@ -295,6 +298,10 @@ class SegmenterServer:
 
     async def start(self) -> int:
         addr = f"{self.config.host}:{self.config.port}"
+        if not self.config.reuse_port and self.config.port:
+            from hmlstm.serving.workers import check_port_free
+
+            check_port_free(self.config.host, self.config.port)  # one clear line instead of gRPC's bind error
         if self.config.tls_cert:
             creds = grpc.ssl_server_credentials(
                 [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])

@@ -1,0 +1,150 @@
+"""`hmlstm serve --workers N`: processes sharing one port, a killed worker, resumes on another."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.workers import bind_socket, check_port_free, worker_config
+from hmlstm.v1 import segmenter_pb2 as pb
+from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
+from tests.serving.durable import fold, free_port, unary, wait_serving
+from tests.serving.test_durability import texts
+
+FRESH = [("grpc.use_local_subchannel_pool", 1)]  # a new TCP connection per channel, so the kernel picks a worker
+
+
+def worker_of(target: str) -> tuple[int, int]:
+    with grpc.insecure_channel(target, FRESH) as ch:
+        info = pb_grpc.SegmenterStub(ch).DescribeModel(pb.DescribeModelRequest(), timeout=5)
+    return info.worker, info.worker_pid
+
+
+def test_worker_configs_share_the_port_and_spread_the_metrics_ports():
+    base = ServeConfig(port=0, metrics_port=9464, workers=3)
+    configs = [worker_config(base, i, 5000) for i in range(3)]
+    assert [c.metrics_port for c in configs] == [9464, 9465, 9466]
+    assert all(c.port == 5000 and c.reuse_port and c.workers == 1 for c in configs)
+    assert worker_config(ServeConfig(metrics_port=None), 2, 1).metrics_port is None
+
+
+def test_a_port_someone_holds_is_refused_even_by_a_port_sharing_socket():
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as gRPC servers bind by default
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_port_free("127.0.0.1", port)
+    with bind_socket("127.0.0.1", 0, reuse_port=True) as s:  # what the supervisor holds
+        with pytest.raises(OSError, match="already in use"):
+            check_port_free("127.0.0.1", s.getsockname()[1])
+
+
+async def _stream(target: str, stream_id: str, text: str, chunk: int, start: int = 0, resume: bool = False,
+                  pause: float = 0.0, on_channel=None):
+    """Closed loop on a fresh connection; returns (responses, broke)."""
+    responses, queue = [], asyncio.Queue()
+
+    async def requests():
+        yield pb.SegmentRequest(config=pb.StreamConfig(stream_id=stream_id, resume=resume, resume_offset=start))
+        while (item := await queue.get()) is not None:
+            yield pb.SegmentRequest(chunk=pb.TextChunk(offset=item[0], text=item[1]))
+
+    async with grpc.aio.insecure_channel(target, FRESH) as ch:
+        stub = pb_grpc.SegmenterStub(ch)
+        info = await stub.DescribeModel(pb.DescribeModelRequest())
+        if on_channel:
+            on_channel(info.worker_pid)
+        call = stub.StreamSegment(requests())
+        try:
+            for off in range(start, len(text), chunk):
+                await queue.put((off, text[off : off + chunk]))
+                r = await call.read()
+                if r == grpc.aio.EOF:
+                    return responses, True
+                responses.append(r)
+                await asyncio.sleep(pause)
+            await queue.put(None)
+            while (r := await call.read()) != grpc.aio.EOF:
+                responses.append(r)
+        except grpc.RpcError:
+            return responses, True
+    return responses, False
+
+
+def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", str(tiny_onnx.path), "--workers", "2",
+                             "--port", str(port), "--metrics-port", "-1", "--state-store",
+                             f"sqlite:{tmp_path / 'streams.db'}", "--idle-timeout", "60"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(target)
+        pids = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2:  # both workers up and reachable
+            pids.add(worker_of(target)[1])
+            assert time.monotonic() < deadline, "the second worker never answered"
+        bodies = texts(8, length=200)
+        ids = [f"w{i}" for i in range(8)]
+        served_by: dict[str, int] = {}
+        victim: list[int] = []
+
+        async def run_all():
+            async def one(sid, body):
+                return await _stream(target, sid, body, 10, pause=0.03,
+                                     on_channel=lambda pid: served_by.__setitem__(sid, pid))
+
+            async def killer():
+                while len(served_by) < len(ids):
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.25)  # every stream is mid-way
+                victim.append(served_by[ids[0]])
+                os.kill(victim[0], signal.SIGKILL)
+
+            results = await asyncio.gather(*(one(s, b) for s, b in zip(ids, bodies)), killer())
+            return results[:-1]
+
+        first = asyncio.run(run_all())
+        assert len(set(served_by.values())) == 2 or pytest.skip("the kernel put every stream on one worker")
+        broken = [i for i, (_, broke) in enumerate(first) if broke]
+        assert broken and all(served_by[ids[i]] == victim[0] for i in broken)
+
+        async def resume_all():
+            out = {}
+            for i in broken:
+                rs = first[i][0]
+                start = rs[-1].processed_chars if rs else 0
+                resumed_on = []
+                for _ in range(100):  # UNAVAILABLE/ABORTED while the dead connection is noticed: retry
+                    again, broke = await _stream(target, ids[i], bodies[i], 10, start=start, resume=bool(rs),
+                                                 on_channel=resumed_on.append)
+                    if not broke:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not broke and victim[0] not in resumed_on
+                out[i] = again
+            return out
+
+        resumed = asyncio.run(resume_all())
+        for i, body in enumerate(bodies):
+            got = first[i][0] + resumed.get(i, [])
+            assert fold(got) == unary(target, body), f"stream {ids[i]} differs from an uninterrupted run"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "restarting it" in err  # the supervisor replaced the killed worker

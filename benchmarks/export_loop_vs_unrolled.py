@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 import tf2onnx  # noqa: E402
 
 from benchmarks.report import DOCS, write_section  # noqa: E402
-from hmlstm.export import spec  # noqa: E402
+from hmlstm import spec  # noqa: E402
 from hmlstm.export.convert import stream_function, tf_signature  # noqa: E402
 from hmlstm.export.validate import make_feeds  # noqa: E402
 from hmlstm.model.cell import HMLSTMState  # noqa: E402

@@ -37,7 +37,7 @@ class Outputs:
 
 
 def _run_onnx(path: Path, text: str) -> Outputs:
-    from hmlstm.export import spec
+    from hmlstm import spec
     from hmlstm.serving.model import ModelLoadError, load_model
 
     try:

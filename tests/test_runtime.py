@@ -26,7 +26,7 @@ def test_cuda_provider_runs_the_model_and_matches_the_cpu(tiny_onnx):
         pytest.skip("no NVIDIA GPU here")
     import numpy as np
 
-    from hmlstm.export import spec
+    from hmlstm import spec
     from hmlstm.export.validate import make_feeds, run_session
     rt = make_session(str(tiny_onnx.path), "cuda")
     assert rt.on_cuda
@@ -49,3 +49,16 @@ def test_session_options_set_threads_and_spinning_only_when_asked():
     assert default.intra_op_num_threads == 0  # ORT's default: one thread per core
     with pytest.raises(RuntimeError):  # ORT raises when the entry was never set: its own default applies
         default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_the_server_imports_neither_the_trainer_nor_the_exporter():
+    """model -> export -> serving holds in the imports: what both sides read is in hmlstm.spec and
+    hmlstm.vocabulary, so a server-only install needs neither TensorFlow nor the exporter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hmlstm.serving.server, hmlstm.serving.client, hmlstm.serving.workers, hmlstm.serving.model;"
+            "bad = sorted(m for m in sys.modules if m.startswith(('hmlstm.model', 'hmlstm.export', 'tensorflow',"
+            " 'tf2onnx', 'onnx.')) or m == 'onnx'); print(bad); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

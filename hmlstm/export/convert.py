@@ -20,8 +20,8 @@ import onnx
 import tensorflow as tf
 
 import hmlstm
+from hmlstm import spec
 from hmlstm.errors import UserError
-from hmlstm.export import spec
 from hmlstm.export.validate import ValidationReport, validate
 from hmlstm.model.cell import HMLSTMState
 from hmlstm.model.checkpoint import atomic_write_text, load_network

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from hmlstm.export import spec
+from hmlstm import spec
 from hmlstm.model.cell import _layer_norm
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from hmlstm import spec
 from hmlstm.errors import UserError
-from hmlstm.export import spec
 from hmlstm.model.config import ModelConfig, TrainConfig
 from hmlstm.model.data import Vocabulary
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from hmlstm.export import spec
+from hmlstm import spec
 
 
 class ValidationError(ValueError):

@@ -11,15 +11,13 @@ This module needs only NumPy: export and serving share the vocabulary code.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hmlstm.errors import UserError
-
-UNK = "\ufffd"  # id 0: any character the vocabulary lacks
+from hmlstm.vocabulary import UNK, Vocabulary  # noqa: F401  (the vocabulary is shared with the server)
 
 
 @dataclass(frozen=True)
@@ -36,56 +34,6 @@ class Corpus:
     phrase_ends: np.ndarray | None = None
     source: str | None = None  # what load_corpus was given, to load it again
     strip: str | None = None  # the delimiters removed, if any
-
-
-class Vocabulary:
-    """Characters <-> ids. Id 0 is the unknown character."""
-
-    def __init__(self, chars: list[str]):
-        if not chars or chars[0] != UNK:
-            chars = [UNK] + [c for c in chars if c != UNK]
-        self.chars = chars
-        self._index = {c: i for i, c in enumerate(chars)}
-        # id by code point, -1 where unknown: encoding is one vectorised lookup (the server's hot path)
-        single = [(ord(c), i) for c, i in self._index.items() if len(c) == 1]
-        self._table = np.full(max((cp for cp, _ in single), default=0) + 1, -1, np.int32)
-        for cp, i in single:
-            self._table[cp] = i
-
-    @classmethod
-    def from_text(cls, text: str) -> Vocabulary:
-        return cls(sorted(set(text)))
-
-    def __len__(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> np.ndarray:
-        """Text -> int32 ids; unknown characters map to 0."""
-        return self.encode_counting(text)[0]
-
-    def encode_counting(self, text: str) -> tuple[np.ndarray, int]:
-        """(ids, how many characters were not in the vocabulary)."""
-        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        table = self._table
-        inside = cps < len(table)
-        raw = table[np.where(inside, cps, 0)]
-        raw[~inside] = -1
-        unknown = raw < 0
-        raw[unknown] = 0
-        return raw, int(np.count_nonzero(unknown))
-
-    def unknown_chars(self, text: str) -> set[str]:
-        return {ch for ch in set(text) if ch not in self._index}
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_json(self) -> str:
-        return json.dumps(self.chars, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, s: str) -> Vocabulary:
-        return cls(json.loads(s))
 
 
 def builtin_text() -> str:

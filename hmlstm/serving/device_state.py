@@ -26,7 +26,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from hmlstm.export import spec
+from hmlstm import spec
 
 
 class BoundBatch:

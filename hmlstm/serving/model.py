@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hmlstm.export import spec
-from hmlstm.model.data import Vocabulary
+from hmlstm import spec
 from hmlstm.runtime import Runtime, make_session
+from hmlstm.vocabulary import Vocabulary
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "default.onnx"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hmlstm.export import spec
+from hmlstm import spec
 from hmlstm.serving.segments import SegmentTracker, Span
 
 

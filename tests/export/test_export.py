@@ -5,8 +5,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from hmlstm import spec
 from hmlstm.errors import UserError
-from hmlstm.export import spec
 from hmlstm.export.convert import (
     ExportConfig,
     export,

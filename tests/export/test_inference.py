@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from hmlstm.export import spec
+from hmlstm import spec
 from hmlstm.export.convert import convert, selects_to_where, stream_function, tf_reference
 from hmlstm.export.validate import make_feeds, run_session
 from hmlstm.model.config import ModelConfig

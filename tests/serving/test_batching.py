@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from hmlstm.export import spec
+from hmlstm import spec
 from hmlstm.model.data import synthetic_corpus
 from hmlstm.serving.batching import BatchingRunner
 from hmlstm.serving.runner import Runner, process_chunk_sync

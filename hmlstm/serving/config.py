@@ -24,12 +24,14 @@ class ServeConfig:
     workers: int = 1  # server processes on this port (workers.py); each has its own session and batcher
     call_threads: int = 4  # threads that run unbatched ONNX Runtime calls off the event loop
     ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
-    ort_spinning: bool | None = None  # ONNX Runtime's idle threads spin (None: its default, on; runtime.py)
+    # ONNX Runtime's idle threads spin between the Loop's steps (None: ORT's default, on). Off by default
+    # here: at 64 streams the server was as fast with half the model's CPU (docs/benchmarks.md).
+    ort_spinning: bool | None = False
     piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
     state_store: str = "memory"  # memory, sqlite:PATH (one machine), redis://HOST:PORT/DB (replicas)
     persist_depth: int = 8  # a stored stream can rewind this many responses back
     batching: bool = True  # run pending pieces of many streams as one call
-    max_batch: int = 64  # rows in one batched call
+    max_batch: int = 64  # rows in one batched call; 0: every pending piece (up to max_streams)
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
     max_wait_fraction: float = 0.5  # ...or this fraction of the previous call's time, if longer (batching.py)
     io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off
@@ -43,6 +45,8 @@ class ServeConfig:
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
         if self.max_streams < 1 or self.max_chunk_chars < 1:
             raise ValueError("max_streams and max_chunk_chars must be at least 1")
+        if self.max_batch < 0:
+            raise ValueError("--max-batch must be 0 (every pending piece) or more")
         if self.workers < 1 or self.call_threads < 1:
             raise ValueError("--workers and --call-threads must be at least 1")
         for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):

@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
         print(line)
     if result.skipped_steps:
         print(f"  {result.skipped_steps} step(s) skipped for a non-finite loss or gradient")
-    return 0
+    # The conventional statuses of a process ended by SIGINT and SIGTERM, as schedulers expect.
+    return {"interrupted": 130, "terminated": 143}.get(result.stopped_by, 0)
 
 
 # ---------------------------------------------------------------- plot
@@ -319,7 +320,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--state-store", default=d.state_store,
                    help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
     p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams' pieces per batched call (0: every pending piece, up to --max-streams)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="streams' pieces per batched call (0: every pending piece, up to --max-streams)")
     p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
                    help="how long a piece may wait for others to join its batch")
     p.add_argument("--max-wait-fraction", type=float, default=d.max_wait_fraction,
@@ -447,23 +449,38 @@ def _add_segment(sub) -> None:
 
 
 def _read_chunks(path: str, size: int):
+    """Check the source now (before anything connects); return a generator of its text in pieces."""
+    import codecs
+
     if size < 1:
         raise UserError("--chunk-chars must be at least 1")
-    if path == "-":
-        stream = sys.stdin
-    else:
+    if path != "-":
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{path} does not exist or is not a file")
-        stream = p.open(encoding="utf-8")
-    try:
-        while True:
-            piece = stream.read(size)
-            if not piece:
-                return
-            yield piece
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
+    name = "standard input" if path == "-" else path
+
+    def pieces():
+        # Bytes, decoded strictly: a non-UTF-8 input is one clean error, never a surrogate printed later.
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        pending = ""
+        try:
+            while True:
+                raw = stream.read(size)
+                pending += decoder.decode(raw, final=not raw)
+                while len(pending) >= size or (not raw and pending):
+                    yield pending[:size]
+                    pending = pending[size:]
+                if not raw:
+                    return
+        except UnicodeDecodeError:
+            raise UserError(f"{name} is not UTF-8 text") from None
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+    return pieces()
 
 
 def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int, marker) -> int:
@@ -505,11 +522,26 @@ def cmd_segment(args) -> int:
     chunks = _read_chunks(args.file, args.chunk_chars)
     sent: list[str] = []
     trained_without = ""
+    failed: list[UserError] = []
 
     def tee():
-        for c in _without(chunks, trained_without, args.keep_delimiters):
-            sent.append(c)
-            yield c
+        # A mistake found while reading (a non-UTF-8 byte) ends the request stream cleanly and is
+        # reported after it, instead of surfacing as the server's "Exception iterating requests".
+        try:
+            for c in _without(chunks, trained_without, args.keep_delimiters):
+                sent.append(c)
+                yield c
+        except UserError as e:
+            failed.append(e)
+
+    def done() -> int:
+        if failed:
+            raise failed[0]
+        if not sent:
+            print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
+        elif not args.jsonl:
+            print()
+        return 0
 
     printed = 0
     if args.local:
@@ -531,9 +563,7 @@ def cmd_segment(args) -> int:
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
             printed = _print_result(r, "".join(sent), 0, args.jsonl, printed, marker)
         _print_result(response_pb(st.finish()), "".join(sent), 0, args.jsonl, printed, marker)
-        if not args.jsonl:
-            print()
-        return 0
+        return done()
 
     import grpc
 
@@ -552,10 +582,10 @@ def cmd_segment(args) -> int:
                 text = "".join(sent)
                 printed = _print_result(r, text, 0, args.jsonl, printed, marker)
         except grpc.RpcError as e:
+            if failed:
+                raise failed[0] from None
             raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
-    if not args.jsonl:
-        print()
-    return 0
+    return done()
 
 
 # ---------------------------------------------------------------- demo
@@ -641,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the [train] extra (pyproject.toml): a server-only install lacks them.
+TRAIN_EXTRA = ("tensorflow", "tensorboard", "tf2onnx", "onnx", "tqdm", "matplotlib")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -652,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hmlstm: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        print(f"hmlstm: error: `hmlstm {args.command}` needs {e.name.split('.')[0]}, which the server-only install "
+              "leaves out; install training, export and plots with: pip install 'hmlstm[train]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

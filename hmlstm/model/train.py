@@ -9,7 +9,9 @@ ends with the same weights as one that was never interrupted.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,14 @@ class TrainResult:
     boundary: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0
     stopped_by: str = "done"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Kubernetes, a batch scheduler): stop like Ctrl-C, checkpoint saved."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 class Trainer(tf.Module):
@@ -241,7 +251,13 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     ckpt = tf.train.Checkpoint(trainer=trainer)
     manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=3)
     if resume:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        try:
+            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except Exception as e:  # TF raises OpError, AssertionError, IndexError... on bad files
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot resume {run_dir}: checkpoint {manager.latest_checkpoint} is corrupt or "
+                            f"incomplete ({first}); delete {run_dir / 'ckpt'} to start over, or train into "
+                            "another --out") from None
         log(f"resuming {run_dir} from step {int(trainer.step.numpy())}")
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
@@ -309,6 +325,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     consecutive_bad = 0
     last_val = result.val_bpc[-1][1] if result.val_bpc else float("nan")
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
@@ -357,10 +375,13 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             if cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes:
                 result.stopped_by = f"time limit ({cfg.max_minutes} min)"
                 break
-    except KeyboardInterrupt:
-        result.stopped_by = "interrupted"
-        log(f"\ninterrupted at step {step}; checkpoint saved, run the same command to resume")
+    except KeyboardInterrupt as e:
+        result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        log(f"\n{how} at step {step}; checkpoint saved, run the same command to resume")
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_sigterm)
         if bar is not None:
             bar.close()
         if int(trainer.step.numpy()) > 0 and (manager.latest_checkpoint is None

@@ -271,8 +271,8 @@ class SegmenterServer:
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
         bind = config.io_binding == "on" or (config.io_binding == "auto" and model.runtime.on_cuda)
         if config.batching:
-            self.runner: Runner = BatchingRunner(model, config.max_batch or config.max_streams, config.max_wait_us, self.metrics,
-                                                 attached=lambda: self.registry.active, io_binding=bind,
+            self.runner: Runner = BatchingRunner(model, config.max_batch or config.max_streams, config.max_wait_us,
+                                                 self.metrics, attached=lambda: self.registry.active, io_binding=bind,
                                                  max_wait_fraction=config.max_wait_fraction)
         else:
             self.runner = Runner(model, config.call_threads, io_binding=bind)

@@ -28,10 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+from hmlstm.cli import quiet_tensorflow  # noqa: E402
+
+tf = quiet_tensorflow()
 import tf2onnx  # noqa: E402
 
-from benchmarks.report import DOCS, write_section  # noqa: E402
+from benchmarks.report import DOCS, NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
 from hmlstm import spec  # noqa: E402
 from hmlstm.export.convert import stream_function, tf_signature  # noqa: E402
 from hmlstm.export.validate import make_feeds  # noqa: E402
@@ -127,6 +130,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600, help="seconds an unrolled export may take")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    add_write_docs(ap)
     args = ap.parse_args()
 
     net = load_net(args.checkpoint)
@@ -186,6 +190,9 @@ def main() -> None:
               "", "![loop vs unrolled](export_loop_vs_unrolled.png)"]
     plot(rows, DOCS / "export_loop_vs_unrolled.png")
     print("\n".join(lines))
+    if not args.write_docs:
+        print(NOT_WRITTEN)
+        return
     print(f"\nwrote {write_section('export_loop_vs_unrolled', chr(10).join(lines))}")
 
 

@@ -30,3 +30,12 @@ def write_section(name: str, body: str, report: Path = REPORT, header: str = HEA
         text = text.rstrip() + "\n\n" + block + "\n"
     report.write_text(text)
     return report
+
+
+def add_write_docs(ap) -> None:
+    """The flag without which a benchmark only prints: a trial run never replaces the committed report."""
+    ap.add_argument("--write-docs", action="store_true",
+                    help="write the report into docs/ (without it the report is only printed)")
+
+
+NOT_WRITTEN = "(not written: pass --write-docs to replace the committed report)"

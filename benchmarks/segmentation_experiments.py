@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
 from hmlstm.evaluation import evaluate  # noqa: E402
 from hmlstm.model.config import TrainConfig  # noqa: E402
 from hmlstm.model.data import Corpus, load_corpus  # noqa: E402
@@ -151,12 +151,13 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "segmentation")
     ap.add_argument("--score", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="evaluate these finished runs instead of training the configurations")
+    add_write_docs(ap)
     args = ap.parse_args()
     if args.score:
         results = [scored(d) for d in args.score]
         for r in results:
             print(row(r), flush=True)
-        print(f"wrote {write_scored(results)}")
+        print(f"wrote {write_scored(results)}" if args.write_docs else NOT_WRITTEN)
         return
     previous = ROOT / "docs" / "segmentation.json"
     results = json.loads(previous.read_text()) if previous.exists() and args.only else []
@@ -165,8 +166,10 @@ def main() -> None:
         r = run(name, args.steps, args.runs)
         results.append(r)
         print(row(r), flush=True)
-        write(sorted(results, key=lambda x: list(CONFIGS).index(x["name"])), args.steps)
-    print(f"wrote {write(sorted(results, key=lambda x: list(CONFIGS).index(x['name'])), args.steps)}")
+        if args.write_docs:  # after every run, so a long sweep that stops keeps what it measured
+            write(sorted(results, key=lambda x: list(CONFIGS).index(x["name"])), args.steps)
+    print(f"wrote {write(sorted(results, key=lambda x: list(CONFIGS).index(x['name'])), args.steps)}"
+          if args.write_docs else NOT_WRITTEN)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
 from benchmarks.serve_bench import TEXT, start_server  # noqa: E402
 from hmlstm.serving.model import DEFAULT_MODEL  # noqa: E402
 from hmlstm.v1 import segmenter_pb2 as pb  # noqa: E402
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--state-store", default="memory")
+    add_write_docs(ap)
     args = ap.parse_args()
     proc, target = start_server(DEFAULT_MODEL, batching=True, extra=["--state-store", args.state_store])
     try:
@@ -119,7 +120,7 @@ def main() -> None:
               f"{s['errors']} |" for s in samples[:: max(1, len(samples) // 20)]]
     text = "\n".join(lines)
     print(text)
-    print(f"\nwrote {write_section('soak', text)}")
+    print(f"\nwrote {write_section('soak', text)}" if args.write_docs else NOT_WRITTEN)
 
 
 if __name__ == "__main__":

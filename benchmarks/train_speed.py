@@ -19,9 +19,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from benchmarks.report import write_section  # noqa: E402
+from hmlstm.cli import quiet_tensorflow  # noqa: E402
+
+tf = quiet_tensorflow()
+
+from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
 from hmlstm.model.config import ModelConfig  # noqa: E402
 from hmlstm.model.data import StreamBatcher, Vocabulary, builtin_text  # noqa: E402
 from hmlstm.model.network import HMLSTMNetwork  # noqa: E402
@@ -98,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=100)
     ap.add_argument("--steps", type=int, default=30)
+    add_write_docs(ap)
     args = ap.parse_args()
     tf.keras.utils.set_random_seed(0)
 
@@ -137,7 +141,7 @@ def main() -> None:
               "detector, the top-down input and the COPY/UPDATE/FLUSH blend; Keras' LSTM runs "
               "its own fused loop."]
     print("\n".join(lines))
-    print(f"\nwrote {write_section('train_speed', chr(10).join(lines))}")
+    print(f"\nwrote {write_section('train_speed', chr(10).join(lines))}" if args.write_docs else NOT_WRITTEN)
 
 
 if __name__ == "__main__":

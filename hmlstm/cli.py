@@ -145,15 +145,18 @@ def cmd_train(args) -> int:
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="PNG of a text with each layer's boundaries marked")
-    p.add_argument("checkpoint", type=Path, help="run directory written by `hmlstm train`")
+    p = sub.add_parser("plot", help="PNG of a text with each layer's boundaries marked",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="run directory written by `hmlstm train`, or an exported .onnx")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", help="the text to segment")
+    src.add_argument("--text", help="the text to segment (default: a sentence of Python's docs)")
     src.add_argument("--file", type=Path, help="a UTF-8 file whose start is segmented")
     p.add_argument("--chars", type=int, default=320, help="how many characters to show")
-    p.add_argument("--out", type=Path, default=Path("boundaries.png"))
+    p.add_argument("--out", type=Path, default=Path("boundaries.png"), help="the PNG to write")
     p.add_argument("--allow-unknown", action="store_true",
                    help="read characters the vocabulary lacks as the unknown character")
+    p.add_argument("--keep-delimiters", action="store_true",
+                   help="keep the characters the model was trained without (removed by default, as `segment` does)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -163,23 +166,49 @@ DEFAULT_PLOT_TEXT = (
 )
 
 
-def cmd_plot(args) -> int:
+def _model_vocabulary(path: Path):
+    """(vocabulary, characters the model was trained without) of a run directory or an exported model."""
+    if path.is_file():
+        from hmlstm.serving.model import ModelLoadError, load_model
+
+        try:
+            model = load_model(path, "cpu")
+        except ModelLoadError as e:
+            raise UserError(str(e)) from None
+        return model.vocab, model.provenance.get("strip_delimiters") or ""
     quiet_tensorflow()
     from hmlstm.model.checkpoint import load_network
-    from hmlstm.model.data import read_text_file
-    from hmlstm.model.plot import encode_checked, plot_boundaries, text_boundaries
 
-    net, info = load_network(args.checkpoint)
+    _, info = load_network(path)  # UserError if it is not a run or its weights cannot be restored
+    return info.vocab, info.meta.get("strip_delimiters") or ""
+
+
+def cmd_plot(args) -> int:
+    if args.chars < 1:
+        raise UserError(f"--chars must be at least 1, got {args.chars}")
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a directory; give a file name such as {args.out / 'boundaries.png'}")
+    if not args.out.parent.exists():
+        raise UserError(f"output folder {args.out.parent} does not exist")
+    if not args.checkpoint.exists():
+        raise UserError(f"{args.checkpoint} does not exist; give a training run directory or an exported .onnx")
+    vocab, trained_without = _model_vocabulary(args.checkpoint)
+    from hmlstm.evaluation import run_model
+    from hmlstm.model.data import read_text_file
+    from hmlstm.model.plot import encode_checked, plot_boundaries
+
     text = args.text if args.text is not None else (
         read_text_file(args.file) if args.file else DEFAULT_PLOT_TEXT)
+    if trained_without and not args.keep_delimiters:
+        text = text.translate(str.maketrans("", "", trained_without))
+        print(f"[the model was trained on text without {trained_without!r}: removed them; --keep-delimiters "
+              "keeps them]", file=sys.stderr)
     text = text[: args.chars]
     if not text:
         raise UserError("the text to plot is empty")
-    if not args.out.parent.exists():
-        raise UserError(f"output folder {args.out.parent} does not exist")
-    ids = encode_checked(info.vocab, text, args.allow_unknown)
-    z = text_boundaries(net, ids)
-    plot_boundaries(text, z, args.out, title=f"{args.checkpoint} ({info.meta.get('corpus', '')})")
+    encode_checked(vocab, text, args.allow_unknown)
+    z = run_model(args.checkpoint, text).boundaries.astype(int)
+    plot_boundaries(text, z, args.out, title=f"{args.checkpoint.name}")
     rates = ", ".join(f"layer {l + 1} {z[:, l].mean():.0%}" for l in range(z.shape[1]))
     print(f"wrote {args.out} ({len(text)} chars; boundary rate {rates})")
     return 0
@@ -210,6 +239,9 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     import json
 
+    if args.max_chars < 2:
+        raise UserError(f"--max-chars must be at least 2 (bits per character need a next character), "
+                        f"got {args.max_chars}")
     if args.model.is_dir():
         quiet_tensorflow()
     from hmlstm.evaluation import evaluate, format_report
@@ -263,6 +295,8 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    if not args.tolerance > 0:  # checked before the minutes of conversion, not after
+        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     quiet_tensorflow()
     from hmlstm.export.convert import ExportConfig, export
     from hmlstm.export.validate import ValidationError
@@ -613,6 +647,8 @@ def cmd_demo(args) -> int:
     from hmlstm.serving.config import ServeConfig
     from hmlstm.serving.render import Marker, legend
 
+    if args.chunk_chars < 1:
+        raise UserError(f"--chunk-chars must be at least 1, got {args.chunk_chars}")
     model = _load_model(args.model, "auto")
     config = ServeConfig(port=0, metrics_port=None)
     with BackgroundServer(model, config) as srv:
@@ -644,13 +680,40 @@ def cmd_demo(args) -> int:
             sys.stdout.write(marker.close())
             elapsed = time.perf_counter() - t0
     print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC")
+    quality = _held_out_quality(model.path)
     for l in layers:
         seg = segments[l]
         mean = sum(map(len, seg)) / max(1, len(seg))
         joined = "|".join(seg)
         print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars: "
               f"{joined[:100] + ('...' if len(joined) > 100 else '')}")
+        if l in quality:
+            print(f"         {quality[l]}")
     return 0
+
+
+def _held_out_quality(model_path: Path) -> dict[int, str]:
+    """Per layer, one line on what its boundaries are worth, from the model card's held-out evaluation."""
+    import json
+
+    from hmlstm import spec
+
+    try:
+        held = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]["held_out"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    lines = {}
+    for name, e in held.get("layers", {}).items():
+        words = e.get("words")
+        if not words:
+            continue
+        align = max(("end", "start"), key=lambda a: words[a]["f1"])
+        f1, rnd = words[align]["f1"], words[align]["random_f1"]
+        verdict = ("finds words" if f1 >= rnd + 0.10 else
+                   "within 0.10 of a random detector: not a useful segmenter yet")
+        lines[int(name.removeprefix("layer"))] = (
+            f"held-out word-{align} F1 {f1:.2f} against {rnd:.2f} for random firing at its rate: {verdict}")
+    return lines
 
 
 # ---------------------------------------------------------------- main

@@ -47,6 +47,14 @@ META_PROVENANCE = "hmlstm.provenance"
 META_ALIGNMENT = "hmlstm.boundary_alignment"
 
 
+def card_path(model_path):
+    """The model card written beside an exported model: ``model.onnx`` -> ``model.card.json``."""
+    from pathlib import Path
+
+    p = Path(model_path)
+    return p.with_name(p.stem + ".card.json")
+
+
 def boundary_alignment(num_layers: int, top_boundary: bool, entropy_target: float) -> dict[str, str]:
     layers = range(1, num_layers + 1 if top_boundary else num_layers)
     return {str(l): "start" if l == 1 and entropy_target else "end" for l in layers}

@@ -325,10 +325,6 @@ def _validation_text(corpus_name: str | None) -> str:
     return builtin_text()
 
 
-def card_path_for(out: Path) -> Path:
-    return out.with_name(out.stem + ".card.json")
-
-
 def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportConfig(),
            log=print) -> ExportResult:
     from hmlstm.runtime import make_session
@@ -404,7 +400,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
             log(f"held-out evaluation on {held_out['chars']:,} characters: BPC {held_out['bpc']:.3f}, layer-1 "
                 f"word-end F1 {max(b['end']['f1'], b['start']['f1']):.2f} (random {b['end']['random_f1']:.2f}, "
                 f"entropy peaks {held_out['baselines']['entropy_peaks']['words']['f1']:.2f})")
-    card_path = card_path_for(out)
+    card_path = spec.card_path(out)
     atomic_write_text(card_path, dumps(card))
     return ExportResult(out, card_path, card)
 

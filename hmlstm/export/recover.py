@@ -129,7 +129,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
         "recovered_from": f"{path.name}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
     })
     metrics = {"step": provenance.get("step"), "val_bpc": [[provenance.get("step"), provenance.get("val_bpc")]]}
-    card = path.with_name(path.stem + ".card.json")  # the training-time scores, where the card is beside it
+    card = spec.card_path(path)  # the training-time scores, where the card is beside it
     if card.is_file():
         try:
             metrics["boundary"] = json.loads(card.read_text(encoding="utf-8"))["evaluation"]["boundaries"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from hmlstm.errors import UserError
-from hmlstm.model.data import Vocabulary
+from hmlstm.vocabulary import Vocabulary
 
 
 def encode_checked(vocab: Vocabulary, text: str, allow_unknown: bool) -> np.ndarray:
@@ -25,6 +24,8 @@ def encode_checked(vocab: Vocabulary, text: str, allow_unknown: bool) -> np.ndar
 
 def text_boundaries(network, ids: np.ndarray) -> np.ndarray:
     """z of every layer at every character, from the zero state: [T, L] int."""
+    import tensorflow as tf
+
     tokens = tf.constant(ids[None, :], tf.int32)
     out = network(tokens, network.initial_state(1))
     return out.boundaries.numpy()[0].astype(int)
@@ -71,7 +72,10 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
     return path

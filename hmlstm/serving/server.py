@@ -298,16 +298,20 @@ class SegmenterServer:
 
     async def start(self) -> int:
         addr = f"{self.config.host}:{self.config.port}"
-        if not self.config.reuse_port and self.config.port:
+        if not self.config.reuse_port:
             from hmlstm.serving.workers import check_port_free
 
             check_port_free(self.config.host, self.config.port)  # one clear line instead of gRPC's bind error
         if self.config.tls_cert:
             creds = grpc.ssl_server_credentials(
                 [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(addr, creds)
+            add = lambda: self.server.add_secure_port(addr, creds)  # noqa: E731
         else:
-            self.port = self.server.add_insecure_port(addr)
+            add = lambda: self.server.add_insecure_port(addr)  # noqa: E731
+        try:
+            self.port = add()
+        except RuntimeError as e:  # gRPC raises a bare RuntimeError when it cannot bind
+            raise OSError(f"cannot listen on {addr}: {str(e).splitlines()[0][:160]}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {addr}")
         await self.server.start()

@@ -39,7 +39,7 @@ CRASH_LIMIT = 3
 
 def _addresses(host: str, port: int):
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(f"cannot resolve {host!r}: {e.strerror}") from None
     return [(family, addr) for family, _, _, _, addr in infos]

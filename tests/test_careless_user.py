@@ -1,0 +1,133 @@
+"""What a careless user does to the command line: each gets one clean line, a conventional exit, no traceback."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hmlstm.cli import main
+from tests.test_cli import TINY, _one_error_line, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ends_in_one_error_line(stderr: str, *needles: str) -> None:
+    """Progress notes may come first; the failure itself is the last line, one line, no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("hmlstm: error: ") and "Traceback" not in stderr, stderr
+    assert sum(ln.startswith("hmlstm: error: ") for ln in lines) == 1
+    for n in needles:
+        assert n in lines[-1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("careless") / "corpus.txt"
+    p.write_text("the cat sat on the mat. the dog sat on the log. " * 60)
+    return p
+
+
+def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "train", str(corpus), "--out", str(out),
+                             "--steps", "1000000", "--checkpoint-every", "1000000", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "tb").exists():  # training has started
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    step = int(re.search(r"terminated \(SIGTERM\) at step (\d+); checkpoint saved", err).group(1))
+    assert step > 0 and (out / "ckpt" / f"ckpt-{step}.index").exists()
+
+
+@pytest.mark.parametrize("command, missing", [
+    (["train", "synthetic"], "tensorflow"),
+    (["export", "runs/x"], "tensorflow"),
+    (["plot", str(ROOT / "hmlstm/assets/default.onnx")], "matplotlib"),
+])
+def test_a_server_only_install_says_which_extra_a_command_needs(command, missing, tmp_path):
+    # A server-only install lacks the [train] extra: its imports fail here as they would there.
+    code = (f"import sys; sys.modules[{missing!r}] = None; from hmlstm.cli import main; "
+            f"sys.exit(main({command!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2, r.stderr
+    _ends_in_one_error_line(r.stderr, f"needs {missing}", "pip install 'hmlstm[train]'")
+
+
+def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "4", *TINY]) == 0
+    for f in (out / "ckpt").glob("*.data-*"):
+        f.write_bytes(f.read_bytes()[:16])
+    r = run_cli("train", corpus, "--out", out, "--steps", "8", *TINY)
+    assert r.returncode == 2
+    _ends_in_one_error_line(r.stderr, "cannot resume", "corrupt")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "--host", "192.0.2.1", "--port", "0", "--metrics-port", "-1"], "cannot bind 192.0.2.1"),
+    (["serve", "--port", "-5"], "--port -5 is not a port number"),
+    (["serve", "--port", "70000"], "--port 70000 is not a port number"),
+    (["serve", "--metrics-port", "-2"], "--metrics-port -2 is not a port number"),
+    (["demo", "--chunk-chars", "-1"], "--chunk-chars must be at least 1"),
+    (["evaluate", "hmlstm/assets/default.onnx", "builtin", "--max-chars", "-5"], "--max-chars must be at least 2"),
+    (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
+    (["export", "runs/none", "--tolerance", "-1"], "--tolerance must be a positive number"),
+])
+def test_values_out_of_range_are_refused_before_any_work(args, needle):
+    t0 = time.monotonic()
+    r = run_cli(*args, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, needle)
+    assert time.monotonic() - t0 < 60
+
+
+def test_binary_on_stdin_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "hmlstm.cli", "segment", "-", "--local"], input=b"ab\xff\xfe\x00cd",
+                       capture_output=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    _ends_in_one_error_line(r.stderr.decode(), "standard input is not UTF-8 text")
+
+
+def test_an_empty_file_says_zero_characters(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["segment", str(empty), "--local"]) == 0
+    assert "0 characters" in capsys.readouterr().err
+
+
+def test_plot_into_a_directory_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    assert main(["plot", str(ROOT / "hmlstm/assets/default.onnx"), "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys.readouterr().err, "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_draws_an_exported_model_on_text_without_its_delimiters(tmp_path, capsys):
+    out = tmp_path / "b.png"
+    assert main(["plot", str(ROOT / "hmlstm/assets/default.onnx"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert out.stat().st_size > 1000 and "trained on text without" in captured.err
+    n = int(re.search(r"\((\d+) chars", captured.out).group(1))
+    assert n == len("".join("Theforstatementisusedtoiterateovertheelementsofasequence(suchasastring,tupleorlist)"
+                            "orotheriterableobject."))
+    assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
+
+
+def test_a_trial_benchmark_never_overwrites_the_committed_report():
+    r = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--quick", "--write-docs"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "never replaces the committed report" in r.stderr
+    for script in ("serve_bench", "soak", "train_speed", "export_loop_vs_unrolled", "segmentation_experiments"):
+        text = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert "add_write_docs(ap)" in text or "--write-docs" in text, script
+        assert "import tensorflow" not in text, f"{script} imports TensorFlow without quieting it"

@@ -35,6 +35,46 @@ log = logging.getLogger("hmlstm.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
 
 
+class Undecodable:
+    """What a request that is not a valid message decodes to, so the handler can answer INVALID_ARGUMENT
+    (gRPC would answer UNKNOWN and log a traceback for a deserializer that raises)."""
+
+    __slots__ = ("type_name", "reason")
+
+    def __init__(self, type_name: str, reason: str):
+        self.type_name, self.reason = type_name, reason
+
+    def error(self) -> StreamError:
+        return StreamError("INVALID_ARGUMENT", f"the message could not be decoded as {self.type_name} "
+                           f"({self.reason}); string fields must be valid UTF-8")
+
+
+def _decoder(message_type):
+    parse = message_type.FromString
+
+    def decode(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # DecodeError; a string field that is not UTF-8
+            return Undecodable(message_type.DESCRIPTOR.name, (str(e).splitlines() or [type(e).__name__])[0][:120])
+
+    return decode
+
+
+def add_servicer(servicer, server) -> None:
+    """Register the Segmenter service like the generated stubs do, with decoders that never raise."""
+    handlers = {
+        "StreamSegment": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamSegment, _decoder(pb.SegmentRequest), pb.SegmentResponse.SerializeToString),
+        "Segment": grpc.unary_unary_rpc_method_handler(
+            servicer.Segment, _decoder(pb.SegmentTextRequest), pb.SegmentTextResponse.SerializeToString),
+        "DescribeModel": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeModel, _decoder(pb.DescribeModelRequest), pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 class SegmenterServicer(pb_grpc.SegmenterServicer):
     def __init__(self, model: LoadedModel, runner: Runner, registry: StreamRegistry, config: ServeConfig,
                  metrics: Metrics, store=None):
@@ -129,6 +169,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 return
             except asyncio.TimeoutError:
                 raise StreamError("DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout)") from None
+            if isinstance(first, Undecodable):
+                raise first.error()
             if not first.HasField("config"):
                 raise StreamError("FAILED_PRECONDITION", "the first message must be a StreamConfig; "
                                   "send the config before any chunk")
@@ -165,8 +207,13 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                         self.metrics.errors.labels("CANCELLED").inc()
                         return
                     break
-                if not req.HasField("chunk"):
+                if isinstance(req, Undecodable):
+                    raise req.error()
+                if req.HasField("config"):
                     raise StreamError("FAILED_PRECONDITION", "a StreamConfig may only be the first message")
+                if not req.HasField("chunk"):
+                    raise StreamError("INVALID_ARGUMENT", "an empty SegmentRequest: after the config, every "
+                                      "message must carry a chunk")
                 t0 = time.perf_counter()
                 chunk = req.chunk
                 new = st.accept(chunk.offset, chunk.text, self.config.max_chunk_chars)
@@ -205,6 +252,14 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if st is None or st.idle_expired != "write":  # the watchdog counted that one
                 self.metrics.errors.labels("CANCELLED").inc()
             raise
+        except GeneratorExit:
+            # Closed while waiting to send (gRPC cancelled the call at its await, not in this code): a
+            # client that went away or cancelled, a takeover, or a call the watchdog ended.
+            if st is not None and st.taken_over:
+                self.metrics.errors.labels("ABORTED").inc()
+            elif st is None or st.idle_expired != "write":
+                self.metrics.errors.labels("CANCELLED").inc()
+            raise
         finally:
             if st is not None:
                 self.registry.detach(st, finished)
@@ -214,6 +269,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def Segment(self, request, context):
         self.metrics.requests.labels("Segment").inc()
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             layers = self._layers(request.layers)
             if len(request.text) > self.config.max_text_chars:
                 raise StreamError("INVALID_ARGUMENT", f"text has {len(request.text)} characters, over the limit "
@@ -222,14 +279,21 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             await self._fail(context, e.code, str(e))
         st = StreamState(self.model.zero_state(1), layers, 0, alignment=self.model.alignment)
         results = []
-        if request.text:
-            results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))
-            self.metrics.chars.inc(len(request.text))
+        try:
+            if request.text:
+                results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))
+                self.metrics.chars.inc(len(request.text))
+        except asyncio.CancelledError:  # the client's deadline passed, or it cancelled or went away
+            left = context.time_remaining()
+            self.metrics.errors.labels("DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED").inc()
+            raise
         results.append(st.finish())
         return messages.text_response_pb(results, len(request.text))
 
     async def DescribeModel(self, request, context):
         self.metrics.requests.labels("DescribeModel").inc()
+        if isinstance(request, Undecodable):
+            await self._fail(context, "INVALID_ARGUMENT", str(request.error()))
         return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.config.max_text_chars,
                                       self.config.worker_index)
 
@@ -286,7 +350,7 @@ class SegmenterServer:
         ])
         self.store = open_store(config.state_store)
         self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store)
-        pb_grpc.add_SegmenterServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

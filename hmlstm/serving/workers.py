@@ -52,6 +52,8 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     try:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:  # as gRPC binds: connections of an earlier server still in TIME_WAIT do not block the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
         sock.close()

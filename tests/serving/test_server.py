@@ -437,3 +437,64 @@ def test_metrics_split_the_process_cpu_into_model_calls_and_the_rest(server):
     assert values["hmlstm_model_cpu_seconds_total"] > 0
     assert values["process_cpu_seconds_total"] >= values["hmlstm_model_cpu_seconds_total"]
     assert values["process_resident_memory_bytes"] > 1e6 and values["process_open_fds"] > 0
+
+
+def _invalid_utf8(message) -> bytes:
+    raw = message.SerializeToString()
+    assert raw.count(b"ab") == 1
+    return raw.replace(b"ab", b"\xff\xfe")  # same length: still well-formed protobuf, but not UTF-8
+
+
+def test_undecodable_messages_are_invalid_argument_without_a_traceback(server, caplog):
+    errors = server.server.metrics.errors.labels("INVALID_ARGUMENT")
+    before = errors._value.get()
+    with grpc.insecure_channel(server.target) as ch:
+        unary = ch.unary_unary("/hmlstm.v1.Segmenter/Segment")  # raw bytes in, raw bytes out
+        with pytest.raises(grpc.RpcError) as e:
+            unary(_invalid_utf8(pb.SegmentTextRequest(text="ab")), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in e.value.details()
+        stream = ch.stream_stream("/hmlstm.v1.Segmenter/StreamSegment")
+        requests = [pb.SegmentRequest(config=pb.StreamConfig()).SerializeToString(),
+                    pb.SegmentRequest(chunk=pb.TextChunk(offset=0, text="xy")).SerializeToString(),
+                    _invalid_utf8(pb.SegmentRequest(chunk=pb.TextChunk(offset=2, text="ab")))]
+        got = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in stream(iter(requests), timeout=10):
+                got.append(r)
+        assert len(got) == 1 and e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not be decoded as SegmentRequest" in e.value.details()
+    assert errors._value.get() == before + 2
+    assert not [r for r in caplog.records if r.levelno >= 40], "the server logged an error"
+
+
+def test_an_empty_request_after_the_config_says_what_was_wrong(server):
+    with grpc.insecure_channel(server.target) as ch:
+        call = pb_grpc.SegmenterStub(ch).StreamSegment(iter([pb.SegmentRequest(config=pb.StreamConfig()),
+                                                              pb.SegmentRequest()]))
+        code, details = code_of(lambda: list(call))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty SegmentRequest" in details
+
+
+def test_every_client_cancel_is_counted(server):
+    cancelled = server.server.metrics.errors.labels("CANCELLED")
+    before = cancelled._value.get()
+    n = 30
+
+    async def cancel_after(i):
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            call = pb_grpc.SegmenterStub(ch).StreamSegment(
+                pb.SegmentRequest(chunk=pb.TextChunk(offset=10 * k, text=TEXT[10 * k : 10 * k + 10])) if k >= 0
+                else pb.SegmentRequest(config=pb.StreamConfig()) for k in range(-1, 60))
+            for _ in range(i % 5 + 1):  # cancel at different points of the stream
+                await call.read()
+            call.cancel()
+
+    async def all_of_them():
+        await asyncio.gather(*(cancel_after(i) for i in range(n)))
+
+    asyncio.run(all_of_them())
+    deadline = time.monotonic() + 10
+    while cancelled._value.get() < before + n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled._value.get() == before + n
+    assert server.server.registry.active == 0

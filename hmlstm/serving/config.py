@@ -13,7 +13,8 @@ class ServeConfig:
     device: str = "auto"  # auto (CUDA where it works), cuda, cpu
     max_streams: int = 256  # concurrent streaming calls; more get RESOURCE_EXHAUSTED
     max_chunk_chars: int = 65_536  # per TextChunk
-    max_text_chars: int = 1_000_000  # per unary Segment request
+    # per unary Segment request; the server advertises less if the answer could exceed max_message_bytes
+    max_text_chars: int = 100_000
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit
     max_top_k: int = 50
     idle_timeout_s: float = 60.0  # a call silent this long is closed; a detached stream is forgotten

@@ -36,6 +36,17 @@ def response_pb(r: ChunkResult) -> pb.SegmentResponse:
     return out
 
 
+# The most a SegmentTextResponse can need per character and reported layer: a one-character Segment
+# (layer, start, end < 2^28, up to 4 bytes of UTF-8, final, and its tag and length: 22 bytes) and one
+# boundary offset (a varint of up to 4 bytes).
+WORST_BYTES_PER_CHAR_AND_LAYER = 26
+
+
+def max_unary_chars(max_message_bytes: int, layers: int) -> int:
+    """The longest text whose whole answer fits in one message, whatever the model does with it."""
+    return max(1, (max_message_bytes - 4096) // (WORST_BYTES_PER_CHAR_AND_LAYER * max(1, layers)))
+
+
 def text_response_pb(results: list[ChunkResult], chars: int) -> pb.SegmentTextResponse:
     """The whole-text answer: the chunk result and the final flush, folded together."""
     boundaries: dict[int, list[int]] = {}
@@ -45,8 +56,14 @@ def text_response_pb(results: list[ChunkResult], chars: int) -> pb.SegmentTextRe
             boundaries.setdefault(l, []).extend(offs)
         segments.extend(s for s in r.segments if s.final)
     segments.sort(key=lambda s: (s.layer, s.start))
-    return pb.SegmentTextResponse(boundaries=boundaries_pb(boundaries), segments=[segment_pb(s) for s in segments],
-                                  unknown_chars=sum(r.unknown_chars for r in results), chars=chars)
+    out = pb.SegmentTextResponse(unknown_chars=sum(r.unknown_chars for r in results), chars=chars)
+    add = out.boundaries.add
+    for layer in sorted(boundaries):
+        add(layer=layer, offsets=boundaries[layer])
+    add = out.segments.add
+    for layer, start, end, text, final in segments:
+        add(layer=layer, start=start, end=end, text=text, final=final)
+    return out
 
 
 def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int, worker: int = 0) -> pb.ModelInfo:

@@ -81,6 +81,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.model, self.runner, self.registry = model, runner, registry
         self.config, self.metrics = config, metrics
         self.store = store
+        # The advertised unary limit is one whose answer always fits the message limit (messages.py).
+        self.max_text_chars = min(config.max_text_chars,
+                                  messages.max_unary_chars(config.max_message_bytes, len(model.boundary_layers)))
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
         self._store_down = False
 
@@ -272,9 +275,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if isinstance(request, Undecodable):
                 raise request.error()
             layers = self._layers(request.layers)
-            if len(request.text) > self.config.max_text_chars:
-                raise StreamError("INVALID_ARGUMENT", f"text has {len(request.text)} characters, over the limit "
-                                  f"of {self.config.max_text_chars}; use StreamSegment")
+            if len(request.text) > self.max_text_chars:
+                raise StreamError("INVALID_ARGUMENT", f"text has {len(request.text):,} characters, over the limit "
+                                  f"of {self.max_text_chars:,} (ModelInfo.max_text_chars); use StreamSegment")
         except StreamError as e:
             await self._fail(context, e.code, str(e))
         st = StreamState(self.model.zero_state(1), layers, 0, alignment=self.model.alignment)
@@ -294,7 +297,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.metrics.requests.labels("DescribeModel").inc()
         if isinstance(request, Undecodable):
             await self._fail(context, "INVALID_ARGUMENT", str(request.error()))
-        return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.config.max_text_chars,
+        return messages.model_info_pb(self.model, self.config.max_chunk_chars, self.max_text_chars,
                                       self.config.worker_index)
 
 

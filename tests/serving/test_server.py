@@ -498,3 +498,17 @@ def test_every_client_cancel_is_counted(server):
         time.sleep(0.05)
     assert cancelled._value.get() == before + n
     assert server.server.registry.active == 0
+
+
+def test_the_advertised_unary_limit_works_and_one_more_is_refused_before_any_work(tiny_model):
+    config = ServeConfig(port=0, metrics_port=None, max_text_chars=1_000_000, max_message_bytes=1 << 20)
+    with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
+        limit = c.describe().max_text_chars
+        assert 10_000 < limit < 1_000_000  # lowered so that any answer fits a 1 MiB message
+        text = (TEXT * (limit // len(TEXT) + 1))[:limit]
+        r = c.segment(text)
+        assert r.chars == limit and r.ByteSize() < 1 << 20
+        t0 = time.monotonic()
+        code, details = code_of(lambda: c.segment(text + "x"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"limit of {limit:,}" in details
+        assert time.monotonic() - t0 < 1.0  # refused before the model ran

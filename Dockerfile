@@ -16,6 +16,9 @@ RUN pip install --no-cache-dir . \
 RUN mkdir -p /data && chown hmlstm /data
 USER hmlstm
 EXPOSE 50051 9464
+# TLS: set HMLSTM_TLS_CERT and HMLSTM_TLS_KEY (PEM files, e.g. a mounted secret) and the server
+# serves TLS; the health check reads the same variables and follows (HMLSTM_TLS_CA for a CA other
+# than the certificate itself, HMLSTM_TLS_SERVER_NAME for the name the certificate carries).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
   CMD ["hmlstm", "health", "--target", "127.0.0.1:50051"]
 ENTRYPOINT ["hmlstm", "serve"]

@@ -341,8 +341,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars)
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
     p.add_argument("--grace", type=float, default=d.grace_s, help="seconds open streams get on SIGTERM")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate (with --tls-key)")
-    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-cert", default=os.environ.get("HMLSTM_TLS_CERT") or None,
+                   help="PEM certificate (with --tls-key); default $HMLSTM_TLS_CERT, which `hmlstm health` follows")
+    p.add_argument("--tls-key", default=os.environ.get("HMLSTM_TLS_KEY") or None,
+                   help="PEM private key; default $HMLSTM_TLS_KEY")
     p.add_argument("--auth-token-env", default=None, metavar="VAR",
                    help="require 'authorization: Bearer $VAR' on every call")
     p.add_argument("--workers", type=int, default=d.workers,
@@ -441,9 +443,20 @@ def cmd_serve(args) -> int:
 
 
 def _add_health(sub) -> None:
-    p = sub.add_parser("health", help="exit 0 if a server answers SERVING (for container health checks)")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p = sub.add_parser("health", help="exit 0 if a server answers SERVING (for container health checks)",
+                       description="Ask a server's gRPC health service. TLS follows the server's own setting in a "
+                       "container: with $HMLSTM_TLS_CERT set (what `hmlstm serve` reads), the check uses TLS and "
+                       "trusts $HMLSTM_TLS_CA, or that certificate itself when no CA is given.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca or $HMLSTM_TLS_CERT)")
+    p.add_argument("--tls-ca", default=os.environ.get("HMLSTM_TLS_CA") or None,
+                   help="PEM root certificate(s) to verify the server with (default $HMLSTM_TLS_CA, else the "
+                        "server's own $HMLSTM_TLS_CERT, else the system's roots)")
+    p.add_argument("--server-name", default=os.environ.get("HMLSTM_TLS_SERVER_NAME") or None,
+                   help="the name the certificate must carry, when it is not the target's host (default "
+                        "$HMLSTM_TLS_SERVER_NAME)")
     p.set_defaults(func=cmd_health)
 
 
@@ -451,11 +464,23 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    own_cert = os.environ.get("HMLSTM_TLS_CERT") or None
+    ca = args.tls_ca or own_cert
+    tls = args.tls or bool(ca)
+    if ca and not Path(ca).is_file():
+        raise UserError(f"TLS root certificate {ca} does not exist")
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    if tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes() if ca else None)
+        channel = grpc.secure_channel(args.target, creds, options)
+    else:
+        channel = grpc.insecure_channel(args.target, options)
     try:
-        with grpc.insecure_channel(args.target) as ch:
+        with channel as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
     except grpc.RpcError as e:
-        print(f"{args.target}: {e.code().name}", file=sys.stderr)
+        hint = "" if tls else " (if the server uses TLS: --tls-ca, or $HMLSTM_TLS_CERT as in its container)"
+        print(f"{args.target}: {e.code().name}{hint}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
     print(f"{args.target}: {status}")

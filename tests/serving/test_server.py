@@ -512,3 +512,31 @@ def test_the_advertised_unary_limit_works_and_one_more_is_refused_before_any_wor
         code, details = code_of(lambda: c.segment(text + "x"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and f"limit of {limit:,}" in details
         assert time.monotonic() - t0 < 1.0  # refused before the model ran
+
+
+def test_health_checks_a_tls_server_with_its_ca_or_the_containers_own_certificate(tiny_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=hmlstm.internal",
+                    "-addext", "subjectAltName=DNS:hmlstm.internal"], check=True, capture_output=True)
+    config = ServeConfig(port=0, metrics_port=None, tls_cert=str(cert), tls_key=str(key))
+
+    def health(*args, **env):
+        return subprocess.run([sys.executable, "-m", "hmlstm.cli", "health", "--target", target, *args],
+                              capture_output=True, text=True, timeout=60,
+                              env={k: v for k, v in {**os.environ, **env}.items() if not k.startswith("HMLSTM_")
+                                   or k in env})
+
+    with BackgroundServer(tiny_model, config) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        plain = health()
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr and "--tls-ca" in plain.stderr
+        ok = health("--tls-ca", str(cert), "--server-name", "hmlstm.internal")
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+        # In the container, serve and health read the same variables: health follows the server's TLS.
+        assert health(HMLSTM_TLS_CERT=str(cert), HMLSTM_TLS_SERVER_NAME="hmlstm.internal").returncode == 0
+        wrong_name = health("--tls-ca", str(cert), "--server-name", "other.name")
+        assert wrong_name.returncode == 1

@@ -355,6 +355,9 @@ def _add_serve(sub) -> None:
                    help="threads for unbatched model calls (--no-batching)")
     p.add_argument("--state-store", default=d.state_store,
                    help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
+    p.add_argument("--persist-depth", type=int, default=d.persist_depth,
+                   help="how many responses back a stream restored from the state store can resume (its stored "
+                        "rewind window; a live stream's is 32)")
     p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help="streams' pieces per batched call (0: every pending piece, up to --max-streams)")
@@ -392,6 +395,7 @@ def _serve_config(args):
             auth_token=token, workers=args.workers, call_threads=args.call_threads, batching=not args.no_batching,
             max_batch=args.max_batch,
             max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
+            persist_depth=args.persist_depth,
             io_binding=args.io_binding, ort_threads=args.ort_threads,
             ort_spinning=args.ort_spinning == "on")
     except ValueError as e:

@@ -47,6 +47,8 @@ class ServeConfig:
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
         if self.max_streams < 1 or self.max_chunk_chars < 1:
             raise ValueError("max_streams and max_chunk_chars must be at least 1")
+        if not 1 <= self.persist_depth <= 32:
+            raise ValueError(f"--persist-depth must be 1-32 (a live stream keeps 32), got {self.persist_depth}")
         if self.max_batch < 0:
             raise ValueError("--max-batch must be 0 (every pending piece) or more")
         if self.workers < 1 or self.call_threads < 1:

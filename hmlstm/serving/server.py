@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hmlstm.serving import messages
 from hmlstm.serving.batching import BatchingRunner
@@ -301,20 +301,45 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                       self.config.worker_index)
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+class Health(health.aio.HealthServicer):
+    """Standard health checking, with ``List`` (the package's servicer answers it UNIMPLEMENTED)."""
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+
+
+def add_reflection(server, services: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` and ``v1alpha``. grpcio-reflection implements only
+    v1alpha; v1's messages are the same on the wire, so the same servicer answers both names."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handler = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo, reflection_pb2.ServerReflectionRequest.FromString,
+            reflection_pb2.ServerReflectionResponse.SerializeToString)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),))
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Calls need ``authorization: Bearer <token>``; health and reflection are open (probes)."""
 
     OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
     def __init__(self, token: str, metrics: Metrics):
-        self.expected = f"Bearer {token}"
+        self.token = token
         self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
         md = dict(details.invocation_metadata or ())
-        if md.get("authorization") == self.expected:
+        scheme, _, token = (md.get("authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() == self.token:  # the scheme is case-insensitive (RFC 6750)
             return await continuation(details)
         self.metrics.errors.labels("UNAUTHENTICATED").inc()
         msg = "missing or wrong bearer token; send metadata 'authorization: Bearer <token>'"
@@ -343,7 +368,7 @@ class SegmenterServer:
                                                  max_wait_fraction=config.max_wait_fraction)
         else:
             self.runner = Runner(model, config.call_threads, io_binding=bind)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -355,9 +380,7 @@ class SegmenterServer:
         self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        add_reflection(self.server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         self.port = 0
         self.metrics_port: int | None = None
         self._expiry: asyncio.Task | None = None

@@ -540,3 +540,28 @@ def test_health_checks_a_tls_server_with_its_ca_or_the_containers_own_certificat
         assert health(HMLSTM_TLS_CERT=str(cert), HMLSTM_TLS_SERVER_NAME="hmlstm.internal").returncode == 0
         wrong_name = health("--tls-ca", str(cert), "--server-name", "other.name")
         assert wrong_name.returncode == 1
+
+
+def test_the_bearer_scheme_is_case_insensitive(tiny_model):
+    config = ServeConfig(port=0, metrics_port=None, auth_token="s3cret")
+    with BackgroundServer(tiny_model, config) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.SegmenterStub(ch)
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            assert stub.DescribeModel(pb.DescribeModelRequest(), metadata=(("authorization", f"{scheme} s3cret"),))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.DescribeModel(pb.DescribeModelRequest(), metadata=(("authorization", "Basic s3cret"),))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_lists_its_services_and_reflection_answers_as_v1_and_v1alpha(server):
+    with grpc.insecure_channel(server.target) as ch:
+        listed = health_pb2_grpc.HealthStub(ch).List(health_pb2.HealthListRequest(), timeout=5)
+        assert listed.statuses["hmlstm.v1.Segmenter"].status == health_pb2.HealthCheckResponse.SERVING
+        assert "" in listed.statuses
+        for name in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+            call = ch.stream_stream(f"/{name}/ServerReflectionInfo",
+                                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            (answer,) = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            services = {s.name for s in answer.list_services_response.service}
+            assert {"hmlstm.v1.Segmenter", "grpc.reflection.v1.ServerReflection"} <= services, name

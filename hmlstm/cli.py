@@ -434,12 +434,12 @@ def cmd_serve(args) -> int:
         try:
             return run_workers(args.model, config)
         except OSError as e:
-            raise UserError(f"cannot serve on {config.host}:{config.port}: {e}") from None
+            raise UserError(f"cannot serve: {e}") from None
     model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)
     try:
         asyncio.run(serve(model, config))
     except OSError as e:
-        raise UserError(f"cannot serve on {config.host}:{config.port}: {e}") from None
+        raise UserError(f"cannot serve: {e}") from None
     return 0
 
 

@@ -131,3 +131,17 @@ def test_a_trial_benchmark_never_overwrites_the_committed_report():
         text = (ROOT / "benchmarks" / f"{script}.py").read_text()
         assert "add_write_docs(ap)" in text or "--write-docs" in text, script
         assert "import tensorflow" not in text, f"{script} imports TensorFlow without quieting it"
+
+
+def test_a_taken_metrics_port_is_named_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--port", "0", "--metrics-port", port)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " hmlstm." not in ln]  # log lines aside
+    assert lines == [lines[-1]] and f"metrics port {port} on 127.0.0.1 is not available" in lines[-1], r.stderr
+    assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr

@@ -387,11 +387,26 @@ class SegmenterServer:
         self._late_statuses: set[asyncio.Task] = set()
 
     async def start(self) -> int:
-        addr = f"{self.config.host}:{self.config.port}"
+        try:
+            return await self._start()
+        except BaseException:
+            self.metrics.close()
+            await self.server.stop(None)  # an unstarted gRPC server left to the garbage collector warns
+            raise
+
+    async def _start(self) -> int:
+        host = self.config.host
+        addr = f"{host}:{self.config.port}"
+        if self.config.metrics_port is not None:  # first: a taken metrics port must not leave gRPC running
+            try:
+                self.metrics_port = self.metrics.serve_http(host, self.config.metrics_port)
+            except OSError as e:
+                raise OSError(f"metrics port {self.config.metrics_port} on {host} is not available "
+                              f"({e.strerror or e}); choose another --metrics-port, or -1 for none") from None
         if not self.config.reuse_port:
             from hmlstm.serving.workers import check_port_free
 
-            check_port_free(self.config.host, self.config.port)  # one clear line instead of gRPC's bind error
+            check_port_free(host, self.config.port)  # one clear line instead of gRPC's bind error
         if self.config.tls_cert:
             creds = grpc.ssl_server_credentials(
                 [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
@@ -407,8 +422,6 @@ class SegmenterServer:
         await self.server.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         self._expiry = asyncio.create_task(self._expire_loop())
         return self.port
 

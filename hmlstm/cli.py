@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import hmlstm
 from hmlstm.errors import UserError
 
 
@@ -47,22 +48,24 @@ def _add_train(sub) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "text", "ptb"],
                    help="file format: plain text, or Penn Treebank characters ('a _ b')")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<corpus>)")
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layers", type=int, default=3, help="how many HM-LSTM layers (a count; `segment --layers` picks "
+                   "layers to report)")
     p.add_argument("--units", type=int, default=128, help="hidden units per layer")
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--output-dim", type=int, default=256)
+    p.add_argument("--embed-dim", type=int, default=64, help="character embedding size")
+    p.add_argument("--output-dim", type=int, default=256, help="output embedding size before the softmax")
     p.add_argument("--top-boundary", action="store_true",
                    help="give the top layer its own boundary detector (default: off)")
-    p.add_argument("--layer-norm", action="store_true")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--layer-norm", action="store_true", help="layer normalisation of the gate pre-activations")
+    p.add_argument("--batch-size", type=int, default=32, help="streams of text trained side by side")
+    p.add_argument("--seq-len", type=int, default=100, help="characters per step (truncated BPTT window)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training text (unless --steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train this many steps in all, instead of --epochs (a resumed run counts its earlier ones)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the synthetic corpus")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     p.add_argument("--slope-rate", type=float, default=0.04, help="slope a += rate per epoch")
     p.add_argument("--slope-max", type=float, default=5.0)
     p.add_argument("--slope-per-step", action="store_true",
@@ -72,14 +75,26 @@ def _add_train(sub) -> None:
     p.add_argument("--rate-penalty", type=float, default=1.0, help="weight of the firing-rate penalty")
     p.add_argument("--entropy-target", type=float, default=0.0,
                    help="weight of a self-supervised target for layer 1: fire after the model's own entropy peaks")
-    p.add_argument("--strip-delimiters", nargs="?", const=" ", default=None, metavar="CHARS",
-                   help="train on the text with these characters removed (default a space); "
-                   "the removed positions are the boundary truth")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
+                   help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
+                        "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
+    p.add_argument("--strip-whitespace", action="store_true",
+                   help="the same as --strip-delimiters=' \\n\\t'")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--strategy", default=None, choices=["mirrored", "multiworker"],
                    help="tf.distribute: mirrored (several GPUs) or multiworker (several hosts, TF_CONFIG)")
     p.set_defaults(func=cmd_train)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 1,2, got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"layer numbers start at 1, got {text!r}")
+    return layers
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -94,14 +109,33 @@ def _unescape(chars: str | None) -> str | None:
     return None if chars is None else chars.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def _strip_chars(args) -> str | None:
+    """--strip-delimiters / --strip-whitespace, refusing a value that is really the next argument."""
+    chars = args.strip_delimiters
+    if chars is not None and args.strip_whitespace:
+        raise UserError("give --strip-delimiters or --strip-whitespace, not both")
+    if args.strip_whitespace:
+        return " \n\t"
+    if chars == "":
+        raise UserError("--strip-delimiters needs at least one character, e.g. --strip-delimiters=' '")
+    if chars is not None and len(chars) > 1 and Path(chars).exists():
+        raise UserError(f"--strip-delimiters takes the characters to remove, and {chars!r} looks like a file "
+                        "name (the corpus?): write --strip-delimiters=CHARS, or --strip-whitespace")
+    return _unescape(chars)
+
+
 def cmd_train(args) -> int:
     quiet_tensorflow()
     from hmlstm.model.config import TrainConfig
     from hmlstm.model.data import load_corpus
     from hmlstm.model.train import train
 
-    if args.layers < 1 or args.units < 1:
-        raise UserError("--layers and --units must be at least 1")
+    for flag, value in (("--layers", args.layers), ("--units", args.units), ("--embed-dim", args.embed_dim),
+                        ("--output-dim", args.output_dim)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a directory for the run")
     try:
         cfg = TrainConfig(
             batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
@@ -114,7 +148,7 @@ def cmd_train(args) -> int:
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
-    corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_unescape(args.strip_delimiters))
+    corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
     out = args.out or Path("runs") / Path(args.corpus).stem
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
@@ -127,6 +161,9 @@ def cmd_train(args) -> int:
     bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")
     for name, e in result.boundary.items():
+        if name == f"layer{args.layers}" and not args.top_boundary:
+            print(f"  {name}: no boundary detector (--top-boundary gives the top layer one)")
+            continue
         line = f"  {name}: fires at {e['rate']:.1%} of characters"
         if "word_ends" in e:
             w = e["word_ends"]
@@ -223,8 +260,10 @@ def _add_evaluate(sub) -> None:
                        "rate) and the language model's entropy baselines against true unit ends.")
     p.add_argument("model", type=Path, help="a training run directory or an exported .onnx file")
     p.add_argument("text", help="'builtin', 'synthetic', or a UTF-8 file")
-    p.add_argument("--strip-delimiters", nargs="?", const=" ", default=None, metavar="CHARS",
-                   help="remove these characters (default a space); the removed positions are the truth")
+    p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
+                   help="remove these characters, e.g. --strip-delimiters=' '; the removed positions are the truth")
+    p.add_argument("--strip-whitespace", action="store_true",
+                   help="the same as --strip-delimiters=' \\n\\t'")
     p.add_argument("--format", default="auto", choices=["auto", "text", "ptb", "lines"],
                    help="lines: one unit per line (a segmented file)")
     p.add_argument("--sep", default=None, help="units separated by this symbol (a segmented file)")
@@ -233,6 +272,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-chars", type=int, default=60_000, help="score at most this many characters")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="score even when over 5%% of the text is outside the model's vocabulary")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -247,7 +288,7 @@ def cmd_evaluate(args) -> int:
     from hmlstm.evaluation import evaluate, format_report
     from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters
 
-    strip = _unescape(args.strip_delimiters)
+    strip = _strip_chars(args)
     if args.sep is not None:
         corpus = read_segmented(args.text, args.sep)
         if strip:
@@ -263,6 +304,13 @@ def cmd_evaluate(args) -> int:
         n = args.max_chars
         corpus = Corpus(corpus.name + f", first {n:,} chars", corpus.text[:n], corpus.word_ends[:n],
                         None if corpus.phrase_ends is None else corpus.phrase_ends[:n])
+    vocab, _ = _model_vocabulary(args.model)
+    unknown = vocab.encode_counting(corpus.text)[1]
+    if unknown > 0.05 * len(corpus.text) and not args.allow_unknown:
+        shown = "".join(sorted(vocab.unknown_chars(corpus.text)))[:20]
+        raise UserError(f"{unknown:,} of {len(corpus.text):,} characters ({unknown / len(corpus.text):.0%}) are "
+                        f"outside the model's vocabulary ({shown!r}...): its scores would mean little. Evaluate "
+                        "on text like its training text, or pass --allow-unknown")
     report = evaluate(args.model, corpus)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -333,12 +381,14 @@ def _add_serve(sub) -> None:
                        description="Serve an exported model (the shipped default when none is named) over "
                        "gRPC, with health checking, reflection and Prometheus metrics.")
     p.add_argument("model", nargs="?", default=None, help="an .onnx file written by `hmlstm export`")
-    p.add_argument("--host", default=d.host)
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; -1 turns it off")
-    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
-    p.add_argument("--max-streams", type=int, default=d.max_streams)
-    p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars)
+    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA where it works, else the CPU; cuda: refuse to start without it")
+    p.add_argument("--max-streams", type=int, default=d.max_streams,
+                   help="concurrent streams per process; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars, help="longest chunk a client may send")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
     p.add_argument("--grace", type=float, default=d.grace_s, help="seconds open streams get on SIGTERM")
     p.add_argument("--tls-cert", default=os.environ.get("HMLSTM_TLS_CERT") or None,
@@ -452,7 +502,8 @@ def _add_health(sub) -> None:
                        "container: with $HMLSTM_TLS_CERT set (what `hmlstm serve` reads), the check uses TLS and "
                        "trusts $HMLSTM_TLS_CA, or that certificate itself when no CA is given.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", "--target", dest="target", default="127.0.0.1:50051",
+                   help="host:port of the server (--server, as in `segment`; --target also works)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
     p.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca or $HMLSTM_TLS_CERT)")
     p.add_argument("--tls-ca", default=os.environ.get("HMLSTM_TLS_CA") or None,
@@ -501,7 +552,8 @@ def _add_segment(sub) -> None:
     p.add_argument("--local", action="store_true", help="run the model in this process; no server")
     p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
     p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
-    p.add_argument("--layers", type=int, nargs="*", default=[], help="layers to report (default: all)")
+    p.add_argument("--layers", type=_layer_list, default=[], metavar="L1,L2",
+                   help="comma-separated boundary layers to report, e.g. --layers 1,2 (default: all)")
     p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
     p.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
     p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
@@ -748,10 +800,28 @@ def _held_out_quality(model_path: Path) -> dict[int, str]:
 # ---------------------------------------------------------------- main
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where its help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], "") or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmlstm", description="Streaming sequence segmentation with a Hierarchical Multiscale LSTM.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"hmlstm {hmlstm.__version__}")
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kw):  # every command's --help shows its defaults
+        kw["formatter_class"] = _HelpFormatter
+        return _add_parser(name, **kw)
+
+    sub.add_parser = add_parser
     _add_train(sub)
     _add_plot(sub)
     _add_evaluate(sub)
@@ -778,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hmlstm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hmlstm segment ... | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
             raise

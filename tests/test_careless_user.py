@@ -145,3 +145,76 @@ def test_a_taken_metrics_port_is_named_in_one_line():
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " hmlstm." not in ln]  # log lines aside
     assert lines == [lines[-1]] and f"metrics port {port} on 127.0.0.1 is not available" in lines[-1], r.stderr
     assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_corpus_after_strip_delimiters_is_not_taken_for_the_delimiters(corpus, tmp_path):
+    r = run_cli("train", "--strip-delimiters", corpus, "--out", tmp_path / "run", *TINY)
+    assert r.returncode == 2
+    _ends_in_one_error_line(r.stderr, "looks like a file name", "--strip-delimiters=CHARS")
+    assert not (tmp_path / "run").exists()
+
+
+def test_segment_layers_are_a_comma_list_that_leaves_the_file_alone(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Thecatsatonthemat.")
+    assert main(["segment", "--layers", "1", str(text), "--local", "--jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert out and all('"layer": 1' in line for line in out.splitlines())
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--layers", "x", str(text), "--local"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--steps", "0"], "--steps must be at least 1"), (["--steps", "-5"], "--steps must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"), (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--embed-dim", "0"], "--embed-dim must be at least 1"), (["--embed-dim", "-3"], "--embed-dim must be at least 1"),
+    (["--output-dim", "0"], "--output-dim must be at least 1"), (["--lr", "-1"], "--lr must be a positive number"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+])
+def test_training_settings_that_cannot_train_are_refused_and_leave_no_run(flags, needle, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = list(TINY)
+    if flags[0] in tiny:  # the value under test replaces the tiny model's own
+        i = tiny.index(flags[0])
+        del tiny[i : i + 2]
+    assert main(["train", str(corpus), "--out", str(out), *tiny, *flags]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+def test_train_into_an_existing_file_is_one_line(corpus, tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(["train", str(corpus), "--out", str(f), *TINY]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, "is a file")
+
+
+def test_output_piped_into_head_ends_quietly():
+    r = subprocess.run(f"{sys.executable} -m hmlstm.cli segment hmlstm/assets/default.card.json --local "
+                       "--jsonl | head -c 10", shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_evaluate_refuses_text_mostly_outside_the_vocabulary(tmp_path, capsys):
+    cyrillic = tmp_path / "ru.txt"
+    cyrillic.write_text("Съешь же ещё этих мягких французских булок, да выпей чаю. " * 40)
+    model = str(ROOT / "hmlstm/assets/default.onnx")
+    assert main(["evaluate", model, str(cyrillic)]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, "outside the model's vocabulary", "--allow-unknown")
+    assert main(["evaluate", model, str(cyrillic), "--allow-unknown"]) == 0
+
+
+def test_help_shows_defaults_and_the_version_is_one_flag_away(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 256)" in text and "(default: 50051)" in text  # --max-batch, --port
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("hmlstm ")
+
+
+def test_health_takes_server_like_segment(capsys):
+    assert main(["health", "--server", "127.0.0.1:1", "--timeout", "0.5"]) == 1
+    assert "127.0.0.1:1" in capsys.readouterr().err

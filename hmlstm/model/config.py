@@ -93,6 +93,18 @@ class TrainConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--lr must be a positive number, got {self.learning_rate}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"--clip must be a positive number, got {self.clip_norm}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.max_steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--minutes must be a positive number, got {self.max_minutes}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         object.__setattr__(self, "rate_targets", tuple(float(r) for r in self.rate_targets))
         if any(not 0.0 <= r <= 1.0 for r in self.rate_targets):
             raise ValueError(f"rate targets are shares of characters in [0, 1], got {self.rate_targets}")

@@ -365,11 +365,16 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                     for l, r in enumerate(rate.numpy()):
                         tf.summary.scalar(f"train/layer{l + 1}_rate", r)
             if step % eval_every == 0 or step == total:
+                if bar is not None:
+                    bar.set_description("validating", refresh=True)  # a pass over the held-out text
                 last_val = validate(step)
+                if bar is not None:
+                    bar.set_description("", refresh=False)
             if step % cfg.checkpoint_every == 0 or step == total:
                 manager.save(checkpoint_number=step)
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}", val_bpc=f"{last_val:.3f}",
+                bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}",
+                                val_bpc="-" if math.isnan(last_val) else f"{last_val:.3f}",
                                 chars_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}", refresh=False)
                 bar.update(1)
             if cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes:

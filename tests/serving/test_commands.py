@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -141,3 +142,30 @@ def test_demo_runs_end_to_end(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "server on 127.0.0.1:" in out and "characters in" in out and "layer 1:" in out
+
+
+def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zero():
+    """docs/examples/segment.js with @grpc/grpc-js: a client this project did not write in Python."""
+    import shutil
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("Node.js and npm are not installed")
+    modules = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hmlstm-node-example"
+    if not (modules / "node_modules" / "@grpc" / "proto-loader").exists():
+        modules.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(modules),
+                            "@grpc/grpc-js@1", "@grpc/proto-loader@0"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            pytest.skip(f"npm could not install @grpc/grpc-js: {r.stderr.strip()[:200]}")
+    root = Path(__file__).resolve().parents[2]
+    model = load_model(None, "cpu")
+    with BackgroundServer(model, ServeConfig(port=0, metrics_port=None)) as srv:
+        r = subprocess.run([node, str(root / "docs/examples/segment.js"), srv.target, str(root / "protos"),
+                            "The for statement is used to iterate. 😀 ok."], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "NODE_PATH": str(modules / "node_modules")})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "undefined" not in r.stdout
+    assert 'layer 1 [0, 3) "The"' in lines  # a segment that starts at 0 (proto3 leaves 0 off the wire)
+    assert lines[-1] == "done: 35 characters"  # the text without the spaces the model was trained without

@@ -563,6 +563,19 @@ def _add_segment(sub) -> None:
     p.set_defaults(func=cmd_segment)
 
 
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with path.open("rb") as f:
+            while raw := f.read(block):
+                decoder.decode(raw)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
 def _read_chunks(path: str, size: int):
     """Check the source now (before anything connects); return a generator of its text in pieces."""
     import codecs
@@ -573,6 +586,7 @@ def _read_chunks(path: str, size: int):
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{path} does not exist or is not a file")
+        _check_utf8(p)  # a file can be checked whole before anything is sent; standard input cannot
     name = "standard input" if path == "-" else path
 
     def pieces():

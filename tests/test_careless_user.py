@@ -218,3 +218,16 @@ def test_help_shows_defaults_and_the_version_is_one_flag_away(capsys):
 def test_health_takes_server_like_segment(capsys):
     assert main(["health", "--server", "127.0.0.1:1", "--timeout", "0.5"]) == 1
     assert "127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_segment_through_a_server_reports_its_own_mistakes_before_connecting(tmp_path, capsys):
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"abc\xff\xfe")
+    dead = "127.0.0.1:1"  # nothing listens: a mistake found first never reaches the network
+    for args, needle in ((["segment", str(tmp_path / "missing.txt")], "does not exist"),
+                         (["segment", str(binary)], "is not UTF-8 text"),
+                         (["segment", str(binary), "--chunk-chars", "0"], "--chunk-chars must be at least 1")):
+        assert main([*args, "--server", dead]) == 2
+        err = capsys.readouterr().err
+        _ends_in_one_error_line(err, needle)
+        assert "UNKNOWN" not in err and "UNAVAILABLE" not in err and "layer 1" not in err  # no legend either

@@ -339,6 +339,9 @@ def _add_export(sub) -> None:
                    help="the tolerance is absolute: no value beyond it is explained by TensorFlow's own "
                         "float32 spread (see docs/export.md)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--triton", type=Path, default=None, metavar="REPO",
+                   help="also write a Triton Inference Server model repository for it (REPO/hmlstm/1/model.onnx "
+                        "and config.pbtxt: ONNX Runtime backend, sequence batching with implicit state)")
     p.set_defaults(func=cmd_export)
 
 
@@ -367,6 +370,10 @@ def cmd_export(args) -> int:
             print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
     print(f"wrote {result.path} ({result.card['size_bytes'] / 1e6:.2f} MB) and {result.card_path}")
+    if args.triton is not None:
+        from hmlstm.export.triton import write_repository
+
+        print(f"wrote {write_repository(result.path, args.triton)} (Triton model repository {args.triton})")
     return 0
 
 

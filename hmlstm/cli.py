@@ -391,8 +391,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; -1 turns it off")
-    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"],
-                   help="auto: CUDA where it works, else the CPU; cuda: refuse to start without it")
+    p.add_argument("--device", default=d.device, choices=["auto", "tensorrt", "cuda", "cpu"],
+                   help="auto: TensorRT where its libraries load, else CUDA where it works, else the CPU; "
+                        "tensorrt or cuda: refuse to start without it")
+    p.add_argument("--trt-cache", default=d.trt_cache, metavar="DIR",
+                   help="where TensorRT keeps the engines it builds (the first start builds them)")
+    p.add_argument("--trt-fp16", action="store_true", help="let TensorRT compute in half precision")
+    p.add_argument("--device-tolerance", type=float, default=d.device_tolerance,
+                   help="largest |TensorRT - CPU| accepted at start-up; a model beyond it is refused "
+                        "(FP16 usually needs more)")
     p.add_argument("--max-streams", type=int, default=d.max_streams,
                    help="concurrent streams per process; more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars, help="longest chunk a client may send")
@@ -453,17 +460,20 @@ def _serve_config(args):
             max_batch=args.max_batch,
             max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
             persist_depth=args.persist_depth,
-            io_binding=args.io_binding, ort_threads=args.ort_threads,
+            io_binding=args.io_binding, ort_threads=args.ort_threads, trt_cache=args.trt_cache,
+            trt_fp16=args.trt_fp16, device_tolerance=args.device_tolerance,
             ort_spinning=args.ort_spinning == "on")
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def _load_model(path, device, threads=None, spinning=None):
+def _load_model(path, device, threads=None, spinning=None, config=None):
     from hmlstm.serving.model import ModelLoadError, load_model
 
+    trt = dict(trt_cache=config.trt_cache, trt_fp16=config.trt_fp16, tolerance=config.device_tolerance) \
+        if config is not None else {}
     try:
-        return load_model(path, device, threads, spinning)
+        return load_model(path, device, threads, spinning, **trt)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
 
@@ -487,12 +497,12 @@ def cmd_serve(args) -> int:
     if config.workers > 1:
         from hmlstm.serving.workers import run_workers
 
-        _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)  # fail here, once
+        _load_model(args.model, config.device, config.ort_threads, config.ort_spinning, config)  # fail here, once
         try:
             return run_workers(args.model, config)
         except OSError as e:
             raise UserError(f"cannot serve: {e}") from None
-    model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning)
+    model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning, config)
     try:
         asyncio.run(serve(model, config))
     except OSError as e:

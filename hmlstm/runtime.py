@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
+from hmlstm import spec
+
+TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "tensorrt", "cuda", "cpu")
 
 
 def _task_ids() -> set[int]:
@@ -76,7 +80,8 @@ class Runtime:
 
     @property
     def on_cuda(self) -> bool:
-        return self.providers[0] == CUDA
+        """Runs on the GPU (CUDA, or TensorRT with CUDA beside it): state and outputs live on the device."""
+        return self.providers[0] in (CUDA, TENSORRT)
 
 
 def nvidia_driver_present() -> bool:
@@ -120,30 +125,114 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     return so
 
 
+def tensorrt_libraries_present() -> bool:
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def _gpu_unavailable(provider: str) -> str:
+    """Why ``provider`` cannot be used here, or "" if it may be tried."""
+    if provider not in ort.get_available_providers():
+        return f"this onnxruntime build has no {provider.removesuffix('ExecutionProvider')} provider"
+    if not nvidia_driver_present():
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    if provider == TENSORRT and not tensorrt_libraries_present():
+        return "the TensorRT libraries (libnvinfer) do not load"
+    return ""
+
+
 def make_session(model: str | bytes, device: str = "auto", threads: int | None = None,
-                 spinning: bool | None = None) -> Runtime:
-    """Build one inference session. device: auto (CUDA if it works), cuda (must work), cpu."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+                 spinning: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = False) -> Runtime:
+    """Build one inference session.
+
+    device: auto (TensorRT where its libraries load, else CUDA where it works, else the CPU), tensorrt or
+    cuda (must work, or RuntimeError with the reason in one line), cpu. trt_cache: where TensorRT keeps
+    the engines it builds (the first session builds them, which takes a while; later ones load them);
+    trt_fp16: let TensorRT run in half precision (check the outputs: ``check_against_cpu``).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     so = session_options(threads, spinning)
     before = _task_ids()
 
     def runtime(sess, note):
         return Runtime(sess, tuple(sess.get_providers()), note, ModelCpu(frozenset(_task_ids() - before)))
 
-    why = ""
-    if device != "cpu":
-        if CUDA not in ort.get_available_providers():
-            why = "this onnxruntime build has no CUDA provider"
-        elif not nvidia_driver_present():
-            why = "no NVIDIA driver (libcuda.so.1 not found)"
-        else:
-            sess, log = _capture_fd2(
-                lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
+    whys = []
+    if device in ("auto", "tensorrt"):
+        why = _gpu_unavailable(TENSORRT)
+        if not why:
+            options = {"trt_fp16_enable": trt_fp16}
+            if trt_cache:
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache))
+            sess, log = _capture_fd2(lambda: ort.InferenceSession(
+                model, so, providers=[(TENSORRT, options), CUDA, CPU]))
+            if sess.get_providers()[0] == TENSORRT:
+                return runtime(sess, "ONNX Runtime on TensorRT" + (" (FP16 allowed)" if trt_fp16 else ""))
+            why = f"TensorRT provider failed to load: {_reason(log)}"
+        if device == "tensorrt":
+            raise RuntimeError(f"--device tensorrt asked for, but {why}")
+        whys.append(f"TensorRT not used: {why}")
+    if device in ("auto", "cuda"):
+        why = _gpu_unavailable(CUDA)
+        if not why:
+            sess, log = _capture_fd2(lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
             if sess.get_providers()[0] == CUDA:
-                return runtime(sess, "ONNX Runtime on CUDA")
+                return runtime(sess, "ONNX Runtime on CUDA" + (f" ({whys[0]})" if whys else ""))
             why = f"CUDA provider failed to load: {_reason(log)}"
         if device == "cuda":
             raise RuntimeError(f"--device cuda asked for, but {why}")
+        whys.append(f"CUDA not used: {why}")
     sess = ort.InferenceSession(model, so, providers=[CPU])
-    return runtime(sess, "ONNX Runtime on CPU" + (f" (CUDA not used: {why})" if why else ""))
+    # One line: the reasons usually coincide (no driver), so say a shared reason once.
+    reasons = [w.split(": ", 1)[1] for w in whys]
+    if len(set(reasons)) == 1 and len(whys) > 1:
+        detail = f"TensorRT and CUDA not used: {reasons[0]}"
+    else:
+        detail = "; ".join(whys)
+    return runtime(sess, "ONNX Runtime on CPU" + (f" ({detail})" if detail else ""))
+
+
+def check_against_cpu(runtime: Runtime, model: str | bytes, tolerance: float = 1e-4, steps: int = 64,
+                      batch: int = 4, seed: int = 0) -> float:
+    """Run ``runtime`` and the CPU provider on the same random inputs; RuntimeError if they differ.
+
+    Boundaries must agree exactly, every other output within ``tolerance`` (absolute). Returns the
+    largest difference. For a provider that validation at export did not cover (TensorRT, which fuses
+    and may reorder or down-cast the loop body's work)."""
+    import numpy as np
+
+    cpu = ort.InferenceSession(model, session_options(1, False), providers=[CPU])
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in cpu.get_inputs():
+        if i.name == spec.TOKENS:
+            vocab = next(o.shape[2] for o in cpu.get_outputs() if o.name == spec.LOGITS)
+            feeds[i.name] = rng.integers(0, vocab, (batch, steps)).astype(np.int32)
+        elif i.name == spec.LENGTHS:
+            feeds[i.name] = np.full(batch, steps, np.int32)
+        else:  # a state input [batch, size]
+            feeds[i.name] = np.zeros((batch, i.shape[1]), np.float32)
+    names = [o.name for o in cpu.get_outputs()]
+    want = dict(zip(names, cpu.run(names, feeds)))
+    got = dict(zip(names, runtime.session.run(names, feeds)))
+    worst, where = 0.0, ""
+    for name in names:
+        if name == spec.BOUNDARIES:
+            if not np.array_equal(got[name], want[name]):
+                flips = int((got[name] != want[name]).sum())
+                raise RuntimeError(f"{runtime.providers[0]} disagrees with the CPU on {flips} boundary value(s) "
+                                   f"of a {batch} x {steps} check; refusing to serve on it")
+            continue
+        d = float(np.abs(got[name] - want[name]).max())
+        if d > worst:
+            worst, where = d, name
+    if not worst <= tolerance:
+        raise RuntimeError(f"{runtime.providers[0]} differs from the CPU by up to {worst:.3g} on {where} "
+                           f"(tolerance {tolerance:g}); refusing to serve on it")
+    return worst

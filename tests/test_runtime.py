@@ -62,3 +62,47 @@ def test_the_server_imports_neither_the_trainer_nor_the_exporter():
             " 'tf2onnx', 'onnx.')) or m == 'onnx'); print(bad); sys.exit(1 if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_tensorrt_where_it_cannot_run_is_refused_in_one_line_and_auto_says_why_it_fell_back():
+    from hmlstm.runtime import make_session, nvidia_driver_present
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    if nvidia_driver_present():
+        pytest.skip("a GPU is here: the fallback path is not taken")
+    with pytest.raises(RuntimeError) as e:
+        make_session(str(DEFAULT_MODEL), "tensorrt")
+    assert str(e.value).startswith("--device tensorrt asked for, but ") and "\n" not in str(e.value)
+    note = make_session(str(DEFAULT_MODEL), "auto").note
+    assert note.startswith("ONNX Runtime on CPU (") and "TensorRT" in note and "CUDA" in note and "\n" not in note
+
+
+def test_serve_on_tensorrt_without_it_is_one_line(capsys):
+    from hmlstm.cli import main
+    from hmlstm.runtime import nvidia_driver_present
+
+    if nvidia_driver_present():
+        pytest.skip("a GPU is here")
+    assert main(["serve", "--device", "tensorrt", "--port", "0", "--metrics-port", "-1"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("hmlstm: error: --device tensorrt asked for")
+
+
+def test_a_provider_whose_outputs_differ_from_the_cpu_is_refused(tmp_path):
+    """What start-up does for TensorRT, shown with a session of a slightly changed model standing in."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from hmlstm import spec
+    from hmlstm.runtime import check_against_cpu, make_session
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    same = make_session(str(DEFAULT_MODEL), "cpu")
+    assert check_against_cpu(same, str(DEFAULT_MODEL)) <= 1e-5
+    model = onnx.load(str(DEFAULT_MODEL))
+    bias = next(i for i in model.graph.initializer if numpy_helper.to_array(i).shape == (102,))  # the logit bias
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(1e-3), bias.name))
+    changed = make_session(model.SerializeToString(), "cpu")
+    with pytest.raises(RuntimeError, match=rf"differs from the CPU by up to 0.001.* on {spec.LOGITS}"):
+        check_against_cpu(changed, str(DEFAULT_MODEL))

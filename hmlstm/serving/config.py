@@ -10,7 +10,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
     metrics_port: int | None = 9464  # Prometheus text format on http://host:port/metrics; None: off
-    device: str = "auto"  # auto (CUDA where it works), cuda, cpu
+    device: str = "auto"  # auto (TensorRT, else CUDA, where they work), tensorrt, cuda, cpu
+    trt_cache: str | None = None  # where TensorRT keeps its built engines (None: rebuilt at every start)
+    trt_fp16: bool = False  # let TensorRT compute in half precision
+    device_tolerance: float = 1e-4  # TensorRT's outputs against the CPU's at start-up (runtime.check_against_cpu)
     max_streams: int = 256  # concurrent streaming calls; more get RESOURCE_EXHAUSTED
     max_chunk_chars: int = 65_536  # per TextChunk
     # per unary Segment request; the server advertises less if the answer could exceed max_message_bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hmlstm import spec
-from hmlstm.runtime import Runtime, make_session
+from hmlstm.runtime import TENSORRT, Runtime, check_against_cpu, make_session
 from hmlstm.vocabulary import Vocabulary
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -74,13 +74,18 @@ class LoadedModel:
 
 
 def load_model(path: str | Path | None = None, device: str = "auto", threads: int | None = None,
-               spinning: bool | None = None) -> LoadedModel:
+               spinning: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = False,
+               tolerance: float = 1e-4) -> LoadedModel:
+    """Load an exported model. On TensorRT, which export validation did not cover, its outputs are
+    first checked against the CPU provider's (within ``tolerance``); a model that fails is refused."""
     path = Path(path) if path else DEFAULT_MODEL
     if not path.is_file():
         hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
         raise ModelLoadError(f"model file {path} does not exist{hint}")
     try:
-        rt = make_session(str(path), device, threads, spinning)
+        rt = make_session(str(path), device, threads, spinning, trt_cache, trt_fp16)
+        if rt.providers[0] == TENSORRT:
+            check_against_cpu(rt, str(path), tolerance)
     except RuntimeError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # ORT raises its own types for files that are not ONNX

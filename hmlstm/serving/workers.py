@@ -86,7 +86,8 @@ def _worker_main(model_path, config: ServeConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{config.worker_index}] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards Ctrl-C as SIGTERM
-    model = load_model(model_path, config.device, config.ort_threads, config.ort_spinning)
+    model = load_model(model_path, config.device, config.ort_threads, config.ort_spinning, config.trt_cache,
+                       config.trt_fp16, config.device_tolerance)
     asyncio.run(serve(model, config))
 
 

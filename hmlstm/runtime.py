@@ -125,6 +125,22 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     return so
 
 
+_preloaded = False
+
+
+def _preload_nvidia_libraries() -> None:
+    """With HMLSTM_ORT_PRELOAD_DLLS=1, load CUDA and cuDNN from the NVIDIA pip packages first
+    (``onnxruntime.preload_dlls``): a host whose CUDA comes as wheels, not system libraries."""
+    global _preloaded
+    if _preloaded or os.environ.get("HMLSTM_ORT_PRELOAD_DLLS") != "1" or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        _capture_fd2(ort.preload_dlls)
+    except Exception:  # the reason shows when the provider then fails to load
+        pass
+
+
 def tensorrt_libraries_present() -> bool:
     for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
         try:
@@ -157,6 +173,8 @@ def make_session(model: str | bytes, device: str = "auto", threads: int | None =
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device != "cpu":
+        _preload_nvidia_libraries()
     so = session_options(threads, spinning)
     before = _task_ids()
 

@@ -221,32 +221,6 @@ def test_io_binding_setting_is_checked():
         ServeConfig(io_binding="sometimes")
 
 
-@pytest.mark.gpu
-def test_on_cuda_bound_state_stays_on_the_device_and_answers_match_the_cpu(tiny_onnx, tiny_model):
-    from hmlstm.runtime import nvidia_driver_present
-    from hmlstm.serving.model import load_model
-
-    if not nvidia_driver_present():
-        pytest.skip("no NVIDIA GPU here")
-    cuda = load_model(tiny_onnx.path, "cuda")
-    texts = [synthetic_corpus(seed=80 + i, n_chars=300).text[:200] for i in range(4)]
-    expected = [alone(tiny_model, t, 7) for t in texts]
-
-    async def main():
-        runner = BatchingRunner(cuda, max_batch=8, max_wait_us=2000, io_binding=True)
-        try:
-            got = await asyncio.gather(*(streamed(runner, t, 7) for t in texts))
-            return got, runner.binder
-        finally:
-            runner.close()
-
-    got, binder = asyncio.run(main())
-    for g, e in zip(got, expected):
-        assert_same(g, e)
-    ref = next(iter(got[0][1].state.values()))
-    assert binder.reused > 0 and ref.batch.values[ref.output].device_name().lower() == "cuda"
-
-
 @pytest.mark.parametrize("fraction, min_mean, max_mean", [(1.0, 6.5, 8.0), (0.0, 1.0, 5.0)])
 def test_closed_loop_streams_stay_in_one_batch_with_a_wait_fraction(tiny_model, fraction, min_mean, max_mean):
     """Each stream sends its next piece a few ms after its answer. With max_wait_us=0 alone, the first

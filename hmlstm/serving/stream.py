@@ -192,10 +192,14 @@ class StreamRegistry:
         self.idle_timeout_s = idle_timeout_s
         self._by_id: dict[str, StreamState] = {}
         self._attached: set[StreamState] = set()  # streams with a call attached, with an id or not
-        self.active = 0  # calls currently attached to a stream
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    @property
+    def active(self) -> int:
+        """Calls currently attached to a stream."""
+        return len(self._attached)
 
     def open(self, make_state, stream_id: str, resume: bool, resume_offset: int = 0) -> StreamState:
         """Start or resume a stream for a new call; StreamError on any conflict."""
@@ -212,7 +216,6 @@ class StreamRegistry:
             self._check_capacity()
             st.rewind(resume_offset)
             st.attach()
-            self.active += 1
             self._attached.add(st)
             return st
         if stream_id and stream_id in self._by_id:
@@ -222,7 +225,6 @@ class StreamRegistry:
         st = make_state()
         if stream_id:
             self._by_id[stream_id] = st
-        self.active += 1
         self._attached.add(st)
         return st
 
@@ -243,9 +245,7 @@ class StreamRegistry:
 
     def detach(self, st: StreamState, finished: bool) -> None:
         """The call ended. A finished stream is forgotten; a broken one waits for a resume."""
-        if st.attached:
-            st.attached = False
-            self.active -= 1
+        st.attached = False
         self._attached.discard(st)
         if st.released is not None:
             st.released.set()

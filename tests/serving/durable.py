@@ -84,8 +84,11 @@ class RedisProcess:
 
 
 async def stream_until_broken(target: str, stream_id: str, text: str, chunk: int, start: int = 0,
-                              resume: bool = False, pause: float = 0.0):
-    """Closed loop: send a chunk, wait for its response. Returns (responses, broke)."""
+                              resume: bool = False, pause: float = 0.0, options=(), on_channel=None):
+    """Closed loop: send a chunk, wait for its response. Returns (responses, broke).
+
+    options: channel options; on_channel(ModelInfo), if given, is told which server answered first.
+    """
     responses = []
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -94,8 +97,11 @@ async def stream_until_broken(target: str, stream_id: str, text: str, chunk: int
         while (item := await queue.get()) is not None:
             yield pb.SegmentRequest(chunk=pb.TextChunk(offset=item[0], text=item[1]))
 
-    async with grpc.aio.insecure_channel(target) as ch:
-        call = pb_grpc.SegmenterStub(ch).StreamSegment(requests())
+    async with grpc.aio.insecure_channel(target, options=list(options)) as ch:
+        stub = pb_grpc.SegmenterStub(ch)
+        if on_channel is not None:
+            on_channel(await stub.DescribeModel(pb.DescribeModelRequest()))
+        call = stub.StreamSegment(requests())
         try:
             for off in range(start, len(text), chunk):
                 await queue.put((off, text[off : off + chunk]))

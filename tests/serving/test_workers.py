@@ -15,7 +15,7 @@ from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.workers import bind_socket, check_port_free, worker_config
 from hmlstm.v1 import segmenter_pb2 as pb
 from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
-from tests.serving.durable import fold, free_port, unary, wait_serving
+from tests.serving.durable import fold, free_port, stream_until_broken, unary, wait_serving
 from tests.serving.test_durability import texts
 
 FRESH = [("grpc.use_local_subchannel_pool", 1)]  # a new TCP connection per channel, so the kernel picks a worker
@@ -48,38 +48,6 @@ def test_a_port_someone_holds_is_refused_even_by_a_port_sharing_socket():
             check_port_free("127.0.0.1", s.getsockname()[1])
 
 
-async def _stream(target: str, stream_id: str, text: str, chunk: int, start: int = 0, resume: bool = False,
-                  pause: float = 0.0, on_channel=None):
-    """Closed loop on a fresh connection; returns (responses, broke)."""
-    responses, queue = [], asyncio.Queue()
-
-    async def requests():
-        yield pb.SegmentRequest(config=pb.StreamConfig(stream_id=stream_id, resume=resume, resume_offset=start))
-        while (item := await queue.get()) is not None:
-            yield pb.SegmentRequest(chunk=pb.TextChunk(offset=item[0], text=item[1]))
-
-    async with grpc.aio.insecure_channel(target, FRESH) as ch:
-        stub = pb_grpc.SegmenterStub(ch)
-        info = await stub.DescribeModel(pb.DescribeModelRequest())
-        if on_channel:
-            on_channel(info.worker_pid)
-        call = stub.StreamSegment(requests())
-        try:
-            for off in range(start, len(text), chunk):
-                await queue.put((off, text[off : off + chunk]))
-                r = await call.read()
-                if r == grpc.aio.EOF:
-                    return responses, True
-                responses.append(r)
-                await asyncio.sleep(pause)
-            await queue.put(None)
-            while (r := await call.read()) != grpc.aio.EOF:
-                responses.append(r)
-        except grpc.RpcError:
-            return responses, True
-    return responses, False
-
-
 def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, tmp_path):
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -101,8 +69,8 @@ def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, 
 
         async def run_all():
             async def one(sid, body):
-                return await _stream(target, sid, body, 10, pause=0.03,
-                                     on_channel=lambda pid: served_by.__setitem__(sid, pid))
+                return await stream_until_broken(target, sid, body, 10, pause=0.03, options=FRESH,
+                                                 on_channel=lambda info: served_by.__setitem__(sid, info.worker_pid))
 
             async def killer():
                 while len(served_by) < len(ids):
@@ -126,8 +94,9 @@ def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, 
                 start = rs[-1].processed_chars if rs else 0
                 resumed_on = []
                 for _ in range(100):  # UNAVAILABLE/ABORTED while the dead connection is noticed: retry
-                    again, broke = await _stream(target, ids[i], bodies[i], 10, start=start, resume=bool(rs),
-                                                 on_channel=resumed_on.append)
+                    again, broke = await stream_until_broken(
+                        target, ids[i], bodies[i], 10, start=start, resume=bool(rs), options=FRESH,
+                        on_channel=lambda info, seen=resumed_on: seen.append(info.worker_pid))
                     if not broke:
                         break
                     await asyncio.sleep(0.05)

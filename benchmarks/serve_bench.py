@@ -371,6 +371,14 @@ def bench_model(name: str, path: Path, grid, seconds: float, gflops: float, full
         d = direct_ort(model, b, c, seconds)
         rows.append({"what": "ONNX Runtime direct", "streams": b, "chunk": c, "rate": d["rate"],
                      "p50": pct(d["lat"], 50), "p99": pct(d["lat"], 99), "cpu_char": d["cpu_per_char"]})
+    if full:  # ONNX Runtime's own default (idle threads spin): its best rate when it has the cores to itself
+        spinning = load_model(path, "cpu", spinning=True)
+        for b, c in [(b, c) for b in (64, 256) for c in (16, 256)]:
+            d = direct_ort(spinning, b, c, seconds)
+            rows.append({"what": "ONNX Runtime direct, threads spinning", "streams": b, "chunk": c,
+                         "rate": d["rate"], "p50": pct(d["lat"], 50), "p99": pct(d["lat"], 99),
+                         "cpu_char": d["cpu_per_char"]})
+        del spinning
     for b, c in shapes:
         if c == 1 and b > 1:
             continue
@@ -459,11 +467,19 @@ def targets(rows, limit) -> list[str]:
                        "the same per-message cost is spread over 16x the characters.")
     for b in (64, 256):
         for c in (16, 256):
-            o, t = _find(rows, "ONNX Runtime direct", b, c), _find(rows, "TensorFlow tf.function", b, c)
-            if o and t:
+            t = _find(rows, "TensorFlow tf.function", b, c)
+            candidates = [r for r in (_find(rows, "ONNX Runtime direct", b, c),
+                                      _find(rows, "ONNX Runtime direct, threads spinning", b, c)) if r]
+            if candidates and t:
+                o = max(candidates, key=lambda r: r["rate"])
+                how = "threads spinning" if "spinning" in o["what"] else "threads not spinning"
                 ratio = o["rate"] / t["rate"]
-                out.append(f"- batch {b} x {c} steps: ONNX Runtime is {ratio:.2f}x TensorFlow (target >= 1.3): "
-                           f"{_met(ratio >= 1.3)}.")
+                out.append(f"- batch {b} x {c} steps: ONNX Runtime (the faster setting: {how}) is {ratio:.2f}x "
+                           f"TensorFlow (target >= 1.3): {_met(ratio >= 1.3)}.")
+    if any(r["what"] == "ONNX Runtime direct" and r["streams"] >= 64 for r in rows):
+        out.append("  What bounds it: at batch 64 and 256 both engines spend the step in the same matrix products "
+                   "and per-row element-wise work (ONNX Runtime reaches about 60-80% of the sgemm limit here); "
+                   "the inference graph's fewer nodes per step (110, was 154) pay at one stream, not here.")
     for n in (64, 256):
         for c in (16, 256):
             one, two = _find(rows, "server", n, c), _find(rows, "server, 2 workers", n, c)

@@ -35,8 +35,8 @@ class ServeConfig:
     state_store: str = "memory"  # memory, sqlite:PATH (one machine), redis://HOST:PORT/DB (replicas)
     persist_depth: int = 8  # a stored stream can rewind this many responses back
     batching: bool = True  # run pending pieces of many streams as one call
-    max_batch: int = 256  # rows in one batched call; 0: every pending piece (up to max_streams). 256 measured
-    # 1.5x as fast as 64 at 256 streams of 16-character chunks, p99 lower (docs/benchmarks.md)
+    max_batch: int = 256  # rows in one batched call; 0: every pending piece (up to max_streams). 256 was
+    # 1.2-1.5x as fast as 64 at 256 streams of 16-character chunks in three runs, p99 lower (docs/benchmarks.md)
     max_wait_us: int = 200  # how long the oldest pending piece may wait for others to join
     max_wait_fraction: float = 0.5  # ...or this fraction of the previous call's time, if longer (batching.py)
     io_binding: str = "auto"  # keep recurrent state on the device between calls: auto (with CUDA), on, off

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
+from hmlstm.cli import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # before the trainer imports it: no C++ start-up chatter
 from hmlstm.evaluation import evaluate  # noqa: E402
 from hmlstm.model.config import TrainConfig  # noqa: E402
 from hmlstm.model.data import Corpus, load_corpus  # noqa: E402
@@ -47,12 +50,27 @@ CONFIGS = {
 }
 
 
+EVAL_CHARS = 60_000
+
+
+def eval_corpus(path: str) -> Corpus:
+    """Another text, stripped the same way, for cross-domain scores (its first EVAL_CHARS characters)."""
+    c = load_corpus(path, strip=STRIP)
+    return Corpus(c.name + f", first {EVAL_CHARS:,}", c.text[:EVAL_CHARS], c.word_ends[:EVAL_CHARS])
+
+
+def with_eval(result: dict, model, other: Corpus | None) -> dict:
+    if other is not None:
+        result["eval"] = {"text": other.name, "report": evaluate(model, other)}
+    return result
+
+
 def held_out(corpus: Corpus) -> Corpus:
     start = len(corpus.text) - int(len(corpus.text) * 0.1)
     return Corpus(corpus.name + ", held-out 10%", corpus.text[start:], corpus.word_ends[start:])
 
 
-def run(name: str, steps: int, out_root: Path) -> dict:
+def run(name: str, steps: int, out_root: Path, other: Corpus | None = None) -> dict:
     model_kw, train_kw = CONFIGS[name]
     corpus = load_corpus("builtin", strip=STRIP)
     cfg = TrainConfig(max_steps=steps, checkpoint_every=steps, seed=0, **train_kw)
@@ -60,11 +78,12 @@ def run(name: str, steps: int, out_root: Path) -> dict:
     result = train(corpus, {**BASE_MODEL, **model_kw}, cfg, out_root / name, progress=False)
     minutes = (time.monotonic() - t0) / 60
     report = evaluate(out_root / name, held_out(corpus))
-    return {"name": name, "model": model_kw, "train": train_kw, "steps": steps, "minutes": round(minutes, 1),
-            "skipped_steps": result.skipped_steps, "report": report}
+    return with_eval({"name": name, "model": model_kw, "train": train_kw, "steps": steps,
+                      "minutes": round(minutes, 1), "skipped_steps": result.skipped_steps, "report": report},
+                     out_root / name, other)
 
 
-def scored(run_dir: Path) -> dict:
+def scored(run_dir: Path, other: Corpus | None = None) -> dict:
     """A finished training run, evaluated like the rows above."""
     import datetime
 
@@ -76,8 +95,9 @@ def scored(run_dir: Path) -> dict:
         seconds = max(p.stat().st_mtime for p in (run_dir / "ckpt").iterdir()) - created
     corpus = load_corpus(meta["source"], strip=meta.get("strip_delimiters"))
     report = evaluate(run_dir, held_out(corpus))
-    return {"name": run_dir.name, "command": meta["command"], "steps": metrics["step"],
-            "minutes": round(seconds / 60, 1), "skipped_steps": metrics.get("skipped_steps", 0), "report": report}
+    return with_eval({"name": run_dir.name, "command": meta["command"], "steps": metrics["step"],
+                      "minutes": round(seconds / 60, 1), "skipped_steps": metrics.get("skipped_steps", 0),
+                      "report": report}, run_dir, other)
 
 
 def write_scored(results: list[dict]) -> Path:
@@ -87,13 +107,13 @@ def write_scored(results: list[dict]) -> Path:
         "Written by `benchmarks/segmentation_experiments.py --score`. The same model and scoring as the table "
         "above, trained longer with `hmlstm train` (commands below). Minutes are wall-clock on the 2-core "
         "machine; other work shared it during some runs, so they overstate the training time.", "",
-        "| run | steps | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | entropy rises F1 |",
-        "|---|---:|---:|---:|---|---|---:|---:|",
+        *eval_columns(results, "| run | steps | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | "
+                      "entropy rises F1 |", "|---|---:|---:|---:|---|---|---:|---:|")[:2],
     ]
     for r in results:
         cells = row(r).split(" | ")
         lines.append(" | ".join([cells[0], str(r["steps"]), *cells[1:]]))
-    lines += ["", "Commands:", ""]
+    lines += ["", *eval_columns(results, "", "")[2], "", "Commands:", ""]
     lines += [f"- `{r['name']}`: `{r['command']}`" + (f"; {r['skipped_steps']} non-finite steps skipped"
                                                       if r["skipped_steps"] else "") for r in results]
     write_section("segmentation-longer", "\n".join(lines), path)
@@ -115,7 +135,23 @@ def row(r: dict) -> str:
     peaks = rep["baselines"]["entropy_peaks"]["words"]
     rises = rep["baselines"]["entropy_rises"]["words"]
     cells += [f"{peaks['f1']:.2f}", f"{rises['f1']:.2f}"]
+    if "eval" in r:  # the same model on the other text
+        ev = r["eval"]["report"]
+        w = ev["layers"]["layer1"]["words"]
+        best = max(("end", "start"), key=lambda a: w[a]["f1"])
+        cells += [f"{ev['bpc']:.3f}", f"{w[best]['f1']:.2f} ({best}) / {w[best]['random_f1']:.2f}",
+                  f"{ev['baselines']['entropy_peaks']['words']['f1']:.2f}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def eval_columns(results: list[dict], header: str, rule: str) -> tuple[str, str, list[str]]:
+    """The table's header and rule, widened for the other text's columns if the rows have them."""
+    texts = sorted({r["eval"]["text"] for r in results if "eval" in r})
+    if not texts:
+        return header, rule, []
+    header = header.rstrip(" |") + " | other text: BPC | layer 1 | entropy peaks F1 |"
+    return header, rule + "---:|---|---:|", [f"Other text: {', '.join(texts)} (`--eval-text`), whitespace "
+                                             "removed the same way."]
 
 
 def write(results: list[dict], steps: int) -> Path:
@@ -131,11 +167,11 @@ def write(results: list[dict], steps: int) -> Path:
         "character; start: on the next word's first) / F1 of a random detector firing at the same rate. "
         "Baselines from the same network, which need no boundary detector: entropy peaks (the next-character "
         "entropy is a local maximum) and entropy rises.", "",
-        "| configuration | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | entropy rises F1 |",
-        "|---|---:|---:|---|---|---:|---:|",
+        *eval_columns(results, "| configuration | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | "
+                      "entropy rises F1 |", "|---|---:|---:|---|---|---:|---:|")[:2],
     ]
     lines += [row(r) for r in results]
-    lines += ["", "Configurations:", ""]
+    lines += ["", *eval_columns(results, "", "")[2], "", "Configurations:", ""]
     for r in results:
         lines.append(f"- `{r['name']}`: model {json.dumps(r['model'])}, training {json.dumps(r['train'])}"
                      + (f"; {r['skipped_steps']} non-finite steps skipped" if r["skipped_steps"] else ""))
@@ -151,10 +187,14 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "segmentation")
     ap.add_argument("--score", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="evaluate these finished runs instead of training the configurations")
+    ap.add_argument("--eval-text", default=None, metavar="PATH",
+                    help="also score every run on this text (whitespace removed the same way), e.g. "
+                         "../shared/data/tinyshakespeare.txt for English from another domain")
     add_write_docs(ap)
     args = ap.parse_args()
+    other = eval_corpus(args.eval_text) if args.eval_text else None
     if args.score:
-        results = [scored(d) for d in args.score]
+        results = [scored(d, other) for d in args.score]
         for r in results:
             print(row(r), flush=True)
         print(f"wrote {write_scored(results)}" if args.write_docs else NOT_WRITTEN)
@@ -163,7 +203,7 @@ def main() -> None:
     results = json.loads(previous.read_text()) if previous.exists() and args.only else []
     for name in args.only or list(CONFIGS):
         results = [r for r in results if r["name"] != name]
-        r = run(name, args.steps, args.runs)
+        r = run(name, args.steps, args.runs, other)
         results.append(r)
         print(row(r), flush=True)
         if args.write_docs:  # after every run, so a long sweep that stops keeps what it measured

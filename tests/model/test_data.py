@@ -5,7 +5,13 @@ from hmlstm.errors import UserError
 from hmlstm.model.data import (
     StreamBatcher,
     Vocabulary,
+    builtin_documents,
+    builtin_parts,
     builtin_text,
+    is_held_out,
+    prose_corpus,
+    strip_corpus,
+    text_sha256,
     decode_ptb_chars,
     load_corpus,
     looks_like_ptb_chars,
@@ -16,7 +22,35 @@ from hmlstm.model.data import (
 
 def test_builtin_corpus_is_pythons_documentation():
     text = builtin_text()
-    assert len(text) > 300_000 and "The \"assert\" statement" in text
+    assert len(text) > 1_500_000 and "The \"assert\" statement" in text
+    keys = [k for k, _ in builtin_documents()]
+    assert any(k.startswith("topic:") for k in keys) and "doc:json" in keys  # topics and docstrings
+    assert "doc:json.dumps" in keys and not any(".test." in k or k.startswith("doc:test.") for k in keys)
+    texts = [t for _, t in builtin_documents()]
+    assert len(set(texts)) == len(texts)  # deduplicated
+
+
+def test_builtin_held_out_part_is_fixed_whole_documents_that_training_never_sees():
+    train_text, held = builtin_parts()
+    assert 0.08 < len(held) / len(builtin_text()) < 0.12
+    assert builtin_text().endswith(held) and builtin_text().startswith(train_text)
+    for key, text in builtin_documents():
+        assert is_held_out(key) == (text in held and text not in train_text) or len(text) < 200  # short ones recur
+    c = load_corpus("builtin")
+    assert c.held_out == len(held) and c.held_out_start(0.5) == len(c.text) - len(held)  # the fraction is ignored
+    assert c.sha256 == text_sha256(builtin_text()) == load_corpus("builtin").sha256
+    s = load_corpus("builtin", strip=" \n\t")
+    assert s.text[s.held_out_start(0.1):] == "".join(held.split()) and s.sha256 == c.sha256
+
+
+def test_phrase_and_sentence_truths_are_punctuation_before_whitespace():
+    c = prose_corpus("t", "Yes, it is. Done!\nNo:x,y e.g.so ok?")
+    ends = lambda a: [c.text[i] for i in np.flatnonzero(a)]  # noqa: E731
+    assert ends(c.phrase_ends) == [",", ".", "!", "?"] and ends(c.sentence_ends) == [".", "!", "?"]
+    s = strip_corpus(c, " \n\t")
+    assert s.text == "Yes,itis.Done!No:x,ye.g.sook?"
+    assert [s.text[i] for i in np.flatnonzero(s.phrase_ends)] == [",", ".", "!", "?"]
+    assert s.word_ends[s.text.index(",")] and set(s.truths()) == {"words", "phrases", "sentences"}
 
 
 def test_synthetic_truth_marks_last_letter_of_each_word_and_phrase():

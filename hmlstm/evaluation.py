@@ -116,21 +116,32 @@ def bits_per_char(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean() / math.log(2))
 
 
+def unigram_bpc(train_text: str, text: str, vocab: Vocabulary) -> float:
+    """Bits per character of ``text`` (from its second character, like bits_per_char) under a unigram
+    character model estimated from ``train_text`` over the model's vocabulary, add-one smoothed: the
+    language model has to beat this to know anything beyond character frequencies."""
+    counts = np.bincount(vocab.encode(train_text), minlength=len(vocab)).astype(np.float64) + 1.0
+    logp = np.log2(counts / counts.sum())
+    ids = vocab.encode(text)
+    return float(-logp[ids[1:]].mean()) if len(ids) > 1 else float("nan")
+
+
 def _aligned(truth_end: np.ndarray) -> dict[str, np.ndarray]:
     start = np.zeros_like(truth_end)
     start[1:] = truth_end[:-1]  # the first character of the next unit
     return {"end": truth_end, "start": start}
 
 
-def evaluate(model: str | Path, corpus: Corpus) -> dict:
-    """Per-layer scores and baselines for ``model`` on ``corpus`` (which must know its word ends)."""
+def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None) -> dict:
+    """Per-layer scores and baselines for ``model`` on ``corpus`` (which must know its word ends).
+
+    ``training``: the text the model trained on, for the unigram baseline of its BPC.
+    """
     if corpus.word_ends is None:
         raise UserError(f"{corpus.name} has no known boundaries to score against")
     out = run_model(model, corpus.text)
     ids = out.vocab.encode(corpus.text)
-    truths = {"words": corpus.word_ends}
-    if corpus.phrase_ends is not None:
-        truths["phrases"] = corpus.phrase_ends
+    truths = corpus.truths()
     layers = {}
     for l in range(out.boundaries.shape[1]):
         pred = out.boundaries[:, l] > 0.5
@@ -142,14 +153,20 @@ def evaluate(model: str | Path, corpus: Corpus) -> dict:
     baselines = {}
     for name, fire in (("entropy_peaks", entropy_peaks(h)), ("entropy_rises", entropy_rises(h))):
         baselines[name] = {unit: boundary_scores.score(fire, truth).to_dict() for unit, truth in truths.items()}
-    return {"model": str(model), "text": corpus.name, "chars": len(corpus.text), "unknown_chars": out.unknown,
-            "bpc": round(bits_per_char(out.logits, ids), 4), "layers": layers, "baselines": baselines}
+    report = {"model": str(model), "text": corpus.name, "chars": len(corpus.text), "unknown_chars": out.unknown,
+              "text_sha256": corpus.sha256,
+              "bpc": round(bits_per_char(out.logits, ids), 4), "layers": layers, "baselines": baselines}
+    if training is not None:
+        report["unigram_bpc"] = round(unigram_bpc(training.text, corpus.text, out.vocab), 4)
+        report["training_text"] = {"name": training.name, "chars": len(training.text), "sha256": training.sha256}
+    return report
 
 
 def format_report(r: dict) -> str:
     lines = [f"{r['model']} on {r['text']}: {r['chars']:,} characters, {r['bpc']:.3f} bits per character"
+             + (f" (a unigram model of the training text: {r['unigram_bpc']:.3f})" if "unigram_bpc" in r else "")
              + (f", {r['unknown_chars']} unknown" if r["unknown_chars"] else "")]
-    units = [u for u in ("words", "phrases") if u in next(iter(r["layers"].values()))]
+    units = [u for u in ("words", "phrases", "sentences") if u in next(iter(r["layers"].values()))]
     for unit in units:
         lines.append(f"\n{unit}: true ends at {next(iter(r['layers'].values()))[unit]['end']['true_rate']:.1%} "
                      "of characters")

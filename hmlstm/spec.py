@@ -55,9 +55,11 @@ def card_path(model_path):
     return p.with_name(p.stem + ".card.json")
 
 
-def boundary_alignment(num_layers: int, top_boundary: bool, entropy_target: float) -> dict[str, str]:
+def boundary_alignment(num_layers: int, top_boundary: bool, start_aligned: int) -> dict[str, str]:
+    """Per layer with a detector: "start" for the ``start_aligned`` bottom layers (taught to fire on a
+    unit's first character, see --entropy-target), "end" for the rest."""
     layers = range(1, num_layers + 1 if top_boundary else num_layers)
-    return {str(l): "start" if l == 1 and entropy_target else "end" for l in layers}
+    return {str(l): "start" if l <= start_aligned else "end" for l in layers}
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,15 @@ def test_entropy_baselines_on_a_known_sequence():
     assert bits_per_char(uniform, np.array([0, 1, 2])) == pytest.approx(2.0)
 
 
+def test_unigram_baseline_is_the_training_texts_character_frequencies():
+    from hmlstm.evaluation import unigram_bpc
+    from hmlstm.model.data import Vocabulary
+
+    vocab = Vocabulary.from_text("ab")  # ids: unknown, a, b
+    # add-one counts from "aaab": unknown 1, a 4, b 2 (of 7); scored from the second character on
+    assert unigram_bpc("aaab", "xab", vocab) == pytest.approx(-(np.log2(4 / 7) + np.log2(2 / 7)) / 2)
+
+
 def test_evaluate_runs_on_a_checkpoint_and_its_onnx_export_alike(tiny_run, tiny_onnx):
     c = load_corpus("synthetic", strip=" .")
     c = Corpus(c.name, c.text[:600], c.word_ends[:600], c.phrase_ends[:600])

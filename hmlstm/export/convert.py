@@ -25,7 +25,7 @@ from hmlstm.errors import UserError
 from hmlstm.export.validate import ValidationReport, validate
 from hmlstm.model.cell import HMLSTMState
 from hmlstm.model.checkpoint import atomic_write_text, load_network
-from hmlstm.model.config import dumps
+from hmlstm.model.config import TrainConfig, dumps
 from hmlstm.model.data import builtin_text, load_corpus
 
 MIN_OPSET, MAX_OPSET = 13, 18
@@ -44,6 +44,7 @@ class ExportConfig:
     explain_factor: float = 2.0
     spread_runs: int = 3
     device: str = "auto"  # which ORT providers validation runs on: auto = CPU, plus CUDA if present
+    eval_text: str | None = None  # a text file from another source, evaluated for the card beside the held-out part
 
     def __post_init__(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -280,7 +281,8 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
         spec.META_VERSIONS: json.dumps(versions(opset)),
         spec.META_PROVENANCE: json.dumps(provenance, ensure_ascii=False),
         spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(
-            cfg.num_layers, cfg.top_boundary, (provenance.get("train_config") or {}).get("entropy_target") or 0.0)),
+            cfg.num_layers, cfg.top_boundary,
+            len(TrainConfig(**provenance.get("train_config") or {}).target_fractions))),
     }
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -336,6 +338,8 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     provenance = {
         "run": info.path.name, "corpus": info.meta.get("corpus"), "strip_delimiters": info.meta.get("strip_delimiters"),
+        "source": info.meta.get("source"), "corpus_sha256": info.meta.get("corpus_sha256"),
+        "held_out_chars": info.meta.get("held_out_chars"),
         "command": info.meta.get("command"),
         "created": info.meta.get("created"), "train_config": info.train.to_dict(),
         "step": metrics.get("step"), "val_bpc": (metrics.get("val_bpc") or [[None, None]])[-1][1],
@@ -392,36 +396,42 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     finally:
         if tmp.exists():
             tmp.unlink()
-    held_out = held_out_evaluation(out, info)
-    if held_out is not None:
-        card["evaluation"]["held_out"] = held_out
-        b = held_out["layers"].get("layer1", {}).get("words", {})
-        if b:
-            log(f"held-out evaluation on {held_out['chars']:,} characters: BPC {held_out['bpc']:.3f}, layer-1 "
-                f"word-end F1 {max(b['end']['f1'], b['start']['f1']):.2f} (random {b['end']['random_f1']:.2f}, "
-                f"entropy peaks {held_out['baselines']['entropy_peaks']['words']['f1']:.2f})")
+    for key, report in card_evaluations(out, info, config.eval_text).items():
+        card["evaluation"][key] = report
+        w = report["layers"].get("layer1", {}).get("words", {})
+        if w:
+            log(f"{report['text']} ({report['chars']:,} characters): BPC {report['bpc']:.3f}"
+                + (f" (unigram {report['unigram_bpc']:.3f})" if "unigram_bpc" in report else "")
+                + f", layer-1 word F1 {max(w['end']['f1'], w['start']['f1']):.2f} (random {w['end']['random_f1']:.2f}, "
+                f"entropy peaks {report['baselines']['entropy_peaks']['words']['f1']:.2f})")
     card_path = spec.card_path(out)
     atomic_write_text(card_path, dumps(card))
     return ExportResult(out, card_path, card)
 
 
-def held_out_evaluation(model_path: Path, info, max_chars: int = 60_000) -> dict | None:
-    """The evaluator's report on the part of the training text that training held out."""
+def card_evaluations(model_path: Path, info, eval_text: str | None = None, max_chars: int = 200_000) -> dict:
+    """The evaluator's reports for the card: ``held_out`` (the part of the training text that training
+    held out) where that text can be read again, and ``other_text`` (``eval_text``, a file from another
+    source, its first ``max_chars`` characters once stripped the way the training text was)."""
     from hmlstm.evaluation import evaluate
-    from hmlstm.model.data import Corpus
+    from hmlstm.model.data import training_part
 
-    source = info.meta.get("source")
-    if not source:
-        return None
+    meta = {**info.meta, "train_config": info.train.to_dict()}
+    training = training_part(meta)
+    reports = {}
     try:
-        corpus = load_corpus(source, seed=info.train.seed, strip=info.meta.get("strip_delimiters"))
+        corpus = load_corpus(info.meta.get("source"), seed=info.train.seed, strip=info.meta.get("strip_delimiters")) \
+            if info.meta.get("source") else None
     except UserError:
-        return None  # the training file is gone: nothing to evaluate on
-    if corpus.word_ends is None:
-        return None
-    start = len(corpus.text) - int(len(corpus.text) * info.train.val_fraction)
-    end = min(len(corpus.text), start + max_chars)
-    held = Corpus(f"{corpus.name}, held-out {info.train.val_fraction:.0%}", corpus.text[start:end],
-                  corpus.word_ends[start:end], None if corpus.phrase_ends is None else corpus.phrase_ends[start:end])
-    return evaluate(model_path, held)
-
+        corpus = None  # the training file is gone: nothing to evaluate on
+    if corpus is not None and corpus.word_ends is not None:
+        start = corpus.held_out_start(info.train.val_fraction)
+        held = corpus.part(start, start + max_chars, "held out" + (f", first {max_chars:,} chars"
+                                                                   if len(corpus.text) - start > max_chars else ""))
+        reports["held_out"] = evaluate(model_path, held, training)
+    if eval_text is not None:
+        other = load_corpus(eval_text, strip=info.meta.get("strip_delimiters"))
+        if len(other.text) > max_chars:
+            other = other.part(0, max_chars, f"first {max_chars:,} chars")
+        reports["other_text"] = evaluate(model_path, other, training)
+    return reports

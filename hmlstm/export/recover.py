@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from hmlstm import spec
 from hmlstm.errors import UserError
 from hmlstm.model.config import ModelConfig, TrainConfig
-from hmlstm.model.data import Vocabulary
+from hmlstm.model.data import Vocabulary, source_of
 
 TOLERANCE = 1e-4  # |TensorFlow - the file's own outputs| after recovery
 
@@ -120,11 +120,10 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     log(f"recovered the weights of {path.name}: max |TensorFlow - the file| {diff:.2g} on 3 x 200 steps")
 
     run_dir = Path(run_dir)
-    corpus = provenance.get("corpus") or ""
-    source = "builtin" if corpus.startswith("builtin") else "synthetic" if corpus.startswith("synthetic") \
-        else corpus.split(":", 1)[1] if corpus.startswith(("file:", "ptb-chars:")) else None
     write_run_info(run_dir, config, train, vocab, {
-        "corpus": corpus, "source": source, "strip_delimiters": provenance.get("strip_delimiters"),
+        "corpus": provenance.get("corpus") or "", "source": source_of(provenance),
+        "corpus_sha256": provenance.get("corpus_sha256"), "held_out_chars": provenance.get("held_out_chars"),
+        "strip_delimiters": provenance.get("strip_delimiters"),
         "command": provenance.get("command"), "created": provenance.get("created"),
         "recovered_from": f"{path.name}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
     })

@@ -84,7 +84,10 @@ class TrainConfig:
     slope_per_step: bool = False  # anneal continuously (fractional epochs) instead of once per epoch
     rate_targets: tuple[float, ...] = ()  # per boundary layer: wanted share of characters where z fires
     rate_penalty: float = 1.0  # loss += rate_penalty * sum_l (firing rate of l - target_l)^2
-    entropy_target: float = 0.0  # weight of layer 1's self-supervised target: the model's own entropy peaks
+    entropy_target: float = 0.0  # weight of the self-supervised boundary targets: the model's own entropy peaks
+    # Layer l's target is the entropy peaks among the highest peak_fractions[l] of the batch's peaks
+    # (1.0: every peak). Empty: layer 1 alone, every peak.
+    peak_fractions: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -108,6 +111,16 @@ class TrainConfig:
         object.__setattr__(self, "rate_targets", tuple(float(r) for r in self.rate_targets))
         if any(not 0.0 <= r <= 1.0 for r in self.rate_targets):
             raise ValueError(f"rate targets are shares of characters in [0, 1], got {self.rate_targets}")
+        object.__setattr__(self, "peak_fractions", tuple(float(r) for r in self.peak_fractions))
+        if any(not 0.0 < r <= 1.0 for r in self.peak_fractions):
+            raise ValueError(f"peak fractions are shares of the entropy peaks in (0, 1], got {self.peak_fractions}")
+
+    @property
+    def target_fractions(self) -> tuple[float, ...]:
+        """Per layer with a self-supervised target: the share of entropy peaks it is taught."""
+        if not self.entropy_target:
+            return ()
+        return self.peak_fractions or (1.0,)
 
     def slope_at(self, epoch: float) -> float:
         return min(self.slope_max, self.slope_start + self.slope_rate * epoch)
@@ -115,6 +128,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rate_targets"] = list(self.rate_targets)
+        d["peak_fractions"] = list(self.peak_fractions)
         return d
 
 

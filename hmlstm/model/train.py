@@ -92,7 +92,8 @@ class Trainer(tf.Module):
         if self.cfg.rate_targets:
             total += rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
         if self.cfg.entropy_target:
-            total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, self.network.slope)
+            total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, self.network.slope,
+                                                                 self.cfg.target_fractions)
         return out, ce, total
 
     def _train_step(self, x, y):
@@ -140,21 +141,47 @@ def rate_penalty(boundaries: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Te
     return cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(cfg.rate_targets)))
 
 
-def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Tensor) -> tf.Tensor:
-    """Teach layer 1's detector where the model itself is most unsure of the next character.
+def entropy_peak_targets(logits: tf.Tensor, fractions: tuple[float, ...]) -> tf.Tensor:
+    """Self-supervised boundary targets from the network's own next-character entropy: [B, T-2, n].
 
-    The target needs no labels: it is the network's own next-character
-    entropy H (no gradient through it), peaking at t (H_t > H_{t-1} and
-    H_t >= H_{t+1}). A causal detector can only know that after reading
-    character t+1, so the target is for z at t+1 (the start alignment: the
-    first character of the next unit). Cross-entropy on sigmoid(2 a s_z).
+    H (no gradient through it) peaks at t where H_t > H_{t-1} and H_t >= H_{t+1}.
+    Target l at t (for z at t+1, see entropy_peak_loss) is 1 where a peak is
+    among the highest ``fractions[l]`` of the batch's peaks: the higher the
+    peak, the longer the unit it tends to close (after a phrase or a sentence,
+    what comes next is harder to guess than after a word), so a smaller
+    fraction gives a coarser layer.
     """
     logp = tf.nn.log_softmax(tf.stop_gradient(logits))
     h = -tf.reduce_sum(tf.exp(logp) * logp, axis=-1)  # [B, T]
-    peak = tf.logical_and(h[:, 1:-1] > h[:, :-2], h[:, 1:-1] >= h[:, 2:])  # at t = 1..T-2
-    target = tf.cast(peak, tf.float32)  # for z at t + 1 = 2..T-1
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=target, logits=2.0 * slope * boundary_logits[:, 2:, 0]))
+    mid = h[:, 1:-1]
+    peak = tf.logical_and(mid > h[:, :-2], mid >= h[:, 2:])  # at t = 1..T-2
+    heights = tf.concat([tf.boolean_mask(mid, peak), [-1e9]], axis=0)  # never empty
+    n_peaks = tf.cast(tf.size(heights) - 1, tf.float32)
+    targets = []
+    for fraction in fractions:
+        target = peak
+        if fraction < 1.0:
+            k = tf.maximum(1, tf.cast(tf.math.ceil(fraction * n_peaks), tf.int32))
+            lowest_kept = tf.math.top_k(heights, k).values[-1]
+            target = tf.logical_and(peak, mid >= lowest_kept)
+        targets.append(tf.cast(target, tf.float32))
+    return tf.stack(targets, axis=-1)
+
+
+def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Tensor,
+                      fractions: tuple[float, ...] = (1.0,)) -> tf.Tensor:
+    """Teach each layer's detector where the model itself is most unsure of the next character.
+
+    The targets need no labels (entropy_peak_targets). A causal detector can
+    only know of a peak at t after reading character t+1, so each target is
+    for z at t+1 (the start alignment: the first character of the next unit).
+    Cross-entropy on sigmoid(2 a s_z), summed over the layers.
+    """
+    targets = entropy_peak_targets(logits, fractions)
+    n = len(fractions)
+    per_layer = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets,
+                                                        logits=2.0 * slope * boundary_logits[:, 2:, :n])
+    return tf.reduce_sum(tf.reduce_mean(per_layer, axis=[0, 1]))
 
 
 def evaluate_stream(network: HMLSTMNetwork, ids: np.ndarray, batch_size: int, seq_len: int):
@@ -228,8 +255,12 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         raise UserError("the corpus is empty; give it some text")
     vocab = Vocabulary.from_text(corpus.text)
     model = ModelConfig(vocab_size=len(vocab), **model_cfg_kwargs)
+    if len(cfg.target_fractions) > model.num_layers - (0 if model.top_boundary else 1):
+        raise UserError(f"{len(cfg.target_fractions)} peak fractions, but only "
+                        f"{model.num_layers - (0 if model.top_boundary else 1)} layers have a boundary detector; "
+                        "give fewer, or --top-boundary to give the top layer one")
     ids = vocab.encode(corpus.text)
-    train_ids, val_ids = split(ids, cfg.val_fraction)
+    train_ids, val_ids = split(ids, corpus.held_out_start(cfg.val_fraction))
     batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len)
     if len(val_ids) < 2 * (cfg.seq_len + 1):
         raise UserError(
@@ -262,7 +293,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
             "corpus": corpus.name, "corpus_chars": len(corpus.text), "source": corpus.source,
-            "strip_delimiters": corpus.strip,
+            "strip_delimiters": corpus.strip, "corpus_sha256": corpus.sha256, "held_out_chars": len(val_ids),
             "command": command_line(sys.argv[1:]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensorflow": tf.__version__,
@@ -288,7 +319,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     if val_truth is not None:
         val_starts = np.zeros_like(val_truth)
         val_starts[1:] = val_truth[:-1]
-    val_phrase = corpus.phrase_ends[len(train_ids):] if corpus.phrase_ends is not None else None
+    val_units = {k: v[len(train_ids):] for k, v in corpus.truths().items() if k != "words"}
 
     def validate(step: int) -> float:
         bpc, z, pos = evaluate_stream(trainer.network, val_ids, cfg.batch_size, cfg.seq_len)
@@ -299,8 +330,11 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             if val_truth is not None:
                 entry["word_ends"] = boundary_scores.score(z[..., l] > 0.5, val_truth[pos]).to_dict()
                 entry["word_starts"] = boundary_scores.score(z[..., l] > 0.5, val_starts[pos]).to_dict()
-            if val_phrase is not None:
-                entry["phrase_ends"] = boundary_scores.score(z[..., l] > 0.5, val_phrase[pos]).to_dict()
+            for unit, ends in val_units.items():  # phrases, sentences: start-aligned, like the targets
+                starts = np.zeros_like(ends)
+                starts[1:] = ends[:-1]
+                entry[f"{unit[:-1]}_ends"] = boundary_scores.score(z[..., l] > 0.5, ends[pos]).to_dict()
+                entry[f"{unit[:-1]}_starts"] = boundary_scores.score(z[..., l] > 0.5, starts[pos]).to_dict()
             layers[f"layer{l + 1}"] = entry
         result.boundary = layers
         with writer.as_default(step=step):

@@ -32,6 +32,7 @@ from hmlstm.export.validate import (
     validate,
 )
 from hmlstm.model.checkpoint import load_network
+from hmlstm.model.config import TrainConfig
 from hmlstm.model.data import synthetic_corpus
 from hmlstm.runtime import make_session
 from tests.conftest import TINY_MODEL
@@ -112,8 +113,12 @@ def test_metadata_round_trip(tiny_onnx, tiny_run, model):
 
 
 def test_boundary_alignment_follows_the_training_that_set_it():
-    assert spec.boundary_alignment(3, True, 1.0) == {"1": "start", "2": "end", "3": "end"}
-    assert spec.boundary_alignment(3, False, 0.0) == {"1": "end", "2": "end"}
+    assert spec.boundary_alignment(3, True, 1) == {"1": "start", "2": "end", "3": "end"}
+    assert spec.boundary_alignment(3, False, 0) == {"1": "end", "2": "end"}
+    assert spec.boundary_alignment(3, True, 2) == {"1": "start", "2": "start", "3": "end"}
+    assert TrainConfig(entropy_target=1.0).target_fractions == (1.0,)
+    assert TrainConfig(entropy_target=1.0, peak_fractions=(0.7, 0.25)).target_fractions == (0.7, 0.25)
+    assert TrainConfig(peak_fractions=(0.7, 0.25)).target_fractions == ()  # no weight, no target
 
 
 def test_chunked_runs_equal_one_full_run(session):
@@ -361,9 +366,13 @@ def test_card_carries_the_held_out_evaluation_of_a_stripped_run(tmp_path):
 
     corpus = load_corpus("synthetic", strip=" .")
     train(corpus, TINY_MODEL, TrainConfig(batch_size=8, seq_len=20, max_steps=3), tmp_path / "run", progress=False)
-    result = export(tmp_path / "run", tmp_path / "m.onnx", ExportConfig(times=(7,), batches=(2,)),
-                    log=lambda m: None)
-    held = result.card["evaluation"]["held_out"]
+    other = tmp_path / "other.txt"
+    other.write_text("an other text. with words, phrases and sentences! " * 20)
+    result = export(tmp_path / "run", tmp_path / "m.onnx", ExportConfig(times=(7,), batches=(2,),
+                                                                        eval_text=str(other)), log=lambda m: None)
+    held, cross = result.card["evaluation"]["held_out"], result.card["evaluation"]["other_text"]
+    assert cross["chars"] == len(other.read_text().replace(" ", "").replace(".", ""))  # stripped like training
+    assert cross["unigram_bpc"] > 0 and held["unigram_bpc"] > 0 and held["training_text"]["chars"] > held["chars"]
     assert result.card["provenance"]["strip_delimiters"] == " ."
     assert held["chars"] == int(len(corpus.text) * 0.1) and "stripped" in held["text"]
     assert {"words", "phrases"} <= set(held["layers"]["layer1"]) and "entropy_peaks" in held["baselines"]

@@ -111,6 +111,33 @@ def test_entropy_target_pushes_layer1_to_fire_one_step_after_each_entropy_peak()
     assert np.all(g[[3, 4, 6]] > 0) and np.all(g[:2] == 0)  # quiet elsewhere; no target before t = 2
 
 
+def test_upper_layers_are_taught_only_the_highest_entropy_peaks():
+    from hmlstm.model.train import entropy_peak_loss, entropy_peak_targets
+    sharp, flat = [8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]
+    three, half = [1.0, 1.0, 1.0, -8.0], [4.0, 4.0, 0.0, 0.0]  # 1.6 and 1.1 bits against flat's 2
+    # peaks at t = 1 (three), 4 (half), 7 (flat) and 10 (half)
+    logits = tf.constant([[sharp, three, sharp, sharp, half, sharp, sharp, flat, sharp, sharp, half, sharp]])
+    t = entropy_peak_targets(logits, (1.0, 0.5, 0.25)).numpy()[0]  # [T-2, 3], index i is t = i + 1
+    assert np.flatnonzero(t[:, 0]).tolist() == [0, 3, 6, 9]  # every peak
+    assert np.flatnonzero(t[:, 1]).tolist() == [0, 6]  # the highest half: flat and three
+    assert np.flatnonzero(t[:, 2]).tolist() == [6]  # ceil(0.25 * 4) = 1: flat
+    assert entropy_peak_targets(tf.constant([[sharp] * 5]), (1.0, 0.5)).numpy().sum() == 0  # no peak, no target
+    s_z = tf.Variable(tf.zeros([1, 12, 3]))
+    with tf.GradientTape() as tape:
+        loss = entropy_peak_loss(logits, s_z, tf.constant(1.0), (1.0, 0.5))
+    g = tape.gradient(loss, s_z).numpy()[0]
+    assert g[5, 0] < 0 and g[5, 1] > 0  # after the half peak at t = 4: layer 1 fires, layer 2 does not
+    assert g[8, 0] < 0 and g[8, 1] < 0 and g[2, 1] < 0  # after the peaks at t = 7 and 1: both fire
+    assert np.all(g[:, 2] == 0)  # no fraction for layer 3: no target
+
+
+def test_more_peak_fractions_than_detectors_is_refused(tmp_path):
+    corpus = synthetic_corpus(seed=0, n_chars=4000)
+    cfg = TrainConfig(batch_size=4, seq_len=20, max_steps=1, entropy_target=1.0, peak_fractions=(1.0, 0.3))
+    with pytest.raises(UserError, match="2 peak fractions, but only 1 layers have a boundary detector"):
+        train(corpus, SMALL, cfg, tmp_path / "run", progress=False)
+
+
 def test_the_recorded_command_runs_again_in_a_shell():
     import shlex
 

@@ -2,7 +2,7 @@
 
 Each configuration trains the same number of steps on the built-in text with all
 whitespace removed (the removed positions are the truth), then is scored on the
-held-out last 10% by hmlstm.evaluation: per-layer F1 against word ends (both
+held-out part by hmlstm.evaluation: per-layer F1 against word ends (both
 alignments), a random detector at the same rate, and the language model's own
 entropy peaks/rises. Writes docs/segmentation.md.
 
@@ -50,24 +50,27 @@ CONFIGS = {
 }
 
 
-EVAL_CHARS = 60_000
+EVAL_CHARS = 200_000
 
 
 def eval_corpus(path: str) -> Corpus:
     """Another text, stripped the same way, for cross-domain scores (its first EVAL_CHARS characters)."""
     c = load_corpus(path, strip=STRIP)
-    return Corpus(c.name + f", first {EVAL_CHARS:,}", c.text[:EVAL_CHARS], c.word_ends[:EVAL_CHARS])
+    return c.part(0, EVAL_CHARS, f"first {EVAL_CHARS:,}")
 
 
-def with_eval(result: dict, model, other: Corpus | None) -> dict:
+def with_eval(result: dict, model, other: Corpus | None, training: Corpus | None = None) -> dict:
     if other is not None:
-        result["eval"] = {"text": other.name, "report": evaluate(model, other)}
+        result["eval"] = {"text": other.name, "report": evaluate(model, other, training)}
     return result
 
 
 def held_out(corpus: Corpus) -> Corpus:
-    start = len(corpus.text) - int(len(corpus.text) * 0.1)
-    return Corpus(corpus.name + ", held-out 10%", corpus.text[start:], corpus.word_ends[start:])
+    return corpus.part(corpus.held_out_start(0.1), None, "held out")
+
+
+def training_of(corpus: Corpus) -> Corpus:
+    return corpus.part(0, corpus.held_out_start(0.1), "training part")
 
 
 def run(name: str, steps: int, out_root: Path, other: Corpus | None = None) -> dict:
@@ -77,10 +80,10 @@ def run(name: str, steps: int, out_root: Path, other: Corpus | None = None) -> d
     t0 = time.monotonic()
     result = train(corpus, {**BASE_MODEL, **model_kw}, cfg, out_root / name, progress=False)
     minutes = (time.monotonic() - t0) / 60
-    report = evaluate(out_root / name, held_out(corpus))
+    report = evaluate(out_root / name, held_out(corpus), training_of(corpus))
     return with_eval({"name": name, "model": model_kw, "train": train_kw, "steps": steps,
                       "minutes": round(minutes, 1), "skipped_steps": result.skipped_steps, "report": report},
-                     out_root / name, other)
+                     out_root / name, other, training_of(corpus))
 
 
 def scored(run_dir: Path, other: Corpus | None = None) -> dict:
@@ -94,31 +97,58 @@ def scored(run_dir: Path, other: Corpus | None = None) -> dict:
         created = datetime.datetime.fromisoformat(meta["created"].replace("Z", "+00:00")).timestamp()
         seconds = max(p.stat().st_mtime for p in (run_dir / "ckpt").iterdir()) - created
     corpus = load_corpus(meta["source"], strip=meta.get("strip_delimiters"))
-    report = evaluate(run_dir, held_out(corpus))
+    report = evaluate(run_dir, held_out(corpus), training_of(corpus))
     return with_eval({"name": run_dir.name, "command": meta["command"], "steps": metrics["step"],
                       "minutes": round(seconds / 60, 1), "skipped_steps": metrics.get("skipped_steps", 0),
-                      "report": report}, run_dir, other)
+                      "report": report}, run_dir, other, training_of(corpus))
 
 
 def write_scored(results: list[dict]) -> Path:
     path = ROOT / "docs" / "segmentation.md"
+    texts = sorted({r["eval"]["text"] for r in results if "eval" in r})
     lines = [
-        "## Longer runs", "",
-        "Written by `benchmarks/segmentation_experiments.py --score`. The same model and scoring as the table "
-        "above, trained longer with `hmlstm train` (commands below). Minutes are wall-clock on the 2-core "
-        "machine; other work shared it during some runs, so they overstate the training time.", "",
-        *eval_columns(results, "| run | steps | minutes | BPC | layer 1 | layer 2 | entropy peaks F1 | "
-                      "entropy rises F1 |", "|---|---:|---:|---:|---|---|---:|---:|")[:2],
+        "## Longer runs against the targets", "",
+        "Written by `benchmarks/segmentation_experiments.py --score`: finished `hmlstm train` runs (commands "
+        "below), each scored on the built-in text's fixed held-out part"
+        + (f" and on {', '.join(texts)} (`--eval-text`)" if texts else "")
+        + ", whitespace removed. Minutes are the run's own wall clock on the 2-core machine (two runs shared it "
+        "side by side, one core each, unless said otherwise).", "",
+        "Cells: BPC (a unigram character model of the training text); layer 1: word F1 under its better "
+        "alignment / the better entropy baseline from the same network (peaks or rises) / a random detector at "
+        "its rate; upper: the upper layer and unit (phrases or sentences: punctuation followed by whitespace in "
+        "the original text) with the largest margin over random, F1 / random.", "",
+        "| run | steps | minutes | built-in BPC | layer 1 | upper | " + " | ".join(
+            f"{t.split(':')[-1].split(',')[0].strip()} {c}" for t in texts for c in ("BPC", "layer 1", "upper"))
+        + (" |" if texts else "|"),
+        "|---|---:|---:|---:|---|---|" + "---:|---|---|" * len(texts),
     ]
     for r in results:
-        cells = row(r).split(" | ")
-        lines.append(" | ".join([cells[0], str(r["steps"]), *cells[1:]]))
-    lines += ["", *eval_columns(results, "", "")[2], "", "Commands:", ""]
+        cells = [r["name"], str(r["steps"]), f"{r['minutes']:.1f}", *target_cells(r["report"])]
+        if "eval" in r:
+            cells += target_cells(r["eval"]["report"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Commands:", ""]
     lines += [f"- `{r['name']}`: `{r['command']}`" + (f"; {r['skipped_steps']} non-finite steps skipped"
                                                       if r["skipped_steps"] else "") for r in results]
     write_section("segmentation-longer", "\n".join(lines), path)
     (ROOT / "docs" / "segmentation-longer.json").write_text(json.dumps(results, indent=1) + "\n")
     return path
+
+
+def target_cells(rep: dict) -> list[str]:
+    """BPC (unigram), layer 1 against words, the best upper layer against phrases or sentences."""
+    bpc = f"{rep['bpc']:.3f}" + (f" ({rep['unigram_bpc']:.3f})" if "unigram_bpc" in rep else "")
+    w = rep["layers"]["layer1"]["words"]
+    align = max(("end", "start"), key=lambda a: w[a]["f1"])
+    base = max(rep["baselines"][b]["words"]["f1"] for b in ("entropy_peaks", "entropy_rises"))
+    layer1 = f"{w[align]['f1']:.2f} ({align}) / {base:.2f} / {w[align]['random_f1']:.2f}"
+    upper = [(name, unit, a, e[unit][a]) for name, e in rep["layers"].items() if name != "layer1"
+             for unit in ("phrases", "sentences") if unit in e for a in ("end", "start")]
+    if not upper:
+        return [bpc, layer1, ""]
+    name, unit, a, sc = max(upper, key=lambda x: x[3]["f1"] - x[3]["random_f1"])
+    return [bpc, layer1, f"{name} {unit} ({a}, fires {rep['layers'][name]['rate']:.1%}): "
+                         f"{sc['f1']:.2f} / {sc['random_f1']:.2f}"]
 
 
 def row(r: dict) -> str:
@@ -160,7 +190,7 @@ def write(results: list[dict], steps: int) -> Path:
         "## Measurements", "",
         "Written by `benchmarks/segmentation_experiments.py`. Every row: an HM-LSTM 3x128 (embedding 64, output "
         f"256) trained {steps} steps (batch 32 x 100 characters, Adam 2e-3, clip 1.0, seed 0) on the built-in "
-        "text with all whitespace removed; scored on the held-out last 10% (about 38,000 characters) against "
+        "text with all whitespace removed; scored on its held-out part against "
         "the removed positions (word ends). Minutes are wall-clock on the 2-core machine, with other work "
         "running beside some rows.", "",
         "Layer cells: firing rate / word-end F1 under the better alignment (end: the boundary on a word's last "
@@ -196,7 +226,8 @@ def main() -> None:
     if args.score:
         results = [scored(d, other) for d in args.score]
         for r in results:
-            print(row(r), flush=True)
+            print(r["name"], *target_cells(r["report"]), *(target_cells(r["eval"]["report"]) if "eval" in r else []),
+                  sep=" | ", flush=True)
         print(f"wrote {write_scored(results)}" if args.write_docs else NOT_WRITTEN)
         return
     previous = ROOT / "docs" / "segmentation.json"

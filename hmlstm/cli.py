@@ -65,7 +65,8 @@ def _add_train(sub) -> None:
                    help="train this many steps in all, instead of --epochs (a resumed run counts its earlier ones)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the synthetic corpus")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of a text file held out for validation (builtin holds out a fixed tenth)")
     p.add_argument("--slope-rate", type=float, default=0.04, help="slope a += rate per epoch")
     p.add_argument("--slope-max", type=float, default=5.0)
     p.add_argument("--slope-per-step", action="store_true",
@@ -74,7 +75,10 @@ def _add_train(sub) -> None:
                    help="comma-separated firing-rate target per boundary layer, e.g. 0.2,0.08")
     p.add_argument("--rate-penalty", type=float, default=1.0, help="weight of the firing-rate penalty")
     p.add_argument("--entropy-target", type=float, default=0.0,
-                   help="weight of a self-supervised target for layer 1: fire after the model's own entropy peaks")
+                   help="weight of a self-supervised boundary target: fire after the model's own entropy peaks")
+    p.add_argument("--peak-fractions", default="",
+                   help="with --entropy-target: per layer, the share of the highest entropy peaks it is taught, "
+                        "e.g. 0.7,0.25,0.08 (default: layer 1 alone, every peak)")
     p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
                    help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
                         "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
@@ -144,7 +148,7 @@ def cmd_train(args) -> int:
             slope_rate=args.slope_rate, slope_max=args.slope_max,
             checkpoint_every=args.checkpoint_every, slope_per_step=args.slope_per_step,
             rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
-            entropy_target=args.entropy_target,
+            entropy_target=args.entropy_target, peak_fractions=_floats(args.peak_fractions),
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
@@ -204,7 +208,8 @@ DEFAULT_PLOT_TEXT = (
 
 
 def _model_vocabulary(path: Path):
-    """(vocabulary, characters the model was trained without) of a run directory or an exported model."""
+    """(vocabulary, characters the model was trained without, provenance) of a run directory or an
+    exported model; the provenance names the training corpus and holds train_config."""
     if path.is_file():
         from hmlstm.serving.model import ModelLoadError, load_model
 
@@ -212,12 +217,12 @@ def _model_vocabulary(path: Path):
             model = load_model(path, "cpu")
         except ModelLoadError as e:
             raise UserError(str(e)) from None
-        return model.vocab, model.provenance.get("strip_delimiters") or ""
+        return model.vocab, model.provenance.get("strip_delimiters") or "", model.provenance
     quiet_tensorflow()
     from hmlstm.model.checkpoint import load_network
 
     _, info = load_network(path)  # UserError if it is not a run or its weights cannot be restored
-    return info.vocab, info.meta.get("strip_delimiters") or ""
+    return info.vocab, info.meta.get("strip_delimiters") or "", {**info.meta, "train_config": info.train.to_dict()}
 
 
 def cmd_plot(args) -> int:
@@ -229,7 +234,7 @@ def cmd_plot(args) -> int:
         raise UserError(f"output folder {args.out.parent} does not exist")
     if not args.checkpoint.exists():
         raise UserError(f"{args.checkpoint} does not exist; give a training run directory or an exported .onnx")
-    vocab, trained_without = _model_vocabulary(args.checkpoint)
+    vocab, trained_without, _ = _model_vocabulary(args.checkpoint)
     from hmlstm.evaluation import run_model
     from hmlstm.model.data import read_text_file
     from hmlstm.model.plot import encode_checked, plot_boundaries
@@ -268,8 +273,8 @@ def _add_evaluate(sub) -> None:
                    help="lines: one unit per line (a segmented file)")
     p.add_argument("--sep", default=None, help="units separated by this symbol (a segmented file)")
     p.add_argument("--all", action="store_true",
-                   help="builtin/synthetic: score the whole text, not only the held-out last 10%%")
-    p.add_argument("--max-chars", type=int, default=60_000, help="score at most this many characters")
+                   help="builtin/synthetic: score the whole text, not only the part training held out")
+    p.add_argument("--max-chars", type=int, default=200_000, help="score at most this many characters")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--allow-unknown", action="store_true",
@@ -286,7 +291,7 @@ def cmd_evaluate(args) -> int:
     if args.model.is_dir():
         quiet_tensorflow()
     from hmlstm.evaluation import evaluate, format_report
-    from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters
+    from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters, training_part
 
     strip = _strip_chars(args)
     if args.sep is not None:
@@ -297,21 +302,17 @@ def cmd_evaluate(args) -> int:
     else:
         corpus = load_corpus(args.text, args.format, seed=args.seed, strip=strip)
     if args.text in ("builtin", "synthetic") and not args.all:  # what training held out
-        start = len(corpus.text) - int(len(corpus.text) * 0.1)
-        corpus = Corpus(corpus.name + ", held-out last 10%", corpus.text[start:], corpus.word_ends[start:],
-                        None if corpus.phrase_ends is None else corpus.phrase_ends[start:])
+        corpus = corpus.part(corpus.held_out_start(0.1), None, "held out")
     if len(corpus.text) > args.max_chars:
-        n = args.max_chars
-        corpus = Corpus(corpus.name + f", first {n:,} chars", corpus.text[:n], corpus.word_ends[:n],
-                        None if corpus.phrase_ends is None else corpus.phrase_ends[:n])
-    vocab, _ = _model_vocabulary(args.model)
+        corpus = corpus.part(0, args.max_chars, f"first {args.max_chars:,} chars")
+    vocab, _, provenance = _model_vocabulary(args.model)
     unknown = vocab.encode_counting(corpus.text)[1]
     if unknown > 0.05 * len(corpus.text) and not args.allow_unknown:
         shown = "".join(sorted(vocab.unknown_chars(corpus.text)))[:20]
         raise UserError(f"{unknown:,} of {len(corpus.text):,} characters ({unknown / len(corpus.text):.0%}) are "
                         f"outside the model's vocabulary ({shown!r}...): its scores would mean little. Evaluate "
                         "on text like its training text, or pass --allow-unknown")
-    report = evaluate(args.model, corpus)
+    report = evaluate(args.model, corpus, training_part(provenance))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -339,6 +340,9 @@ def _add_export(sub) -> None:
                    help="the tolerance is absolute: no value beyond it is explained by TensorFlow's own "
                         "float32 spread (see docs/export.md)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="also evaluate on this text file from another source (stripped like the training text) "
+                        "and put the report in the model card beside the held-out one")
     p.add_argument("--triton", type=Path, default=None, metavar="REPO",
                    help="also write a Triton Inference Server model repository for it (REPO/hmlstm/1/model.onnx "
                         "and config.pbtxt: ONNX Runtime backend, sequence batching with implicit state)")
@@ -351,12 +355,15 @@ def cmd_export(args) -> int:
     quiet_tensorflow()
     from hmlstm.export.convert import ExportConfig, export
     from hmlstm.export.validate import ValidationError
+    from hmlstm.model.data import read_text_file
 
     kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
     if args.strict:
         kw["explain_factor"] = 0.0
+    if args.eval_text is not None:
+        read_text_file(args.eval_text)  # a missing or unreadable file is refused before the export's work
     cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
-                       tolerance=args.tolerance, **kw)
+                       tolerance=args.tolerance, eval_text=args.eval_text, **kw)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:
         run = args.checkpoint
@@ -757,7 +764,8 @@ def cmd_demo(args) -> int:
     from hmlstm.serving.background import BackgroundServer
     from hmlstm.serving.client import SegmenterClient
     from hmlstm.serving.config import ServeConfig
-    from hmlstm.serving.render import Marker, legend
+    from hmlstm.serving.render import Marker, cut_original, legend
+    from hmlstm.serving.segments import cut
 
     if args.chunk_chars < 1:
         raise UserError(f"--chunk-chars must be at least 1, got {args.chunk_chars}")
@@ -781,9 +789,12 @@ def cmd_demo(args) -> int:
             chunks = [text[i : i + args.chunk_chars] for i in range(0, len(text), args.chunk_chars)]
             t0 = time.perf_counter()
             segments: dict[int, list[str]] = {l: [] for l in layers}
+            cuts: dict[int, list[int]] = {l: [] for l in layers}
             for r in client.stream(chunks, layers=layers, top_k=3):
                 if not r.final:
                     b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+                    for l, offsets in b.items():
+                        cuts[l].extend(cut(o, marker.alignment.get(l, "end")) for o in offsets)
                     sys.stdout.write(marker.feed(text[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
                     sys.stdout.flush()
                 for s in r.segments:
@@ -791,40 +802,50 @@ def cmd_demo(args) -> int:
                         segments[s.layer].append(s.text)
             sys.stdout.write(marker.close())
             elapsed = time.perf_counter() - t0
-    print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC")
+    print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC. Each layer's segments, cut in the "
+          "original text:")
+    import textwrap
+
+    kept = [i for i, ch in enumerate(DEMO_TEXT) if ch not in (strip or "")]
     quality = _held_out_quality(model.path)
     for l in layers:
         seg = segments[l]
         mean = sum(map(len, seg)) / max(1, len(seg))
-        joined = "|".join(seg)
-        print(f"layer {l}: {len(seg)} segments, mean {mean:.1f} chars: "
-              f"{joined[:100] + ('...' if len(joined) > 100 else '')}")
-        if l in quality:
-            print(f"         {quality[l]}")
+        print(f"\nlayer {l}: {len(seg)} segments, mean {mean:.1f} characters")
+        print(textwrap.fill(cut_original(DEMO_TEXT, kept, cuts[l]), width=100, initial_indent="    ",
+                            subsequent_indent="    "))
+        for line in quality.get(l, []):
+            print(f"  {line}")
     return 0
 
 
-def _held_out_quality(model_path: Path) -> dict[int, str]:
-    """Per layer, one line on what its boundaries are worth, from the model card's held-out evaluation."""
+def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
+    """Per layer, what its boundaries are worth on each text the model card evaluated (the held-out
+    part of the training text, another text): the unit it finds best, against a random detector."""
     import json
 
     from hmlstm import spec
 
     try:
-        held = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]["held_out"]
+        evaluations = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    lines = {}
-    for name, e in held.get("layers", {}).items():
-        words = e.get("words")
-        if not words:
+    lines: dict[int, list[str]] = {}
+    for key, where in (("held_out", "held-out text"), ("other_text", "another text")):
+        report = evaluations.get(key)
+        if not isinstance(report, dict):
             continue
-        align = max(("end", "start"), key=lambda a: words[a]["f1"])
-        f1, rnd = words[align]["f1"], words[align]["random_f1"]
-        verdict = ("finds words" if f1 >= rnd + 0.10 else
-                   "within 0.10 of a random detector: not a useful segmenter yet")
-        lines[int(name.removeprefix("layer"))] = (
-            f"held-out word-{align} F1 {f1:.2f} against {rnd:.2f} for random firing at its rate: {verdict}")
+        for name, e in report.get("layers", {}).items():
+            scores = [(unit, align, s) for unit in ("words", "phrases", "sentences") if unit in e
+                      for align, s in e[unit].items()]
+            if not scores:
+                continue
+            unit, align, s = max(scores, key=lambda x: x[2]["f1"] - x[2]["random_f1"])
+            useful = s["f1"] >= s["random_f1"] + 0.10
+            verdict = f"finds {unit}" if useful else "within 0.10 of a random detector: not a useful segmenter"
+            lines.setdefault(int(name.removeprefix("layer")), []).append(
+                f"{where} ({report['text'].split(':')[0]}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
+                f"{s['random_f1']:.2f} for random firing at its rate: {verdict}")
     return lines
 
 

@@ -46,6 +46,15 @@ def mark(text: str, offset: int, boundaries: dict[int, list[int]], alignment: di
     return m.feed(text, offset, boundaries) + m.close()
 
 
+def cut_original(original: str, kept: list[int], cuts: list[int], sep: str = " | ") -> str:
+    """``original`` with ``sep`` wherever a layer cut the text that was sent: ``kept[i]`` is where
+    character i of the sent text (``original`` less its stripped delimiters) stands in ``original``.
+    ``cuts`` are positions in the sent text (``segments.cut``): a cut at i falls before character i."""
+    at = sorted({kept[c] for c in cuts if 0 < c < len(kept)})
+    pieces = [original[a:b].strip() for a, b in zip([0, *at], [*at, len(original)])]
+    return sep.join(p for p in pieces if p)
+
+
 def _mark(layer: int) -> str:
     return MARKS.get(layer, "‖" * layer)
 

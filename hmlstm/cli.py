@@ -79,6 +79,9 @@ def _add_train(sub) -> None:
     p.add_argument("--peak-fractions", default="",
                    help="with --entropy-target: per layer, the share of the highest entropy peaks it is taught, "
                         "e.g. 0.7,0.25,0.08 (default: layer 1 alone, every peak)")
+    p.add_argument("--peak-window", type=int, default=0, metavar="CHARS",
+                   help="rank layer 1's peaks by their height above the mean entropy of this many characters "
+                        "around them (0: by height)")
     p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
                    help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
                         "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
@@ -149,6 +152,7 @@ def cmd_train(args) -> int:
             checkpoint_every=args.checkpoint_every, slope_per_step=args.slope_per_step,
             rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
             entropy_target=args.entropy_target, peak_fractions=_floats(args.peak_fractions),
+            peak_window=args.peak_window,
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
@@ -175,6 +179,9 @@ def cmd_train(args) -> int:
             if "word_starts" in e:
                 line += f", on word starts F1 {e['word_starts']['f1']:.2f}"
             line += f" (random at that rate: F1 {w['random_f1']:.2f})"
+        if "phrase_starts" in e and name != "layer1":
+            p = max((e["phrase_ends"], e["phrase_starts"]), key=lambda x: x["f1"])
+            line += f"; phrases F1 {p['f1']:.2f} (random {p['random_f1']:.2f})"
         print(line)
     if result.skipped_steps:
         print(f"  {result.skipped_steps} step(s) skipped for a non-finite loss or gradient")

@@ -88,6 +88,7 @@ class TrainConfig:
     # Layer l's target is the entropy peaks among the highest peak_fractions[l] of the batch's peaks
     # (1.0: every peak). Empty: layer 1 alone, every peak.
     peak_fractions: tuple[float, ...] = ()
+    peak_window: int = 0  # > 0: rank layer 1's peaks by height above the mean entropy of this many characters around
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -112,6 +113,8 @@ class TrainConfig:
         if any(not 0.0 <= r <= 1.0 for r in self.rate_targets):
             raise ValueError(f"rate targets are shares of characters in [0, 1], got {self.rate_targets}")
         object.__setattr__(self, "peak_fractions", tuple(float(r) for r in self.peak_fractions))
+        if self.peak_window < 0:
+            raise ValueError(f"--peak-window is a number of characters, at least 0, got {self.peak_window}")
         if any(not 0.0 < r <= 1.0 for r in self.peak_fractions):
             raise ValueError(f"peak fractions are shares of the entropy peaks in (0, 1], got {self.peak_fractions}")
 

@@ -93,7 +93,7 @@ class Trainer(tf.Module):
             total += rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
         if self.cfg.entropy_target:
             total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, self.network.slope,
-                                                                 self.cfg.target_fractions)
+                                                                 self.cfg.target_fractions, self.cfg.peak_window)
         return out, ce, total
 
     def _train_step(self, x, y):
@@ -141,7 +141,7 @@ def rate_penalty(boundaries: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Te
     return cfg.rate_penalty * tf.reduce_sum(tf.square(rates - tf.constant(cfg.rate_targets)))
 
 
-def entropy_peak_targets(logits: tf.Tensor, fractions: tuple[float, ...]) -> tf.Tensor:
+def entropy_peak_targets(logits: tf.Tensor, fractions: tuple[float, ...], window: int = 0) -> tf.Tensor:
     """Self-supervised boundary targets from the network's own next-character entropy: [B, T-2, n].
 
     H (no gradient through it) peaks at t where H_t > H_{t-1} and H_t >= H_{t+1}.
@@ -149,27 +149,35 @@ def entropy_peak_targets(logits: tf.Tensor, fractions: tuple[float, ...]) -> tf.
     among the highest ``fractions[l]`` of the batch's peaks: the higher the
     peak, the longer the unit it tends to close (after a phrase or a sentence,
     what comes next is harder to guess than after a word), so a smaller
-    fraction gives a coarser layer.
+    fraction gives a coarser layer. ``window`` > 0 ranks layer 1's peaks by
+    their height above the mean entropy of the ``window`` characters around
+    them instead: a word boundary stands out from its neighbourhood, and a
+    whole stretch of hard text no longer counts as one (measured better for
+    words, worse for phrases: docs/segmentation.md).
     """
     logp = tf.nn.log_softmax(tf.stop_gradient(logits))
     h = -tf.reduce_sum(tf.exp(logp) * logp, axis=-1)  # [B, T]
     mid = h[:, 1:-1]
     peak = tf.logical_and(mid > h[:, :-2], mid >= h[:, 2:])  # at t = 1..T-2
-    heights = tf.concat([tf.boolean_mask(mid, peak), [-1e9]], axis=0)  # never empty
-    n_peaks = tf.cast(tf.size(heights) - 1, tf.float32)
+    n_peaks = tf.reduce_sum(tf.cast(peak, tf.float32))
     targets = []
-    for fraction in fractions:
+    for layer, fraction in enumerate(fractions):
         target = peak
         if fraction < 1.0:
+            score = mid
+            if window and layer == 0:  # SAME pooling averages only over the characters that exist
+                local = tf.nn.avg_pool1d(h[:, :, None], ksize=window, strides=1, padding="SAME")[:, 1:-1, 0]
+                score = mid - local
+            heights = tf.concat([tf.boolean_mask(score, peak), [-1e9]], axis=0)  # never empty
             k = tf.maximum(1, tf.cast(tf.math.ceil(fraction * n_peaks), tf.int32))
             lowest_kept = tf.math.top_k(heights, k).values[-1]
-            target = tf.logical_and(peak, mid >= lowest_kept)
+            target = tf.logical_and(peak, score >= lowest_kept)
         targets.append(tf.cast(target, tf.float32))
     return tf.stack(targets, axis=-1)
 
 
 def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Tensor,
-                      fractions: tuple[float, ...] = (1.0,)) -> tf.Tensor:
+                      fractions: tuple[float, ...] = (1.0,), window: int = 0) -> tf.Tensor:
     """Teach each layer's detector where the model itself is most unsure of the next character.
 
     The targets need no labels (entropy_peak_targets). A causal detector can
@@ -177,7 +185,7 @@ def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.T
     for z at t+1 (the start alignment: the first character of the next unit).
     Cross-entropy on sigmoid(2 a s_z), summed over the layers.
     """
-    targets = entropy_peak_targets(logits, fractions)
+    targets = entropy_peak_targets(logits, fractions, window)
     n = len(fractions)
     per_layer = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets,
                                                         logits=2.0 * slope * boundary_logits[:, 2:, :n])

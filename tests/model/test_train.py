@@ -131,6 +131,19 @@ def test_upper_layers_are_taught_only_the_highest_entropy_peaks():
     assert np.all(g[:, 2] == 0)  # no fraction for layer 3: no target
 
 
+def test_a_peak_window_ranks_layer1_by_height_above_the_neighbourhood():
+    from hmlstm.model.train import entropy_peak_targets
+    sharp, flat = [8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]
+    mid, a, b = [2.5, 0.0, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.0]  # 1.0, 1.93, 1.98 bits
+    # two peaks: a low one (t = 2, mid) among sharp characters, a high one (t = 7, flat) on a high ramp
+    logits = tf.constant([[sharp, sharp, mid, sharp, sharp, a, b, flat, b, a, sharp, sharp]])
+    by_height = entropy_peak_targets(logits, (0.5, 0.5)).numpy()[0]
+    by_contrast = entropy_peak_targets(logits, (0.5, 0.5), window=5).numpy()[0]
+    assert np.flatnonzero(by_height[:, 0]).tolist() == [6]  # t = 7: the highest
+    assert np.flatnonzero(by_contrast[:, 0]).tolist() == [1]  # t = 2: stands out most from its neighbours
+    np.testing.assert_array_equal(by_height[:, 1], by_contrast[:, 1])  # upper layers rank by height
+
+
 def test_more_peak_fractions_than_detectors_is_refused(tmp_path):
     corpus = synthetic_corpus(seed=0, n_chars=4000)
     cfg = TrainConfig(batch_size=4, seq_len=20, max_steps=1, entropy_target=1.0, peak_fractions=(1.0, 0.3))

@@ -101,22 +101,30 @@ def test_evaluate_cli(tiny_onnx, capsys):
     assert main(["evaluate", "/nonexistent.onnx", "builtin"]) == 2
 
 
-def test_the_shipped_model_beats_both_baselines_on_held_out_text_without_delimiters():
-    """The product's claim, computed here: on the part of the built-in text the shipped model never
-    trained on, with the delimiters it was trained without removed, layer 1 beats the language model's
-    own entropy peaks and rises and a random detector at its rate."""
+def test_the_shipped_model_meets_its_targets_on_held_out_text_without_delimiters():
+    """The product's claim, computed here: on the fixed held-out part of the built-in text, which no
+    training run sees, with the delimiters the shipped model was trained without removed, layer 1 finds
+    word starts (F1 >= 0.70, at least 0.08 above the language model's own entropy peaks and rises), an
+    upper layer finds phrase starts (at least 0.10 above a random detector at its rate), and the language
+    model beats a unigram model of its training text. The card says the same."""
     import json
 
+    from hmlstm.model.data import training_part
     from hmlstm.serving.model import DEFAULT_MODEL
 
     card = json.loads(DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + ".card.json").read_text())
-    strip = card["provenance"]["strip_delimiters"]
-    assert strip and card["provenance"]["corpus"].startswith("builtin")
-    corpus = load_corpus("builtin", strip=strip)
-    start = len(corpus.text) - int(len(corpus.text) * card["provenance"]["train_config"]["val_fraction"])
-    report = evaluate(DEFAULT_MODEL, Corpus("held-out", corpus.text[start:], corpus.word_ends[start:]))
-    words = report["layers"]["layer1"]["words"]
-    best = max(words.values(), key=lambda w: w["f1"])
-    peaks = report["baselines"]["entropy_peaks"]["words"]["f1"]
-    rises = report["baselines"]["entropy_rises"]["words"]["f1"]
-    assert best["f1"] > max(peaks, rises) + 0.03 and best["f1"] > 2 * best["random_f1"], (best, peaks, rises)
+    prov = card["provenance"]
+    assert prov["strip_delimiters"] and prov["source"] == "builtin"
+    corpus = load_corpus("builtin", strip=prov["strip_delimiters"])
+    report = evaluate(DEFAULT_MODEL, corpus.part(corpus.held_out_start(0.1), None, "held out"),
+                      training_part(prov))
+    words = report["layers"]["layer1"]["words"]["start"]
+    base = max(report["baselines"][b]["words"]["f1"] for b in ("entropy_peaks", "entropy_rises"))
+    assert words["f1"] >= 0.70 and words["f1"] >= base + 0.08, (words, base)
+    phrases = [e["phrases"]["start"] for name, e in report["layers"].items() if name != "layer1"]
+    assert max(p["f1"] - p["random_f1"] for p in phrases) >= 0.10, phrases
+    assert report["bpc"] < report["unigram_bpc"]
+    if corpus.sha256 == prov["corpus_sha256"]:  # the same Python's built-in text: the card's own numbers
+        held = card["evaluation"]["held_out"]
+        assert held["chars"] == report["chars"] and held["bpc"] == pytest.approx(report["bpc"], abs=1e-3)
+        assert held["layers"]["layer1"]["words"]["start"]["f1"] == pytest.approx(words["f1"], abs=1e-3)

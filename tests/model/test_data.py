@@ -8,15 +8,15 @@ from hmlstm.model.data import (
     builtin_documents,
     builtin_parts,
     builtin_text,
-    is_held_out,
-    prose_corpus,
-    strip_corpus,
-    text_sha256,
     decode_ptb_chars,
+    is_held_out,
     load_corpus,
     looks_like_ptb_chars,
+    prose_corpus,
     space_word_ends,
+    strip_corpus,
     synthetic_corpus,
+    text_sha256,
 )
 
 

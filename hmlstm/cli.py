@@ -826,6 +826,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _text_label(name: str) -> str:
+    """A corpus name ("file:../data/x.txt stripped of ' '", "builtin:...") as a short label."""
+    source = name.split(" stripped of ")[0].split(",")[0]
+    kind, _, rest = source.partition(":")
+    return Path(rest).name if kind in ("file", "ptb-chars") else kind
+
+
 def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     """Per layer, what its boundaries are worth on each text the model card evaluated (the held-out
     part of the training text, another text): the unit it finds best, against a random detector."""
@@ -851,7 +858,7 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
             useful = s["f1"] >= s["random_f1"] + 0.10
             verdict = f"finds {unit}" if useful else "within 0.10 of a random detector: not a useful segmenter"
             lines.setdefault(int(name.removeprefix("layer")), []).append(
-                f"{where} ({report['text'].split(':')[0]}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
+                f"{where} ({_text_label(report['text'])}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
                 f"{s['random_f1']:.2f} for random firing at its rate: {verdict}")
     return lines
 

@@ -108,3 +108,17 @@ def test_missing_corpus(tmp_path):
 def test_text_too_short_for_the_batch_shape():
     with pytest.raises(UserError, match="too short"):
         StreamBatcher(np.zeros(50, np.int32), batch_size=8, seq_len=20)
+
+
+def test_a_runs_corpus_is_found_again_from_its_metadata(tmp_path):
+    from hmlstm.model.data import source_of, training_part
+
+    f = tmp_path / "t.txt"
+    f.write_text("Some words here. And more words, there!\n" * 50)
+    assert source_of({"corpus": f"file:{f} stripped of ' \\n\\t'"}) == str(f)  # the name of a stripped file run
+    assert source_of({"corpus": "builtin:pydoc_data.topics stripped of ' '"}) == "builtin"  # older models
+    assert source_of({"corpus": "something else"}) is None
+    part = training_part({"source": str(f), "strip_delimiters": " \n\t", "train_config": {"val_fraction": 0.2}})
+    full = load_corpus(str(f), strip=" \n\t").text
+    assert part.text == full[: len(full) - int(len(full) * 0.2)]
+    assert training_part({"source": str(tmp_path / "gone.txt")}) is None

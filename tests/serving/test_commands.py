@@ -142,6 +142,10 @@ def test_demo_runs_end_to_end(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "server on 127.0.0.1:" in out and "characters in" in out and "layer 1:" in out
+    # each layer's segments cut in the original text (spaces kept), and what the card says each layer finds
+    assert "for statement | is used" in out.replace("The for", "The | for") or " | " in out
+    assert "held-out text (builtin): word-start F1" in out and "finds words" in out
+    assert "finds phrases" in out and "another text (tinyshakespeare.txt)" in out
 
 
 def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zero():

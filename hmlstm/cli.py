@@ -835,7 +835,8 @@ def _text_label(name: str) -> str:
 
 def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     """Per layer, what its boundaries are worth on each text the model card evaluated (the held-out
-    part of the training text, another text): the unit it finds best, against a random detector."""
+    part of the training text, another text): layer 1 against words, the layers above against phrases
+    or sentences (the one they find best), each against a random detector at the layer's rate."""
     import json
 
     from hmlstm import spec
@@ -850,8 +851,8 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
         if not isinstance(report, dict):
             continue
         for name, e in report.get("layers", {}).items():
-            scores = [(unit, align, s) for unit in ("words", "phrases", "sentences") if unit in e
-                      for align, s in e[unit].items()]
+            meant = ("words",) if name == "layer1" else ("phrases", "sentences")  # what each layer is taught
+            scores = [(unit, align, s) for unit in meant if unit in e for align, s in e[unit].items()]
             if not scores:
                 continue
             unit, align, s = max(scores, key=lambda x: x[2]["f1"] - x[2]["random_f1"])

@@ -139,13 +139,21 @@ def test_segment_command_errors_are_one_line(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(capsys):
+    from hmlstm.cli import DEMO_TEXT
+
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "server on 127.0.0.1:" in out and "characters in" in out and "layer 1:" in out
     # each layer's segments cut in the original text (spaces kept), and what the card says each layer finds
-    assert "for statement | is used" in out.replace("The for", "The | for") or " | " in out
-    assert "held-out text (builtin): word-start F1" in out and "finds words" in out
-    assert "finds phrases" in out and "another text (tinyshakespeare.txt)" in out
+    layers = out.split("\nlayer ")[1:]
+    assert [b.split(":")[0] for b in layers] == ["1", "2", "3"]
+    for block in layers:  # the original text, spaces and all, cut where the layer fired
+        text = " ".join(line.strip() for line in block.splitlines()[1:] if line.startswith("    "))
+        assert text.replace(" | ", "").replace(" ", "") == DEMO_TEXT.replace(" ", "") and " | " in text
+        assert " " in text.replace(" | ", "")  # the original's spaces are back inside the segments
+    assert "held-out text (builtin): word-start F1" in layers[0] and "finds words" in layers[0]
+    assert "another text (tinyshakespeare.txt)" in layers[0]  # the card's second evaluation
+    assert "finds phrases" in layers[1] + layers[2]
 
 
 def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zero():

@@ -89,7 +89,8 @@ def main() -> None:
     add_write_docs(ap)
     args = ap.parse_args()
     builtin = load_corpus("builtin", strip=STRIP)
-    texts = {"built-in held-out": builtin.part(builtin.held_out_start(0.1), CHARS, "held out")}
+    start = builtin.held_out_start(0.1)
+    texts = {"built-in held-out": builtin.part(start, start + CHARS, "held out")}
     if args.eval_text:
         texts[Path(args.eval_text).stem] = load_corpus(args.eval_text, strip=STRIP).part(0, CHARS, "start")
     results = {name: measure(args.model, c) for name, c in texts.items()}

@@ -110,15 +110,16 @@ def write_scored(results: list[dict]) -> Path:
         "## Longer runs against the targets", "",
         "Written by `benchmarks/segmentation_experiments.py --score`: finished `hmlstm train` runs (commands "
         "below), each scored on the built-in text's fixed held-out part"
-        + (f" and on {', '.join(texts)} (`--eval-text`)" if texts else "")
-        + ", whitespace removed. Minutes are the run's own wall clock on the 2-core machine (two runs shared it "
-        "side by side, one core each, unless said otherwise).", "",
+        + (f" and on the first {EVAL_CHARS:,} characters of {', '.join(map(label, texts))} (`--eval-text`)"
+           if texts else "")
+        + ", whitespace removed. Minutes are the run's own wall clock on the 2-core machine, each run pinned to "
+        "one core while another run or the test suite used the other.", "",
         "Cells: BPC (a unigram character model of the training text); layer 1: word F1 under its better "
-        "alignment / the better entropy baseline from the same network (peaks or rises) / a random detector at "
-        "its rate; upper: the upper layer and unit (phrases or sentences: punctuation followed by whitespace in "
-        "the original text) with the largest margin over random, F1 / random.", "",
+        "alignment / the better entropy baseline from the same network (peaks or rises), with the margin / a "
+        "random detector at its rate; upper: the upper layer and unit (phrases or sentences: punctuation "
+        "followed by whitespace in the original text) with the largest margin over random, F1 / random.", "",
         "| run | steps | minutes | built-in BPC | layer 1 | upper | " + " | ".join(
-            f"{t.split(':')[-1].split(',')[0].strip()} {c}" for t in texts for c in ("BPC", "layer 1", "upper"))
+            f"{label(t)} {c}" for t in texts for c in ("BPC", "layer 1", "upper"))
         + (" |" if texts else "|"),
         "|---|---:|---:|---:|---|---|" + "---:|---|---|" * len(texts),
     ]
@@ -135,20 +136,27 @@ def write_scored(results: list[dict]) -> Path:
     return path
 
 
+def label(text_name: str) -> str:
+    """'file:../x/tinyshakespeare.txt stripped of ...' -> 'tinyshakespeare.txt'."""
+    source = text_name.split(" stripped of ")[0].split(",")[0]
+    return Path(source.split(":", 1)[-1]).name
+
+
 def target_cells(rep: dict) -> list[str]:
     """BPC (unigram), layer 1 against words, the best upper layer against phrases or sentences."""
     bpc = f"{rep['bpc']:.3f}" + (f" ({rep['unigram_bpc']:.3f})" if "unigram_bpc" in rep else "")
     w = rep["layers"]["layer1"]["words"]
     align = max(("end", "start"), key=lambda a: w[a]["f1"])
     base = max(rep["baselines"][b]["words"]["f1"] for b in ("entropy_peaks", "entropy_rises"))
-    layer1 = f"{w[align]['f1']:.2f} ({align}) / {base:.2f} / {w[align]['random_f1']:.2f}"
+    layer1 = (f"{w[align]['f1']:.3f} ({align}) / {base:.3f} ({w[align]['f1'] - base:+.3f}) / "
+              f"{w[align]['random_f1']:.3f}")
     upper = [(name, unit, a, e[unit][a]) for name, e in rep["layers"].items() if name != "layer1"
              for unit in ("phrases", "sentences") if unit in e for a in ("end", "start")]
     if not upper:
         return [bpc, layer1, ""]
     name, unit, a, sc = max(upper, key=lambda x: x[3]["f1"] - x[3]["random_f1"])
     return [bpc, layer1, f"{name} {unit} ({a}, fires {rep['layers'][name]['rate']:.1%}): "
-                         f"{sc['f1']:.2f} / {sc['random_f1']:.2f}"]
+                         f"{sc['f1']:.3f} / {sc['random_f1']:.3f}"]
 
 
 def row(r: dict) -> str:

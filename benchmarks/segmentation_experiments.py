@@ -31,7 +31,7 @@ from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa
 from hmlstm.cli import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # before the trainer imports it: no C++ start-up chatter
-from hmlstm.evaluation import evaluate  # noqa: E402
+from hmlstm.evaluation import evaluate, text_label  # noqa: E402
 from hmlstm.model.config import TrainConfig  # noqa: E402
 from hmlstm.model.data import Corpus, load_corpus  # noqa: E402
 from hmlstm.model.train import train  # noqa: E402
@@ -110,7 +110,7 @@ def write_scored(results: list[dict]) -> Path:
         "## Longer runs against the targets", "",
         "Written by `benchmarks/segmentation_experiments.py --score`: finished `hmlstm train` runs (commands "
         "below), each scored on the built-in text's fixed held-out part"
-        + (f" and on the first {EVAL_CHARS:,} characters of {', '.join(map(label, texts))} (`--eval-text`)"
+        + (f" and on the first {EVAL_CHARS:,} characters of {', '.join(map(text_label, texts))} (`--eval-text`)"
            if texts else "")
         + ", whitespace removed. Minutes are the run's own wall clock on the 2-core machine, each run pinned to "
         "one core while another run or the test suite used the other.", "",
@@ -119,7 +119,7 @@ def write_scored(results: list[dict]) -> Path:
         "random detector at its rate; upper: the upper layer and unit (phrases or sentences: punctuation "
         "followed by whitespace in the original text) with the largest margin over random, F1 / random.", "",
         "| run | steps | minutes | built-in BPC | layer 1 | upper | " + " | ".join(
-            f"{label(t)} {c}" for t in texts for c in ("BPC", "layer 1", "upper"))
+            f"{text_label(t)} {c}" for t in texts for c in ("BPC", "layer 1", "upper"))
         + (" |" if texts else "|"),
         "|---|---:|---:|---:|---|---|" + "---:|---|---|" * len(texts),
     ]
@@ -134,12 +134,6 @@ def write_scored(results: list[dict]) -> Path:
     write_section("segmentation-longer", "\n".join(lines), path)
     (ROOT / "docs" / "segmentation-longer.json").write_text(json.dumps(results, indent=1) + "\n")
     return path
-
-
-def label(text_name: str) -> str:
-    """'file:../x/tinyshakespeare.txt stripped of ...' -> 'tinyshakespeare.txt'."""
-    source = text_name.split(" stripped of ")[0].split(",")[0]
-    return Path(source.split(":", 1)[-1]).name
 
 
 def target_cells(rep: dict) -> list[str]:

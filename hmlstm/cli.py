@@ -766,6 +766,7 @@ def _add_demo(sub) -> None:
 
 def cmd_demo(args) -> int:
     import json
+    import textwrap
     import time
 
     from hmlstm.serving.background import BackgroundServer
@@ -811,8 +812,6 @@ def cmd_demo(args) -> int:
             elapsed = time.perf_counter() - t0
     print(f"\n\n{len(text)} characters in {elapsed * 1e3:.0f} ms over gRPC. Each layer's segments, cut in the "
           "original text:")
-    import textwrap
-
     kept = [i for i, ch in enumerate(DEMO_TEXT) if ch not in (strip or "")]
     quality = _held_out_quality(model.path)
     for l in layers:
@@ -826,13 +825,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _text_label(name: str) -> str:
-    """A corpus name ("file:../data/x.txt stripped of ' '", "builtin:...") as a short label."""
-    source = name.split(" stripped of ")[0].split(",")[0]
-    kind, _, rest = source.partition(":")
-    return Path(rest).name if kind in ("file", "ptb-chars") else kind
-
-
 def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     """Per layer, what its boundaries are worth on each text the model card evaluated (the held-out
     part of the training text, another text): layer 1 against words, the layers above against phrases
@@ -840,6 +832,7 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     import json
 
     from hmlstm import spec
+    from hmlstm.evaluation import text_label
 
     try:
         evaluations = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]
@@ -859,7 +852,7 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
             useful = s["f1"] >= s["random_f1"] + 0.10
             verdict = f"finds {unit}" if useful else "within 0.10 of a random detector: not a useful segmenter"
             lines.setdefault(int(name.removeprefix("layer")), []).append(
-                f"{where} ({_text_label(report['text'])}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
+                f"{where} ({text_label(report['text'])}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
                 f"{s['random_f1']:.2f} for random firing at its rate: {verdict}")
     return lines
 

@@ -162,6 +162,13 @@ def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None) 
     return report
 
 
+def text_label(name: str) -> str:
+    """A corpus name as a short label: "file:../data/x.txt stripped of ' '" -> "x.txt", "builtin:..." -> "builtin"."""
+    source = name.split(" stripped of ")[0].split(",")[0]
+    kind, _, rest = source.partition(":")
+    return Path(rest).name if kind in ("file", "ptb-chars") else kind
+
+
 def format_report(r: dict) -> str:
     lines = [f"{r['model']} on {r['text']}: {r['chars']:,} characters, {r['bpc']:.3f} bits per character"
              + (f" (a unigram model of the training text: {r['unigram_bpc']:.3f})" if "unigram_bpc" in r else "")

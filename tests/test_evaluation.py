@@ -128,3 +128,11 @@ def test_the_shipped_model_meets_its_targets_on_held_out_text_without_delimiters
         held = card["evaluation"]["held_out"]
         assert held["chars"] == report["chars"] and held["bpc"] == pytest.approx(report["bpc"], abs=1e-3)
         assert held["layers"]["layer1"]["words"]["start"]["f1"] == pytest.approx(words["f1"], abs=1e-3)
+
+
+def test_text_labels_are_short_names():
+    from hmlstm.evaluation import text_label
+
+    assert text_label("file:../shared/data/tinyshakespeare.txt stripped of ' \\n\\t', first 200,000 chars") \
+        == "tinyshakespeare.txt"
+    assert text_label("builtin:pydoc_data.topics+stdlib-docstrings stripped of ' ', held out") == "builtin"

@@ -414,16 +414,12 @@ def card_evaluations(model_path: Path, info, eval_text: str | None = None, max_c
     held out) where that text can be read again, and ``other_text`` (``eval_text``, a file from another
     source, its first ``max_chars`` characters once stripped the way the training text was)."""
     from hmlstm.evaluation import evaluate
-    from hmlstm.model.data import training_part
+    from hmlstm.model.data import run_corpus, training_part
 
     meta = {**info.meta, "train_config": info.train.to_dict()}
-    training = training_part(meta)
+    corpus = run_corpus(meta)
+    training = training_part(meta, corpus)
     reports = {}
-    try:
-        corpus = load_corpus(info.meta.get("source"), seed=info.train.seed, strip=info.meta.get("strip_delimiters")) \
-            if info.meta.get("source") else None
-    except UserError:
-        corpus = None  # the training file is gone: nothing to evaluate on
     if corpus is not None and corpus.word_ends is not None:
         start = corpus.held_out_start(info.train.val_fraction)
         held = corpus.part(start, start + max_chars, "held out" + (f", first {max_chars:,} chars"

@@ -324,18 +324,26 @@ def source_of(meta: dict) -> str | None:
     return name.split(":", 1)[1] if name.startswith(("file:", "ptb-chars:")) else None
 
 
-def training_part(meta: dict) -> Corpus | None:
-    """The part of a run's corpus that it trained on (metadata or provenance: source, strip_delimiters,
-    train_config), or None where that text cannot be read again."""
+def run_corpus(meta: dict) -> Corpus | None:
+    """A run's whole corpus read again from its metadata or model provenance (source, strip_delimiters,
+    train_config's seed), or None where that text cannot be read again."""
     source = source_of(meta)
-    train = meta.get("train_config") or {}
     if source is None:
         return None
     try:
-        corpus = load_corpus(source, seed=train.get("seed", 0), strip=meta.get("strip_delimiters"))
+        return load_corpus(source, seed=(meta.get("train_config") or {}).get("seed", 0),
+                           strip=meta.get("strip_delimiters"))
     except UserError:
+        return None  # the training file is gone
+
+
+def training_part(meta: dict, corpus: Corpus | None = None) -> Corpus | None:
+    """The part of a run's corpus (``run_corpus``, unless given) that it trained on, or None."""
+    corpus = corpus or run_corpus(meta)
+    if corpus is None:
         return None
-    return corpus.part(0, corpus.held_out_start(train.get("val_fraction", 0.1)), "training part")
+    return corpus.part(0, corpus.held_out_start((meta.get("train_config") or {}).get("val_fraction", 0.1)),
+                       "training part")
 
 
 def strip_corpus(corpus: Corpus, strip: str) -> Corpus:

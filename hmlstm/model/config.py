@@ -45,6 +45,11 @@ class ModelConfig:
     def num_layers(self) -> int:
         return len(self.num_units)
 
+    @property
+    def num_detectors(self) -> int:
+        """Layers with a boundary detector: all but the top one unless top_boundary."""
+        return self.num_layers if self.top_boundary else self.num_layers - 1
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["num_units"] = list(self.num_units)

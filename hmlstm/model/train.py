@@ -263,9 +263,9 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         raise UserError("the corpus is empty; give it some text")
     vocab = Vocabulary.from_text(corpus.text)
     model = ModelConfig(vocab_size=len(vocab), **model_cfg_kwargs)
-    if len(cfg.target_fractions) > model.num_layers - (0 if model.top_boundary else 1):
-        raise UserError(f"{len(cfg.target_fractions)} peak fractions, but only "
-                        f"{model.num_layers - (0 if model.top_boundary else 1)} layers have a boundary detector; "
+    if len(cfg.target_fractions) > model.num_detectors:
+        raise UserError(f"{len(cfg.target_fractions)} peak fractions, but only {model.num_detectors} layers have a "
+                        "boundary detector; "
                         "give fewer, or --top-boundary to give the top layer one")
     ids = vocab.encode(corpus.text)
     train_ids, val_ids = split(ids, corpus.held_out_start(cfg.val_fraction))

@@ -45,6 +45,13 @@ META_PROVENANCE = "hmlstm.provenance"
 # segment's last character (the paper's reading); "start" = on the next segment's first
 # (a layer trained with --entropy-target, whose target is set one step after an entropy peak).
 META_ALIGNMENT = "hmlstm.boundary_alignment"
+# {"embedding": ["<initializer>"], "layer1/kernel": ["<input rows>", "<recurrent rows>"], ..., "slope": 2.5}:
+# where each weight lies in the file (initializers joined along axis 0), so that an export can be
+# exported again exactly (export/recover.py). Files written before it are recovered by shape.
+META_WEIGHTS = "hmlstm.weights"
+# "sparse": layers >= 2 compute only the rows that UPDATE or FLUSH at a step (export/inference.py);
+# "dense": every row at every step. Absent in files written before the sparse graph: "dense".
+META_ENGINE = "hmlstm.engine"
 
 
 def card_path(model_path):

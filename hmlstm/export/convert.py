@@ -22,6 +22,7 @@ import tensorflow as tf
 import hmlstm
 from hmlstm import spec
 from hmlstm.errors import UserError
+from hmlstm.export.passes import optimize
 from hmlstm.export.validate import ValidationReport, validate
 from hmlstm.model.cell import HMLSTMState
 from hmlstm.model.checkpoint import atomic_write_text, load_network
@@ -150,122 +151,27 @@ def _name_axes(model: onnx.ModelProto, num_units: tuple[int, ...], vocab_size: i
         vi.doc_string = s.doc
 
 
-def prune_unused_scan_outputs(model: onnx.ModelProto) -> int:
-    """Drop the time Loop's scan outputs that nothing reads; returns how many.
-
-    ``tf.scan`` stacks its whole accumulator, so the Loop stacks every layer's
-    c at every step although only h, z and s_z are used. ONNX Runtime copies
-    each scan output every iteration: measured on the shipped model, dropping
-    them makes a call 1.02-1.2x as fast (most at short chunks), with
-    bit-identical outputs.
-    """
-    graph = model.graph
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    dropped = 0
-    for loop in (n for n in graph.node if n.op_type == "Loop"):
-        body = next(a.g for a in loop.attribute if a.name == "body")
-        carried = len(loop.input) - 2  # inputs: trip count, condition, carried values
-        pairs = list(zip(loop.output[carried:], body.output[1 + carried :]))
-        keep = [(o, b) for o, b in pairs if o in used]
-        dropped += len(pairs) - len(keep)
-        del loop.output[carried:], body.output[1 + carried :]
-        loop.output.extend(o for o, _ in keep)
-        body.output.extend(b for _, b in keep)
-    return dropped
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-
-
-def _select_parts(add: onnx.NodeProto, producer: dict) -> tuple[str, str, str] | None:
-    """(c, x, y) if ``add`` is tf2onnx's ``Cast(c) * x + y * Cast(Not(c))``, else None."""
-    def cast_input(name):
-        n = producer.get(name)
-        return n.input[0] if n is not None and n.op_type == "Cast" else None
-
-    def is_not(name):
-        return name is not None and name in producer and producer[name].op_type == "Not"
-
-    if add.op_type != "Add" or len(add.input) != 2:
-        return None
-    m1, m2 = (producer.get(i) for i in add.input)
-    if not (m1 and m2 and m1.op_type == "Mul" and m2.op_type == "Mul"):
-        return None
-    cond = next((c for i in m1.input if (c := cast_input(i)) is not None and not is_not(c)), None)
-    neg = [i for i in m2.input if is_not(cast_input(i))]
-    if cond is None or len(neg) != 1 or producer[cast_input(neg[0])].input[0] != cond:
-        return None
-    x = next(i for i in m1.input if cast_input(i) != cond)
-    y = next(i for i in m2.input if i != neg[0])
-    return cond, x, y
-
-
-def _drop_dead_nodes(graph: onnx.GraphProto, nodes: list) -> list:
-    """``nodes`` less those whose outputs feed nothing (in this graph, its subgraphs, its outputs)."""
-    while True:
-        used = {o.name for o in graph.output}
-        for n in nodes:
-            used.update(n.input)
-            for attr in n.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    used.update(i for sub in _graphs(attr.g) for m in sub.node for i in m.input)
-        keep = [n for n in nodes if any(o in used for o in n.output)]
-        if len(keep) == len(nodes):
-            return nodes
-        nodes = keep
-
-
-def selects_to_where(model: onnx.ModelProto) -> int:
-    """Turn tf2onnx's arithmetic selects back into ``Where``; returns how many.
-
-    tf2onnx writes ``tf.where(c, x, y)`` on floats as ``Cast(c) * x + y * Cast(Not(c))`` (six
-    nodes; its note says ORT's Where was slow once). Both give x where c holds and y elsewhere,
-    bit for bit for finite values; ONNX Runtime pays per node per loop step, so one node is
-    cheaper. The nodes that only fed the pattern are removed.
-    """
-    count = 0
-    for graph in _graphs(model.graph):
-        producer = {o: n for n in graph.node for o in n.output}
-        nodes, changed = [], 0
-        for node in graph.node:
-            parts = _select_parts(node, producer)
-            if parts is not None:
-                node = onnx.helper.make_node("Where", list(parts), list(node.output), name=node.name)
-                changed += 1
-            nodes.append(node)
-        if changed:
-            count += changed
-            nodes = _drop_dead_nodes(graph, nodes)
-            del graph.node[:]
-            graph.node.extend(nodes)
-    return count
-
-
 def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
-            optimized: bool = True) -> onnx.ModelProto:
+            optimized: bool = True, engine: str = "sparse") -> onnx.ModelProto:
     """The network's streaming step as an ONNX model with metadata (not validated).
 
-    optimized: export ``inference.inference_function`` (the default; fewer nodes per step), else
-    the training network's own forward pass, ``stream_function``.
+    optimized: export ``inference.inference_function`` with ``engine`` ("sparse", the default:
+    layers >= 2 compute only their active rows; or "dense"), else the training network's own
+    forward pass, ``stream_function`` (dense).
     """
     import tf2onnx
 
     from hmlstm.export.inference import inference_function
+    from hmlstm.export.recover import weight_map
 
     cfg = network.config
-    fn = inference_function(network) if optimized else stream_function(network)
+    fn = inference_function(network, engine) if optimized else stream_function(network)
     model, _ = tf2onnx.convert.from_function(
         fn, input_signature=tf_signature(cfg.num_units, cfg.vocab_size), opset=opset)
     # onnx >= 1.23 would stamp IR 14, which ONNX Runtime 1.31 refuses: use the
     # lowest IR version the opsets need.
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
-    prune_unused_scan_outputs(model)
-    selects_to_where(model)
+    optimize(model)
     _name_axes(model, cfg.num_units, cfg.vocab_size)
     ins, outs = spec.io_spec(cfg.num_units, cfg.vocab_size)
     model.doc_string = spec.__doc__
@@ -283,7 +189,11 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
         spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(
             cfg.num_layers, cfg.top_boundary,
             len(TrainConfig(**provenance.get("train_config") or {}).target_fractions))),
+        spec.META_ENGINE: engine if optimized else "dense",
     }
+    weights = weight_map(network, model)
+    if weights is not None:
+        meta[spec.META_WEIGHTS] = json.dumps(weights)
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
@@ -301,7 +211,7 @@ def versions(opset: int) -> dict[str, str | int]:
 def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
     """The metadata written by ``convert``, JSON-decoded (format stays a string)."""
     props = {p.key: p.value for p in model.metadata_props}
-    return {k: (v if k == spec.META_FORMAT else json.loads(v)) for k, v in props.items()
+    return {k: (v if k in (spec.META_FORMAT, spec.META_ENGINE) else json.loads(v)) for k, v in props.items()
             if k.startswith("hmlstm.")}
 
 

@@ -49,14 +49,69 @@ def _gates(s: tf.Tensor, units: int, ln):
 
 
 def _fires(s_z: tf.Tensor, slope: tf.Tensor) -> tf.Tensor:
-    """The boundary as a boolean, exactly as round(hard_sigmoid(slope * s_z)) > 0."""
-    return (slope * s_z + 1.0) * 0.5 > 0.5
+    """The boundary as a boolean, exactly as round(hard_sigmoid(slope * s_z)) > 0.
+
+    round(clip((a s + 1) / 2, 0, 1)) is 1 iff (a s + 1) * 0.5 > 0.5, and halving is exact in
+    float32 (no underflow near 1), so that is a s + 1 > 1: one node fewer per layer and step.
+    """
+    return slope * s_z + 1.0 > 1.0
 
 
-def inference_function(network) -> tf.types.experimental.GenericFunction:
-    """(tokens, lengths, *state) -> dict of outputs, like ``convert.stream_function``."""
+ENGINES = ("sparse", "dense")
+
+
+def _dense_upper(cell, units, kernel, x_parts, c, h, z, zb, live):
+    """Layer l >= 2 on every row: the product and the element-wise step for all, the case by Where."""
+    s = tf.matmul(tf.concat(x_parts, -1), kernel) + cell.bias
+    f, i, o, g = _gates(s, units, cell.ln)
+    ig = i * g
+    if not cell.has_boundary:  # UPDATE where the layer below fired, else COPY
+        c_new = tf.where(zb, c + (f * c + ig - c), c)
+        h_new = tf.where(zb, h + (o * tf.tanh(c_new) - h), h)
+        return tf.where(live, c_new, c), tf.where(live, h_new, h), h_new, None
+    z_b = z > 0.5
+    c_new = tf.where(z_b, ig, tf.where(zb, f * c + ig, c))
+    h_new = tf.where(tf.logical_or(z_b, zb), o * tf.tanh(c_new), h)
+    return tf.where(live, c_new, c), tf.where(live, h_new, h), h_new, s[:, 4 * units :]
+
+
+def _sparse_upper(cell, units, kernel, x_parts, c, h, z, zb, live, w_z):
+    """Layer l >= 2 on the rows that UPDATE or FLUSH only; COPY rows keep c and h.
+
+    A row is active where the layer fired at t-1 (FLUSH) or the layer below fired at t (UPDATE),
+    and only while the row runs. Those rows are gathered (one index tensor for every gather and
+    scatter), run through the product and the element-wise step, and scattered back. A COPY row's
+    input is [0 ; h ; 0], so its boundary pre-activation is the one column h . w_z + b_z (rows
+    ``below``..``below``+H of the kernel: ``w_z``, sliced once before the loop), computed for every
+    row and overwritten on active rows.
+    FLUSH computes f * 0 + i g, which is i g exactly, so an active row's values are the dense
+    graph's; s_z of a COPY row is summed in another order (a product of H terms instead of all).
+    """
+    fired_before = z > 0.5
+    active = tf.logical_and(tf.logical_or(fired_before, zb) if cell.has_boundary else zb, live)
+    rows = tf.where(tf.squeeze(active, -1))  # [K, 1] int64
+    c_base = tf.where(fired_before, 0.0, c) if cell.has_boundary else c  # FLUSH forgets
+    s = tf.matmul(tf.gather_nd(tf.concat(x_parts, -1), rows), kernel) + cell.bias  # [K, 4H (+1)]
+    f, i, o, g = _gates(s, units, cell.ln)
+    c_k = f * tf.gather_nd(c_base, rows) + i * g
+    c_new = tf.tensor_scatter_nd_update(c, rows, c_k)
+    h_new = tf.tensor_scatter_nd_update(h, rows, o * tf.tanh(c_k))
+    if not cell.has_boundary:
+        return c_new, h_new, h_new, None
+    s_z = tf.matmul(h, w_z[0]) + w_z[1]
+    return c_new, h_new, h_new, tf.tensor_scatter_nd_update(s_z, rows, s[:, 4 * units :])
+
+
+def inference_function(network, engine: str = "sparse") -> tf.types.experimental.GenericFunction:
+    """(tokens, lengths, *state) -> dict of outputs, like ``convert.stream_function``.
+
+    engine "sparse" computes layers >= 2 only on their active rows (``_sparse_upper``); "dense"
+    computes every row (``_dense_upper``). Same inputs, outputs and meanings.
+    """
     from hmlstm.export.convert import tf_signature
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     cfg = network.config
     cells = network.cell.cells
     n = len(cells)
@@ -70,42 +125,46 @@ def inference_function(network) -> tf.types.experimental.GenericFunction:
         x = tf.gather(network.embedding, tf.transpose(tokens))  # [T, B, E]
         x1 = tf.einsum("tbe,eg->tbg", x, k1[:embed]) + cells[0].bias  # [T, B, 4H+1], all steps at once
         steps = tf.shape(x1)[0]
+        running = tf.sequence_mask(lengths, steps)  # [B, T]: row b still runs at step t
         carried = tuple(flat_state)
         kernels = [k1[embed:]] + [c.kernel for c in cells[1:]]
+        # A COPY row's boundary column (sparse engine), sliced here so that the loop does not slice it.
+        w_z = [None] + [(kernels[l][units[l - 1] : units[l - 1] + units[l], 4 * units[l] :],
+                         cells[l].bias[4 * units[l] :]) if cells[l].has_boundary else None for l in range(1, n)]
 
         def step(prev, elem):
-            x_t, t = elem
+            x_t, live = elem  # live [B, 1]: the row has not reached its length
             state, _ = prev
-            live = tf.expand_dims(t < lengths, -1)  # [B, 1]
             new, packed_h, packed_z, packed_s = [], [], [], []
             h_below, zb = None, None  # zb: the layer below fired (bool); None for layer 1
             for l, cell in enumerate(cells):
                 c, h, z = state[3 * l : 3 * l + 3]
-                parts = [h] if l == 0 else [packed_z[-1] * h_below, h]
-                if l + 1 < n:
-                    parts.append(z * state[3 * (l + 1) + 1])  # top-down, right after a boundary
-                below_above = tf.matmul(tf.concat(parts, -1) if len(parts) > 1 else h, kernels[l])
-                s = x_t + below_above if l == 0 else below_above + cell.bias
-                f, i, o, g = _gates(s, units[l], cell.ln)
-                ig = i * g
-                z_b = z > 0.5
-                if l == 0:  # FLUSH where z, else UPDATE
-                    c_new = tf.where(z_b, ig, f * c + ig)
+                if l == 0:  # never COPY: FLUSH where z, else UPDATE
+                    parts = [h] + ([z * state[4]] if n > 1 else [])
+                    s = x_t + tf.matmul(tf.concat(parts, -1) if len(parts) > 1 else h, kernels[0])
+                    f, i, o, g = _gates(s, units[0], cell.ln)
+                    ig = i * g
+                    c_new = tf.where(z > 0.5, ig, f * c + ig)
                     h_new = o * tf.tanh(c_new)
-                elif not cell.has_boundary:  # UPDATE where the layer below fired, else COPY
-                    c_new = tf.where(zb, c + (f * c + ig - c), c)
-                    h_new = tf.where(zb, h + (o * tf.tanh(c_new) - h), h)
+                    c_keep, h_keep = tf.where(live, c_new, c), tf.where(live, h_new, h)
+                    s_z = s[:, 4 * units[0] :] if cell.has_boundary else None
                 else:
-                    c_new = tf.where(z_b, ig, tf.where(zb, f * c + ig, c))
-                    h_new = tf.where(tf.logical_or(z_b, zb), o * tf.tanh(c_new), h)
-                if cell.has_boundary:
-                    s_z = s[:, 4 * units[l] :]
+                    parts = [packed_z[-1] * h_below, h]
+                    if l + 1 < n:
+                        parts.append(z * state[3 * (l + 1) + 1])  # top-down, right after a boundary
+                    if engine == "sparse":
+                        c_keep, h_keep, h_new, s_z = _sparse_upper(cell, units[l], kernels[l], parts, c, h, z,
+                                                                   zb, live, w_z[l])
+                    else:
+                        c_keep, h_keep, h_new, s_z = _dense_upper(cell, units[l], kernels[l], parts, c, h, z,
+                                                                  zb, live)
+                if s_z is not None:
                     fired = _fires(s_z, slope)
                     z_new = tf.cast(fired, tf.float32)
                 else:
                     s_z = z_new = tf.zeros_like(z)
                     fired = tf.zeros_like(z, tf.bool)
-                new += [tf.where(live, c_new, c), tf.where(live, h_new, h), tf.where(live, z_new, z)]
+                new += [c_keep, h_keep, tf.where(live, z_new, z)]
                 packed_h.append(h_new)
                 packed_z.append(z_new)
                 packed_s.append(s_z)
@@ -114,15 +173,19 @@ def inference_function(network) -> tf.types.experimental.GenericFunction:
 
         width = sum(units) + 2 * n
         zero_packed = tf.zeros([tf.shape(tokens)[0], width])
-        states, packed = tf.scan(step, (x1, tf.range(steps)), initializer=(carried, zero_packed))
+        live_steps = tf.expand_dims(tf.transpose(running), -1)  # [T, B, 1]
+        states, packed = tf.scan(step, (x1, live_steps), initializer=(carried, zero_packed))
         final = [s[-1] for s in states]
-        mask = tf.expand_dims(tf.transpose(tf.sequence_mask(lengths, steps, dtype=tf.float32)), -1)  # [T, B, 1]
+        mask = tf.cast(live_steps, tf.float32)
         packed = tf.transpose(packed * mask, [1, 0, 2])  # [B, T, width]
         hs = tf.split(packed[..., : sum(units)], units, axis=-1)
         boundaries = packed[..., sum(units) : sum(units) + n]
         boundary_logits = packed[..., sum(units) + n :]
-        logits = network.output_logits(tuple(hs))
-        logits = logits * tf.expand_dims(tf.sequence_mask(lengths, steps, dtype=logits.dtype), -1)
+        if engine == "sparse":
+            logits = _sparse_output(network, hs, boundaries, [flat_state[3 * l + 2] for l in range(n)], running)
+        else:
+            logits = network.output_logits(tuple(hs))
+        logits = logits * tf.cast(tf.expand_dims(running, -1), logits.dtype)
         result = {spec.LOGITS: logits, spec.BOUNDARIES: boundaries, spec.BOUNDARY_LOGITS: boundary_logits}
         for l in range(n):
             for p, part in enumerate(spec.STATE_PARTS):
@@ -130,3 +193,36 @@ def inference_function(network) -> tf.types.experimental.GenericFunction:
         return result
 
     return stream_step
+
+
+def _sparse_output(network, hs, boundaries, z_before, running) -> tf.Tensor:
+    """The output module (``HMLSTMNetwork.output_logits``) with each upper layer's projection W_l h_l
+    computed only where h_l changed.
+
+    h_l changes at step t only where the layer was active (it fired at t-1 or the layer below fired
+    at t, and the row runs); elsewhere it COPYs, and so does W_l h_l. The projection is computed at
+    the steps where h_l changed and at each row's first step, then carried forward along the row
+    (a running count of those steps indexes the computed rows). Steps past a row's length carry a
+    stale value, and their logits are zeroed by the caller, as the dense graph's are.
+    """
+    cells = network.cell.cells
+    batch, steps = tf.shape(running)[0], tf.shape(running)[1]
+    first = tf.logical_and(tf.equal(tf.range(steps), 0)[None, :], tf.ones_like(running))  # [B, T]
+    gates = tf.sigmoid(tf.einsum("btd,dl->btl", tf.concat(hs, -1), network.gate_kernel))
+    terms = [gates[..., :1] * tf.einsum("btd,de->bte", hs[0], network.out_kernels[0])]
+    for l in range(1, len(cells)):
+        fired_below = boundaries[:, :, l - 1] > 0.5
+        if cells[l].has_boundary:  # z^l at t-1: the state's z at the first step, then the outputs
+            fired_before = tf.concat([z_before[l] > 0.5, boundaries[:, :-1, l] > 0.5], axis=1)
+            changed = tf.logical_or(fired_before, fired_below)
+        else:
+            changed = fired_below
+        computed = tf.reshape(tf.logical_or(tf.logical_and(changed, running), first), [-1])  # [B*T]
+        where = tf.where(computed)  # [K, 1]
+        units = cells[l].units
+        projected = tf.matmul(tf.gather_nd(tf.reshape(hs[l], [-1, units]), where), network.out_kernels[l])
+        carry = tf.cumsum(tf.cast(computed, tf.int32)) - 1  # [B*T]: the latest computed step of the row
+        filled = tf.reshape(tf.gather(projected, carry), [batch, steps, -1])
+        terms.append(gates[..., l : l + 1] * filled)
+    h_e = tf.nn.relu(tf.add_n(terms))
+    return tf.einsum("bte,ev->btv", h_e, network.logit_kernel) + network.logit_bias

@@ -47,37 +47,125 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def assign_weights(network, model: onnx.ModelProto) -> None:
-    """Copy the file's initializers into ``network``'s variables (UserError if ambiguous)."""
-    pool: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+def network_weights(network) -> dict[str, object]:
+    """Every weight of ``network`` by a stable key ("embedding", "layer2/kernel", ...), in use order."""
+    weights = {"embedding": network.embedding, "gate_kernel": network.gate_kernel}
+    weights.update({f"out_kernel{l}": v for l, v in enumerate(network.out_kernels, start=1)})
+    weights.update({"logit_kernel": network.logit_kernel, "logit_bias": network.logit_bias})
+    for l, cell in enumerate(network.cell.cells, start=1):
+        weights[f"layer{l}/kernel"], weights[f"layer{l}/bias"] = cell.kernel, cell.bias
+        if cell.ln is not None:
+            weights[f"layer{l}/ln_gamma"], weights[f"layer{l}/ln_beta"] = cell.ln
+    return weights
+
+
+def weight_map(network, model: onnx.ModelProto) -> dict[str, object] | None:
+    """Which initializers hold each weight, for the file's metadata (``spec.META_WEIGHTS``).
+
+    A weight maps to the names of the initializers that, joined along axis 0, equal it bit for
+    bit: one name, or two for layer 1's kernel when the inference graph splits it into its input
+    and recurrent rows. Initializers equal in value are interchangeable, so matching by value is
+    exact. None where some weight is not found as it is (a graph that transforms weights). The
+    boundary slope, which the graph may fold into its comparisons, is recorded by value ("slope").
+    """
+    by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
     for name, arr in _initializers(model):
+        by_shape.setdefault(arr.shape, []).append((name, arr))
+
+    def find(value: np.ndarray) -> str | None:
+        return next((n for n, a in by_shape.get(value.shape, []) if a.dtype == value.dtype
+                     and np.array_equal(a, value)), None)
+
+    embed = network.embedding.shape[1]
+    found: dict[str, list[str]] = {}
+    for key, var in network_weights(network).items():
+        value = var.numpy()
+        whole = find(value)
+        parts = [whole] if whole else [find(value[:embed]), find(value[embed:])] if key == "layer1/kernel" else [None]
+        if None in parts:
+            return None
+        found[key] = parts
+    return {**found, "slope": float(network.slope.numpy())}
+
+
+def _candidates(network, model: onnx.ModelProto, limit: int = 256):
+    """Assignments {weight key: array} for a file without a weight map, most likely first.
+
+    Weights are placed by shape. Where several initializers share a shape (the layers' biases,
+    the per-layer output kernels, layer 1's recurrent rows beside another layer's kernel) every
+    ordering is a candidate, tf2onnx's naming order (which follows use order) first; the caller
+    keeps the first candidate whose outputs equal the file's. Yields nothing when some shape has
+    too few tensors.
+    """
+    import itertools
+
+    pool: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for _, arr in sorted(_initializers(model), key=lambda x: _natural(x[0])):
         if arr.dtype == np.float32 and arr.ndim >= 1:
-            pool.setdefault(arr.shape, []).append((name, arr))
-    for group in pool.values():
-        group.sort(key=lambda x: _natural(x[0]))
-    cells = network.cell.cells
-    wanted = [network.embedding, network.gate_kernel, *network.out_kernels, network.logit_kernel,
-              network.logit_bias]
-    for cell in cells:
-        wanted += [cell.kernel, cell.bias] + (list(cell.ln) if cell.ln is not None else [])
-    by_shape: dict[tuple[int, ...], list] = {}
-    for v in wanted:
-        by_shape.setdefault(tuple(v.shape), []).append(v)
-    k1 = cells[0].kernel
+            pool.setdefault(arr.shape, []).append(arr)
+    weights = network_weights(network)
+    k1 = weights["layer1/kernel"]
     embed = network.embedding.shape[1]
     head, tail = (embed, k1.shape[1]), (k1.shape[0] - embed, k1.shape[1])
-    if not pool.get(tuple(k1.shape)) and len(pool.get(head, [])) == 1 and len(pool.get(tail, [])) == 1:
-        # The inference graph (inference.py) splits layer 1's kernel into its input and recurrent parts.
-        pool[tuple(k1.shape)] = [("layer1", np.concatenate([pool.pop(head)[0][1], pool.pop(tail)[0][1]]))]
-    for shape, variables in by_shape.items():
-        have = pool.get(shape, [])
-        if len(have) != len(variables):
-            raise UserError(f"cannot recover the weights: the model has {len(have)} tensor(s) of shape "
-                            f"{list(shape)} where {len(variables)} are expected; it was not written by "
-                            "this exporter's graph family")
-        # Capture order follows use order: the loop's kernel/bias pairs, the output kernels by layer.
-        for v, (_, arr) in zip(variables, have):
-            v.assign(arr)
+    splits: list[tuple[np.ndarray | None, dict]] = [(None, pool)]
+    if len(pool.get(tuple(k1.shape), [])) < sum(tuple(v.shape) == tuple(k1.shape) for v in weights.values()):
+        # The inference graph (inference.py) multiplies layer 1's input rows before the loop: its kernel
+        # is two tensors, the recurrent rows possibly the same shape as another layer's kernel.
+        splits = []
+        for i, j in itertools.product(range(len(pool.get(head, []))), range(len(pool.get(tail, [])))):
+            if head == tail and i == j:
+                continue
+            rest = {k: list(v) for k, v in pool.items()}
+            joined = np.concatenate([pool[head][i], pool[tail][j]])
+            rest[head] = [a for n, a in enumerate(pool[head]) if n != i]
+            rest[tail] = [a for n, a in enumerate(rest[tail]) if n != (j if head != tail else j - (j > i))]
+            splits.append((joined, rest))
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, var in weights.items():
+        groups.setdefault(tuple(var.shape), []).append(key)
+    made = 0
+    for joined, rest in splits:
+        keys_k1 = ["layer1/kernel"] if joined is not None else []
+        choices = []
+        for shape, keys in groups.items():
+            keys = [k for k in keys if k not in keys_k1]
+            have = rest.get(shape, [])
+            if len(have) < len(keys):
+                choices = None
+                break
+            if keys:
+                choices.append((keys, list(itertools.permutations(range(len(have)), len(keys)))))
+        if choices is None:
+            continue
+        for picks in itertools.product(*(perms for _, perms in choices)):
+            out = {"layer1/kernel": joined} if joined is not None else {}
+            for (keys, _), pick in zip(choices, picks):
+                shape = tuple(weights[keys[0]].shape)
+                out.update({k: rest[shape][p] for k, p in zip(keys, pick)})
+            yield out
+            made += 1
+            if made >= limit:
+                return
+
+
+def _mapped(network, model: onnx.ModelProto, mapping: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    arrays = dict(_initializers(model))
+    weights = network_weights(network)
+    mapping = {k: v for k, v in mapping.items() if k != "slope"}
+    if set(mapping) != set(weights) or any(n not in arrays for names in mapping.values() for n in names):
+        raise UserError("cannot recover the weights: the file's weight map does not fit its model config "
+                        "or names tensors the file lacks")
+    out = {k: np.concatenate([arrays[n] for n in names]) if len(names) > 1 else arrays[names[0]]
+           for k, names in mapping.items()}
+    bad = [k for k, v in out.items() if v.shape != tuple(weights[k].shape)]
+    if bad:
+        raise UserError(f"cannot recover the weights: the file's weight map gives {bad[0]} the wrong shape")
+    return out
+
+
+def assign(network, values: dict[str, np.ndarray]) -> None:
+    for key, var in network_weights(network).items():
+        var.assign(values[key])
 
 
 def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
@@ -91,7 +179,12 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     from hmlstm.runtime import make_session
 
     path = Path(model_path)
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not an ONNX file ({first}); give an .onnx written by `hmlstm export` "
+                        "or a training run directory") from None
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get(spec.META_FORMAT) != spec.FORMAT:
         raise UserError(f"{path} is not an exported hmlstm model (no {spec.META_FORMAT!r} metadata)")
@@ -102,7 +195,6 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     train_d["rate_targets"] = tuple(train_d.get("rate_targets", ()))
     train = TrainConfig(**train_d)
     network = HMLSTMNetwork(config)
-    assign_weights(network, model)
 
     # The slope a scales s_z inside the boundary's hard sigmoid, so the forward pass depends only
     # on its sign; it is the loop's one captured float scalar (tf2onnx: "scan/while/input_N").
@@ -112,11 +204,28 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     session = make_session(str(path), "cpu").session
     feeds = make_feeds(np.random.default_rng(0), config.num_units, config.vocab_size, 3, 200, None, False, False)
     expected = run_session(session, feeds)
-    got = tf_reference(stream_function(network), config.num_units)(feeds)
-    diff = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
-    if not diff <= TOLERANCE:
-        raise UserError(f"cannot recover {path}: the rebuilt network differs from the file by {diff:.3g} "
-                        f"(> {TOLERANCE:g})")
+    reference = tf_reference(stream_function(network), config.num_units)
+    if spec.META_WEIGHTS in meta:  # written by this exporter: the exact place of every weight
+        mapping = json.loads(meta[spec.META_WEIGHTS])
+        network.slope.assign(float(mapping.get("slope", network.slope.numpy())))
+        candidates = iter([_mapped(network, model, mapping)])
+    else:  # an older export: by shape, each candidate proven below
+        candidates = _candidates(network, model)
+    tried, best = 0, float("inf")
+    for values in candidates:
+        tried += 1
+        assign(network, values)
+        got = reference(feeds)
+        diff = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
+        best = min(best, diff)
+        if diff <= TOLERANCE:
+            break
+    else:
+        if not tried:
+            raise UserError(f"cannot recover the weights of {path}: it lacks tensors of the shapes its model "
+                            "config needs; it was not written by this exporter's graph family")
+        raise UserError(f"cannot recover {path}: no placement of its weights ({tried} tried) gives its outputs; "
+                        f"the closest differs by {best:.3g} (> {TOLERANCE:g})")
     log(f"recovered the weights of {path.name}: max |TensorFlow - the file| {diff:.2g} on 3 x 200 steps")
 
     run_dir = Path(run_dir)

@@ -2,7 +2,9 @@
 
     python benchmarks/gpu_bench.py --mode gpu|cpu --out bench.md
 
-gpu: ONNX Runtime on CUDA called directly at batch 1/64/256/1024/4096 x 16 and 256 steps, then the
+gpu: ONNX Runtime on CUDA called directly at batch 1/64/256/1024/4096 x 16 and 256 steps, each shape
+with the dense and the sparse graph (the sparse one's NonZero may cost a device-to-host copy per
+step; the faster one is what `hmlstm serve --engine` should run there: the report says which), then the
 real server (`hmlstm serve --device cuda`, batching, --workers 1 and 4) at 256 and 1024 streams, the
 clients spread over several processes so that they are not the bound. cpu: the same steps on the
 CPU provider with a small grid, to try the kit and the check where there is no GPU. Needs no
@@ -64,16 +66,25 @@ def main() -> None:
         print(row, flush=True)
         args.out.write_text("\n".join(lines) + "\n")  # what was measured survives a time limit
 
-    model = load_model(DEFAULT_MODEL, g["device"], spinning=False)
-    emit(f"| (session: {model.runtime.note}) | | | | | | | |")
+    models = {e: load_model(DEFAULT_MODEL, g["device"], spinning=False, engine=e) for e in ("dense", "sparse")}
+    for model in models.values():
+        emit(f"| (session: {model.runtime.note}) | | | | | | | |")
+    wins = {"dense": 0, "sparse": 0}
     for b in g["batches"]:
         for c in g["steps"]:
-            d = direct_ort(model, b, c, g["seconds"])
-            emit(f"| ONNX Runtime direct | | {b} | {c} | {d['rate']:,.0f} | {pct(d['lat'], 50):.2f} | "
-                 f"{pct(d['lat'], 99):.2f} | |")
-    del model
+            rates = {}
+            for engine, model in models.items():
+                d = direct_ort(model, b, c, g["seconds"])
+                rates[engine] = d["rate"]
+                emit(f"| ONNX Runtime direct, {engine} | | {b} | {c} | {d['rate']:,.0f} | {pct(d['lat'], 50):.2f} | "
+                     f"{pct(d['lat'], 99):.2f} | |")
+            wins[max(rates, key=rates.get)] += 1
+    faster = max(wins, key=wins.get)
+    emit(f"| faster engine on {g['device']}: **{faster}** at {wins[faster]} of {sum(wins.values())} shapes "
+         f"(serve with --engine {faster}) | | | | | | | |")
+    del models
     for w in g["workers"]:
-        proc, target = start_server(DEFAULT_MODEL, ["--device", g["device"]], workers=w)
+        proc, target = start_server(DEFAULT_MODEL, ["--device", g["device"], "--engine", faster], workers=w)
         try:
             for c in g["chunks"]:
                 for n in g["streams"]:
@@ -83,8 +94,8 @@ def main() -> None:
                     after = server_counters(proc)
                     chunks = rate * (time.perf_counter() - t0) / c
                     cpu = (after["cpu"] - before["cpu"]) / chunks if chunks else float("nan")
-                    emit(f"| server, --device {g['device']} | {w} | {n} | {c} | {rate:,.0f} | {pct(lat, 50):.2f} | "
-                         f"{pct(lat, 99):.2f} | {1e6 * cpu:,.0f} |")
+                    emit(f"| server, --device {g['device']} --engine {faster} | {w} | {n} | {c} | {rate:,.0f} | "
+                         f"{pct(lat, 50):.2f} | {pct(lat, 99):.2f} | {1e6 * cpu:,.0f} |")
         finally:
             proc.terminate()
             proc.wait(timeout=60)

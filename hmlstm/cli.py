@@ -336,6 +336,9 @@ def _add_export(sub) -> None:
                    help="run directory written by `hmlstm train`, or an exported .onnx to export again with "
                         "this version's exporter (its weights are recovered and checked first)")
     p.add_argument("--out", type=Path, default=Path("model.onnx"))
+    p.add_argument("--engines", default="sparse,dense", metavar="LIST",
+                   help="graphs to write, the first at --out and each other beside it (OUT.dense.onnx): sparse "
+                        "computes layers above the first only where they UPDATE or FLUSH; dense computes every row")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="validate on CPU, plus CUDA where it works (auto)")
@@ -369,8 +372,9 @@ def cmd_export(args) -> int:
         kw["explain_factor"] = 0.0
     if args.eval_text is not None:
         read_text_file(args.eval_text)  # a missing or unreadable file is refused before the export's work
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
-                       tolerance=args.tolerance, eval_text=args.eval_text, **kw)
+                       tolerance=args.tolerance, eval_text=args.eval_text, engines=engines, **kw)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:
         run = args.checkpoint
@@ -383,7 +387,9 @@ def cmd_export(args) -> int:
         except ValidationError as e:
             print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-    print(f"wrote {result.path} ({result.card['size_bytes'] / 1e6:.2f} MB) and {result.card_path}")
+    others = [e["file"] for e in result.card["engines"].values() if e["file"] != result.path.name]
+    print(f"wrote {result.path} ({result.card['engine']} engine, {result.card['size_bytes'] / 1e6:.2f} MB)"
+          + "".join(f", {result.path.with_name(f)}" for f in others) + f" and {result.card_path}")
     if args.triton is not None:
         from hmlstm.export.triton import write_repository
 
@@ -408,6 +414,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default=d.device, choices=["auto", "tensorrt", "cuda", "cpu"],
                    help="auto: TensorRT where its libraries load, else CUDA where it works, else the CPU; "
                         "tensorrt or cuda: refuse to start without it")
+    p.add_argument("--engine", default=d.engine, choices=["auto", "sparse", "dense"],
+                   help="sparse: layers above the first compute only the streams that UPDATE or FLUSH at a step "
+                        "(faster on the CPU); dense: every stream at every step; auto: sparse on the CPU, dense "
+                        "on a GPU. The export writes both (MODEL.onnx sparse, MODEL.dense.onnx dense)")
     p.add_argument("--trt-cache", default=d.trt_cache, metavar="DIR",
                    help="where TensorRT keeps the engines it builds (the first start builds them)")
     p.add_argument("--trt-fp16", action="store_true", help="let TensorRT compute in half precision")
@@ -475,7 +485,7 @@ def _serve_config(args):
             max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
             persist_depth=args.persist_depth,
             io_binding=args.io_binding, ort_threads=args.ort_threads, trt_cache=args.trt_cache,
-            trt_fp16=args.trt_fp16, device_tolerance=args.device_tolerance,
+            trt_fp16=args.trt_fp16, device_tolerance=args.device_tolerance, engine=args.engine,
             ort_spinning=args.ort_spinning == "on")
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -484,8 +494,8 @@ def _serve_config(args):
 def _load_model(path, device, threads=None, spinning=None, config=None):
     from hmlstm.serving.model import ModelLoadError, load_model
 
-    trt = dict(trt_cache=config.trt_cache, trt_fp16=config.trt_fp16, tolerance=config.device_tolerance) \
-        if config is not None else {}
+    trt = dict(trt_cache=config.trt_cache, trt_fp16=config.trt_fp16, tolerance=config.device_tolerance,
+               engine=config.engine) if config is not None else {}
     try:
         return load_model(path, device, threads, spinning, **trt)
     except ModelLoadError as e:

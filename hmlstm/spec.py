@@ -45,21 +45,39 @@ META_PROVENANCE = "hmlstm.provenance"
 # segment's last character (the paper's reading); "start" = on the next segment's first
 # (a layer trained with --entropy-target, whose target is set one step after an entropy peak).
 META_ALIGNMENT = "hmlstm.boundary_alignment"
-# {"embedding": ["<initializer>"], "layer1/kernel": ["<input rows>", "<recurrent rows>"], ..., "slope": 2.5}:
-# where each weight lies in the file (initializers joined along axis 0), so that an export can be
-# exported again exactly (export/recover.py). Files written before it are recovered by shape.
+# {"embedding": {"axis": 0, "parts": ["<initializer>"]}, "layer2/kernel": {"axis": 1, "parts": ["<gate
+# columns>", "<boundary column>"]}, ..., "slope": 2.5}: where each weight lies in the file (its parts
+# joined along the axis), so that an export can be exported again exactly (export/recover.py). Files
+# written before it are recovered by shape, each candidate placement proven against the file.
 META_WEIGHTS = "hmlstm.weights"
 # "sparse": layers >= 2 compute only the rows that UPDATE or FLUSH at a step (export/inference.py);
 # "dense": every row at every step. Absent in files written before the sparse graph: "dense".
 META_ENGINE = "hmlstm.engine"
 
 
-def card_path(model_path):
-    """The model card written beside an exported model: ``model.onnx`` -> ``model.card.json``."""
+ENGINES = ("sparse", "dense")
+
+
+def _base(model_path):
     from pathlib import Path
 
     p = Path(model_path)
-    return p.with_name(p.stem + ".card.json")
+    stem = p.stem[: -len(".dense")] if p.stem.endswith(".dense") else p.stem
+    return p, stem
+
+
+def card_path(model_path):
+    """The model card written beside an exported model: ``model.onnx`` (and its dense companion
+    ``model.dense.onnx``) -> ``model.card.json``."""
+    p, stem = _base(model_path)
+    return p.with_name(stem + ".card.json")
+
+
+def engine_path(model_path, engine: str):
+    """Where an export keeps the graph of ``engine`` beside ``model_path``: the sparse graph in
+    ``model.onnx``, the dense one in ``model.dense.onnx``."""
+    p, stem = _base(model_path)
+    return p.with_name(stem + (".dense" if engine == "dense" else "") + p.suffix)
 
 
 def boundary_alignment(num_layers: int, top_boundary: bool, start_aligned: int) -> dict[str, str]:

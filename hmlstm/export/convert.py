@@ -22,8 +22,8 @@ import tensorflow as tf
 import hmlstm
 from hmlstm import spec
 from hmlstm.errors import UserError
-from hmlstm.export.passes import optimize
-from hmlstm.export.validate import ValidationReport, validate
+from hmlstm.export.passes import loop_body_nodes, optimize
+from hmlstm.export.validate import ValidationReport, check_structure, validate
 from hmlstm.model.cell import HMLSTMState
 from hmlstm.model.checkpoint import atomic_write_text, load_network
 from hmlstm.model.config import TrainConfig, dumps
@@ -45,9 +45,13 @@ class ExportConfig:
     explain_factor: float = 2.0
     spread_runs: int = 3
     device: str = "auto"  # which ORT providers validation runs on: auto = CPU, plus CUDA if present
+    # graphs to write: the first at --out, each other one beside it (spec.engine_path: model.dense.onnx)
+    engines: tuple[str, ...] = ("sparse", "dense")
     eval_text: str | None = None  # a text file from another source, evaluated for the card beside the held-out part
 
     def __post_init__(self) -> None:
+        if not self.engines or len(set(self.engines)) != len(self.engines) or set(self.engines) - set(spec.ENGINES):
+            raise UserError(f"engines must be some of {', '.join(spec.ENGINES)}, each once; got {self.engines}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UserError(f"opset {self.opset} is outside {MIN_OPSET}-{MAX_OPSET} "
                             f"(tf2onnx 1.17 supports up to {MAX_OPSET}); pick one in that range")
@@ -215,6 +219,16 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
             if k.startswith("hmlstm.")}
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _check_output_path(out: Path) -> None:
     if out.is_dir():
         raise UserError(f"output path {out} is a directory; give a file name such as {out}/model.onnx")
@@ -243,11 +257,15 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
 
     out = Path(out)
     _check_output_path(out)
+    if len(config.engines) > 1 and spec.engine_path(out, "dense") == out:
+        raise UserError(f"--out {out} is the name of a dense companion file; give the main name, e.g. "
+                        f"{spec.engine_path(out, 'sparse')}")
     network, info = load_network(run_dir)
     metrics_file = info.path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     provenance = {
-        "run": info.path.name, "corpus": info.meta.get("corpus"), "strip_delimiters": info.meta.get("strip_delimiters"),
+        "run": info.meta.get("run") or info.path.name, "corpus": info.meta.get("corpus"),
+        "strip_delimiters": info.meta.get("strip_delimiters"),
         "source": info.meta.get("source"), "corpus_sha256": info.meta.get("corpus_sha256"),
         "held_out_chars": info.meta.get("held_out_chars"),
         "command": info.meta.get("command"),
@@ -257,32 +275,45 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     if info.meta.get("recovered_from"):  # exported again from an earlier export (recover.py)
         provenance["recovered_from"] = info.meta["recovered_from"]
     t0 = time.perf_counter()
-    model = convert(network, info.vocab.chars, provenance, config.opset)
+    models = {e: convert(network, info.vocab.chars, provenance, config.opset, engine=e) for e in config.engines}
     convert_s = time.perf_counter() - t0
-    log(f"converted in {convert_s:.1f}s: {len(model.graph.node)} top-level nodes, opset {config.opset}")
-    data = model.SerializeToString()
+    model = models[config.engines[0]]
+    paths = {e: out if e == config.engines[0] else spec.engine_path(out, e) for e in config.engines}
+    log(f"converted in {convert_s:.1f}s: " + "; ".join(
+        f"{e} engine {loop_body_nodes(m)} nodes per step" for e, m in models.items())
+        + f", opset {config.opset}")
+    data = {e: m.SerializeToString() for e, m in models.items()}
 
     report = ValidationReport()
     if config.validate:
-        sessions = {"CPUExecutionProvider": make_session(data, "cpu").session}
-        if config.device != "cpu":
-            rt = make_session(data, config.device)
-            if rt.on_cuda:
-                sessions["CUDAExecutionProvider"] = rt.session
-            log(rt.note)
+        sessions = {}
+        for e in config.engines:
+            check_structure(models[e])
+            sessions[f"CPUExecutionProvider {e}"] = make_session(data[e], "cpu").session
+            if config.device != "cpu":
+                rt = make_session(data[e], config.device)
+                if rt.on_cuda:
+                    sessions[f"CUDAExecutionProvider {e}"] = rt.session
+                log(rt.note)
         text_ids = info.vocab.encode(_validation_text(info.meta.get("corpus"))[:200_000])
+        log(f"validating against TensorFlow on {len(config.times) * len(config.batches) + 2} cases "
+            f"({', '.join(sessions)})")
         t0 = time.perf_counter()
         fn = stream_function(network)
         spread = tf_float_spread(network, fn, info.model.num_units, config.spread_runs) \
             if config.explain_factor > 0 else None
+        detectors = [f"layer{l}" for l in range(2, info.model.num_layers + (1 if info.model.top_boundary else 0))]
         report = validate(model, sessions, tf_reference(fn, info.model.num_units),
                           info.model.num_units, info.model.vocab_size, text_ids, config.times,
                           config.batches, config.tolerance, config.boundary_threshold,
-                          spread=spread, explain_factor=config.explain_factor)
-        log(f"validated in {time.perf_counter() - t0:.1f}s on {', '.join(sessions)}: "
+                          spread=spread, explain_factor=config.explain_factor,
+                          require_extremes=detectors if "sparse" in config.engines else ())
+        log(f"validated in {time.perf_counter() - t0:.1f}s: "
             f"{len(report.cases)} cases, max |diff| logits {report.max_abs_diff.get(spec.LOGITS, 0):.2g}, "
             f"{len(report.boundary_flips_explained)} explained boundary flip(s) in "
-            f"{report.boundaries_compared:,} boundaries; streaming chunks {report.streaming_chunks} equal")
+            f"{report.boundaries_compared:,} boundaries; streaming chunks {report.streaming_chunks} equal; "
+            + ", ".join(f"{k} active on {v['active_fraction']:.0%} of rows (none on {v['none_active']} steps, "
+                        f"all on {v['all_active']})" for k, v in report.activity.items()))
         for v in report.values_explained:
             log(f"  {v['values']} {v['output']} value(s) beyond {config.tolerance:g} (up to {v['max_abs_diff']:.3g}) "
                 f"explained: TensorFlow itself moves by up to {v['reference_spread']:.3g} there with its weights "
@@ -294,18 +325,21 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "io": meta[spec.META_IO],
         "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
         "boundary_alignment": meta[spec.META_ALIGNMENT],
+        "engine": config.engines[0],
+        "engines": {e: {"file": paths[e].name, "loop_body_nodes": loop_body_nodes(m), "size_bytes": len(data[e])}
+                    for e, m in models.items()},
         "provenance": provenance, "evaluation": {"val_bpc": provenance["val_bpc"],
                                                  "boundaries": metrics.get("boundary", {})},
         "validation": report.to_dict() if config.validate else None,
-        "export_seconds": round(convert_s, 2), "size_bytes": len(data),
+        "export_seconds": round(convert_s, 2), "size_bytes": len(data[config.engines[0]]),
     }
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    for e in reversed(config.engines):  # the main file last: a reader of it finds its companions there
+        _write_atomic(paths[e], data[e])
+    for e in set(spec.ENGINES) - set(config.engines):  # a companion left by an earlier export is not this model's
+        stale = spec.engine_path(out, e)
+        if stale != out and stale.is_file():
+            stale.unlink()
+            log(f"removed {stale}: an earlier export's {e} graph, not this model's")
     for key, report in card_evaluations(out, info, config.eval_text).items():
         card["evaluation"][key] = report
         w = report["layers"].get("layer1", {}).get("words", {})

@@ -258,3 +258,8 @@ def optimize(model: onnx.ModelProto) -> dict[str, int]:
             "selects to Where": selects_to_where(model),
             "loop conditions": constant_loop_condition(model),
             "identities": drop_identities(model)}
+
+
+def loop_body_nodes(model: onnx.ModelProto) -> int:
+    """Nodes in the time Loop's body: what ONNX Runtime runs at every step."""
+    return sum(len(body.node) for _, body in _loops(model.graph))

@@ -59,14 +59,24 @@ def network_weights(network) -> dict[str, object]:
     return weights
 
 
-def weight_map(network, model: onnx.ModelProto) -> dict[str, object] | None:
-    """Which initializers hold each weight, for the file's metadata (``spec.META_WEIGHTS``).
+def _splits(key: str, shape: tuple[int, ...], embed: int, units: dict[str, int]) -> list[tuple[int, int]]:
+    """(axis, at): where the exported graphs may cut a weight in two (besides not at all)."""
+    layer, _, kind = key.partition("/")
+    out = [(0, embed)] if key == "layer1/kernel" else []  # layer 1's input rows, multiplied before the loop
+    if layer in units and kind in ("kernel", "bias") and shape[-1] == 4 * units[layer] + 1:
+        out.append((len(shape) - 1, 4 * units[layer]))  # the sparse engine's gate and boundary columns
+    return out
 
-    A weight maps to the names of the initializers that, joined along axis 0, equal it bit for
-    bit: one name, or two for layer 1's kernel when the inference graph splits it into its input
-    and recurrent rows. Initializers equal in value are interchangeable, so matching by value is
-    exact. None where some weight is not found as it is (a graph that transforms weights). The
-    boundary slope, which the graph may fold into its comparisons, is recorded by value ("slope").
+
+def weight_map(network, model: onnx.ModelProto) -> dict[str, object] | None:
+    """Where each weight lies in the file, for its metadata (``spec.META_WEIGHTS``).
+
+    Each weight maps to {"axis": a, "parts": [initializer names]}: the initializers that, joined
+    along axis a, equal it bit for bit. One part, or two where a graph cuts the weight (layer 1's
+    input rows, multiplied before the loop; a layer's gate and boundary columns in the sparse
+    engine). Initializers equal in value are interchangeable, so matching by value is exact. None
+    where some weight is not found (a graph that transforms weights). The boundary slope, which
+    the graph folds into a threshold, is recorded by value ("slope").
     """
     by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
     for name, arr in _initializers(model):
@@ -77,14 +87,19 @@ def weight_map(network, model: onnx.ModelProto) -> dict[str, object] | None:
                      and np.array_equal(a, value)), None)
 
     embed = network.embedding.shape[1]
-    found: dict[str, list[str]] = {}
+    units = {f"layer{l}": c.units for l, c in enumerate(network.cell.cells, start=1)}
+    found: dict[str, object] = {}
     for key, var in network_weights(network).items():
         value = var.numpy()
-        whole = find(value)
-        parts = [whole] if whole else [find(value[:embed]), find(value[embed:])] if key == "layer1/kernel" else [None]
-        if None in parts:
+        place = {"axis": 0, "parts": [find(value)]}
+        for axis, at in ([] if place["parts"][0] else _splits(key, value.shape, embed, units)):
+            parts = [find(p) for p in np.split(value, [at], axis=axis)]
+            if None not in parts:
+                place = {"axis": axis, "parts": parts}
+                break
+        if None in place["parts"]:
             return None
-        found[key] = parts
+        found[key] = place
     return {**found, "slope": float(network.slope.numpy())}
 
 
@@ -148,15 +163,29 @@ def _candidates(network, model: onnx.ModelProto, limit: int = 256):
                 return
 
 
-def _mapped(network, model: onnx.ModelProto, mapping: dict[str, list[str]]) -> dict[str, np.ndarray]:
+def _slope(model: onnx.ModelProto) -> float:
+    """The boundary slope of a file without a weight map: the one positive float scalar the time Loop
+    takes in (tf2onnx passes captured values in as loop inputs), else 1.0. It scales s_z inside the
+    boundary's hard sigmoid, so the forward pass depends on it only where |s_z| is within rounding of 0,
+    and a slope that gives the same firing threshold gives the same outputs."""
+    scalars = {name: float(a) for name, a in _initializers(model) if a.ndim == 0 and a.dtype == np.float32}
+    loop = next((n for n in model.graph.node if n.op_type == "Loop"), None)
+    captured = {scalars[i] for i in (loop.input[2:] if loop is not None else []) if scalars.get(i, 0) > 0}
+    if len(captured) != 1:
+        return 1.0
+    value = captured.pop()
+    # This exporter's graphs capture the firing threshold t = 2^-24 / a instead (inference.fire_threshold)
+    return value if value > 1e-6 else 2.0**-24 / value
+
+
+def _mapped(network, model: onnx.ModelProto, mapping: dict[str, object]) -> dict[str, np.ndarray]:
     arrays = dict(_initializers(model))
     weights = network_weights(network)
-    mapping = {k: v for k, v in mapping.items() if k != "slope"}
-    if set(mapping) != set(weights) or any(n not in arrays for names in mapping.values() for n in names):
+    places = {k: (v if isinstance(v, dict) else {"axis": 0, "parts": v}) for k, v in mapping.items() if k != "slope"}
+    if set(places) != set(weights) or any(n not in arrays for p in places.values() for n in p["parts"]):
         raise UserError("cannot recover the weights: the file's weight map does not fit its model config "
                         "or names tensors the file lacks")
-    out = {k: np.concatenate([arrays[n] for n in names]) if len(names) > 1 else arrays[names[0]]
-           for k, names in mapping.items()}
+    out = {k: np.concatenate([arrays[n] for n in p["parts"]], axis=p["axis"]) for k, p in places.items()}
     bad = [k for k, v in out.items() if v.shape != tuple(weights[k].shape)]
     if bad:
         raise UserError(f"cannot recover the weights: the file's weight map gives {bad[0]} the wrong shape")
@@ -196,12 +225,12 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     train = TrainConfig(**train_d)
     network = HMLSTMNetwork(config)
 
-    # The slope a scales s_z inside the boundary's hard sigmoid, so the forward pass depends only
-    # on its sign; it is the loop's one captured float scalar (tf2onnx: "scan/while/input_N").
-    slopes = [float(a) for name, a in _initializers(model)
-              if a.ndim == 0 and a.dtype == np.float32 and "while/input" in name and float(a) > 0]
-    network.slope.assign(slopes[0] if len(slopes) == 1 else 1.0)
-    session = make_session(str(path), "cpu").session
+    network.slope.assign(_slope(model))
+    try:
+        session = make_session(str(path), "cpu").session
+    except Exception as e:  # ORT's own error types, for a file whose graph is broken
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot recover {path}: ONNX Runtime cannot load it ({first})") from None
     feeds = make_feeds(np.random.default_rng(0), config.num_units, config.vocab_size, 3, 200, None, False, False)
     expected = run_session(session, feeds)
     reference = tf_reference(stream_function(network), config.num_units)
@@ -235,6 +264,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
         "strip_delimiters": provenance.get("strip_delimiters"),
         "command": provenance.get("command"), "created": provenance.get("created"),
         "recovered_from": f"{path.name}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        "run": provenance.get("run"),  # the training run's name, which the export's provenance keeps
     })
     metrics = {"step": provenance.get("step"), "val_bpc": [[provenance.get("step"), provenance.get("val_bpc")]]}
     card = spec.card_path(path)  # the training-time scores, where the card is beside it

@@ -93,6 +93,9 @@ class ValidationReport:
     streaming_max_abs_diff: float = 0.0
     loops: int = 0
     nodes: int = 0
+    # per layer >= 2, over every case: steps, steps where no row / every row was active (UPDATE or
+    # FLUSH: what the sparse engine computes), and the active fraction of live rows
+    activity: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -274,6 +277,31 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], leng
             "max_ratio_to_spread": float(f"{float(ratio.max()):.3g}")})
 
 
+def active_rows(feeds: Feeds, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(active [L-1, B, T], live [B, T]): where each layer l >= 2 UPDATEs or FLUSHes (fired at t-1, or
+    the layer below fired at t) while its row runs; the rows the sparse engine computes."""
+    z = outputs[spec.BOUNDARIES] > 0.5  # [B, T, L]
+    batch, steps, layers = z.shape
+    live = np.arange(steps)[None, :] < feeds[spec.LENGTHS][:, None]
+    before = np.concatenate([np.stack([feeds[spec.state_input("z", l)][:, 0] > 0.5 for l in range(1, layers + 1)],
+                                      -1)[:, None, :], z[:, :-1]], axis=1)  # z^l at t-1
+    active = (before[:, :, 1:] | z[:, :, :-1]) & live[:, :, None]
+    return np.moveaxis(active, -1, 0), live
+
+
+def _count_activity(report: ValidationReport, feeds: Feeds, expected: dict[str, np.ndarray]) -> None:
+    active, live = active_rows(feeds, expected)
+    for l, a in enumerate(active, start=2):
+        r = report.activity.setdefault(f"layer{l}", {"steps": 0, "none_active": 0, "all_active": 0,
+                                                     "active": 0, "live": 0})
+        per_step = a.sum(0)
+        r["steps"] += a.shape[1]
+        r["none_active"] += int((per_step == 0).sum())
+        r["all_active"] += int((per_step == a.shape[0]).sum())
+        r["active"] += int(a.sum())
+        r["live"] += int(live.sum())
+
+
 def run_session(session, feeds: Feeds) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
@@ -313,12 +341,16 @@ def validate(model: onnx.ModelProto, sessions: dict[str, object], reference: Ref
              times: Sequence[int] = (1, 7, 333, 5000), batches: Sequence[int] = (1, 3, 17),
              tolerance: float = 1e-4, boundary_threshold: float = 1e-4,
              stream_chunks: Sequence[int] = (1, 3, 64), seed: int = 0,
-             spread: Spread | None = None, explain_factor: float = 2.0) -> ValidationReport:
+             spread: Spread | None = None, explain_factor: float = 2.0,
+             require_extremes: Sequence[str] = ()) -> ValidationReport:
     """Validate ``model`` run by each of ``sessions`` (label -> ORT session) against ``reference``.
 
     reference(feeds) must return TensorFlow's outputs under the same names.
     spread, when given, may explain values beyond the tolerance (module docstring);
-    without it the tolerance is absolute.
+    without it the tolerance is absolute. require_extremes: layers ("layer2", ...) whose steps with no
+    active row and with every row active the grid must have reached (StructureError otherwise); the
+    grid includes a case where no row runs and one where every row FLUSHes first, which reach both in
+    every layer with a boundary detector.
     """
     report = ValidationReport(providers=list(sessions), tolerance=tolerance,
                               boundary_threshold=boundary_threshold)
@@ -327,10 +359,21 @@ def validate(model: onnx.ModelProto, sessions: dict[str, object], reference: Ref
     for session in sessions.values():
         check_interface(session, ins, outs)
     rng = np.random.default_rng(seed)
-    for i, (time, batch) in enumerate((t, b) for t in times for b in batches):
-        feeds = make_feeds(rng, num_units, vocab_size, batch, time, text_ids,
-                           ragged=True, random_state=bool(i % 2))
+    cases = [(f"batch {b} x time {t}", make_feeds(rng, num_units, vocab_size, b, t, text_ids, ragged=True,
+                                                  random_state=bool(i % 2)))
+             for i, (t, b) in enumerate((t, b) for t in times for b in batches)]
+    # Steps where no row is active (no row runs) and where every row is (each fired at the last step, so
+    # each FLUSHes): the sparse engine's empty and full gathers.
+    idle = make_feeds(rng, num_units, vocab_size, 3, 7, text_ids, ragged=False, random_state=True)
+    idle[spec.LENGTHS][:] = 0
+    flush = make_feeds(rng, num_units, vocab_size, 5, 9, text_ids, ragged=False, random_state=True)
+    for l in range(1, len(num_units) + 1):
+        flush[spec.state_input("z", l)][:] = 1.0
+    cases += [("batch 3 x time 7, no row runs", idle), ("batch 5 x time 9, every row FLUSHes first", flush)]
+    for label_case, feeds in cases:
+        batch, time = feeds[spec.TOKENS].shape
         expected = reference(feeds)
+        _count_activity(report, feeds, expected)
         cached: dict[str, np.ndarray] = {}
 
         def case_spread(feeds=feeds, expected=expected, cached=cached):
@@ -342,7 +385,12 @@ def validate(model: onnx.ModelProto, sessions: dict[str, object], reference: Ref
             case = f"{label}, batch {batch}, time {time}, lengths {feeds[spec.LENGTHS].tolist()[:5]}"
             compare(expected, run_session(session, feeds), feeds[spec.LENGTHS], tolerance,
                     boundary_threshold, case, report, case_spread if spread else None, explain_factor)
-        report.cases.append(f"batch {batch} x time {time}")
+        report.cases.append(label_case)
+    for layer, r in report.activity.items():
+        r["active_fraction"] = round(r.pop("active") / max(r.pop("live"), 1), 4)
+        if layer in require_extremes and (r["none_active"] == 0 or r["all_active"] == 0):
+            raise StructureError(f"the validation grid never had {'no' if r['none_active'] == 0 else 'every'} "
+                                 f"row of {layer} active: the sparse engine's gathers were not all tested")
     ids = text_ids[:200] if text_ids is not None and len(text_ids) >= 200 else \
         rng.integers(0, vocab_size, 200, dtype=np.int32)
     for session in sessions.values():

@@ -13,6 +13,7 @@ class ServeConfig:
     device: str = "auto"  # auto (TensorRT, else CUDA, where they work), tensorrt, cuda, cpu
     trt_cache: str | None = None  # where TensorRT keeps its built engines (None: rebuilt at every start)
     trt_fp16: bool = False  # let TensorRT compute in half precision
+    engine: str = "auto"  # sparse, dense, or auto: sparse on the CPU, dense on a GPU (serving/model.py)
     device_tolerance: float = 1e-4  # TensorRT's outputs against the CPU's at start-up (runtime.check_against_cpu)
     max_streams: int = 256  # concurrent streaming calls; more get RESOURCE_EXHAUSTED
     max_chunk_chars: int = 65_536  # per TextChunk
@@ -46,6 +47,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
+        if self.engine not in ("auto", "sparse", "dense"):
+            raise ValueError(f"--engine must be auto, sparse or dense, got {self.engine!r}")
         if self.io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
         if self.max_streams < 1 or self.max_chunk_chars < 1:

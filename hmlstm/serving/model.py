@@ -7,18 +7,23 @@ Runtime's own model metadata, so the server starts with onnxruntime alone.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from hmlstm import spec
-from hmlstm.runtime import TENSORRT, Runtime, check_against_cpu, make_session
+from hmlstm.runtime import CPU, TENSORRT, Runtime, check_against_cpu, make_session
 from hmlstm.vocabulary import Vocabulary
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "default.onnx"
+ENGINES = ("auto",) + spec.ENGINES
+# What --engine auto runs on a GPU. The sparse graph's data-dependent shapes (NonZero) may cost a
+# device-to-host copy at every step on CUDA; benchmarks/gpu_bench.py measures both engines there, and
+# until a GPU run shows the sparse one faster, auto keeps the dense graph on CUDA and TensorRT.
+GPU_AUTO_ENGINE = "dense"
 
 
 class ModelLoadError(Exception):
@@ -34,6 +39,7 @@ class LoadedModel:
     provenance: dict
     state_map: dict[str, str]  # output name -> input name
     alignment: dict[int, str]  # boundary layer -> "end" (fires on a segment's last char) or "start" (next's first)
+    engine: str = "dense"  # "sparse": layers >= 2 compute only their active rows (export/inference.py)
 
     @property
     def num_layers(self) -> int:
@@ -75,10 +81,50 @@ class LoadedModel:
 
 def load_model(path: str | Path | None = None, device: str = "auto", threads: int | None = None,
                spinning: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = False,
-               tolerance: float = 1e-4) -> LoadedModel:
+               tolerance: float = 1e-4, engine: str = "auto") -> LoadedModel:
     """Load an exported model. On TensorRT, which export validation did not cover, its outputs are
-    first checked against the CPU provider's (within ``tolerance``); a model that fails is refused."""
+    first checked against the CPU provider's (within ``tolerance``); a model that fails is refused.
+
+    engine: which graph to run, "sparse" or "dense", from ``path`` or the companion file the export
+    wrote beside it (``spec.engine_path``); "auto": sparse on the CPU, ``GPU_AUTO_ENGINE`` on a GPU,
+    and whichever ``path`` holds where its companion is missing.
+    """
+    if engine not in ENGINES:
+        raise ModelLoadError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     path = Path(path) if path else DEFAULT_MODEL
+    session_args = (device, threads, spinning, trt_cache, trt_fp16, tolerance)
+    rt, meta = _open(path, *session_args)
+    held = meta.get(spec.META_ENGINE, "dense")  # files written before the sparse graph are dense
+    want = engine if engine != "auto" else "sparse" if rt.providers[0] == CPU else GPU_AUTO_ENGINE
+    if want != held:
+        other = spec.engine_path(path, want)
+        if other != path and other.is_file():
+            rt2, meta2 = _open(other, *session_args)
+            same = all(meta2.get(k) == meta.get(k) for k in (spec.META_CONFIG, spec.META_VOCAB, spec.META_PROVENANCE))
+            if meta2.get(spec.META_ENGINE, "dense") != want or not same:
+                raise ModelLoadError(f"{other} is not the {want} graph of {path.name} (another export or engine)")
+            path, rt, meta, held = other, rt2, meta2, want
+        elif engine != "auto":
+            where = f"{other.name} is not beside it" if other != path else "it was exported before the sparse graph"
+            raise ModelLoadError(f"--engine {engine}: {path} holds the {held} graph and {where}; "
+                                 f"`hmlstm export {path.name} --out NEW.onnx` writes both")
+    rt = replace(rt, note=f"{rt.note}, {held} engine")
+    try:
+        vocab = Vocabulary(json.loads(meta[spec.META_VOCAB]))
+        config = json.loads(meta[spec.META_CONFIG])
+        state_map = json.loads(meta[spec.META_STATE_MAP])
+        provenance = json.loads(meta.get(spec.META_PROVENANCE, "{}"))
+        alignment = {int(k): v for k, v in json.loads(meta.get(spec.META_ALIGNMENT, "{}")).items()}
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: hmlstm metadata is incomplete or corrupt ({e})") from None
+    n = len(config["num_units"])
+    detectors = range(1, n + 1 if config.get("top_boundary") else n)
+    alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
+    return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held)
+
+
+def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance) -> tuple[Runtime, dict]:
+    """A session on ``path`` and its metadata, or ModelLoadError in one line."""
     if not path.is_file():
         hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
         raise ModelLoadError(f"model file {path} does not exist{hint}")
@@ -96,15 +142,4 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
         raise ModelLoadError(
             f"{path} is an ONNX model but not an exported hmlstm model (metadata {spec.META_FORMAT!r} is "
             f"{meta.get(spec.META_FORMAT)!r}, expected {spec.FORMAT!r}); export one with `hmlstm export`")
-    try:
-        vocab = Vocabulary(json.loads(meta[spec.META_VOCAB]))
-        config = json.loads(meta[spec.META_CONFIG])
-        state_map = json.loads(meta[spec.META_STATE_MAP])
-        provenance = json.loads(meta.get(spec.META_PROVENANCE, "{}"))
-        alignment = {int(k): v for k, v in json.loads(meta.get(spec.META_ALIGNMENT, "{}")).items()}
-    except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{path}: hmlstm metadata is incomplete or corrupt ({e})") from None
-    n = len(config["num_units"])
-    detectors = range(1, n + 1 if config.get("top_boundary") else n)
-    alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
-    return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment)
+    return rt, meta

@@ -87,7 +87,7 @@ def _worker_main(model_path, config: ServeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{config.worker_index}] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards Ctrl-C as SIGTERM
     model = load_model(model_path, config.device, config.ort_threads, config.ort_spinning, config.trt_cache,
-                       config.trt_fp16, config.device_tolerance)
+                       config.trt_fp16, config.device_tolerance, config.engine)
     asyncio.run(serve(model, config))
 
 

@@ -67,14 +67,17 @@ def test_export_keeps_one_loop_and_validates_on_the_full_grid(tiny_onnx, model):
     card = tiny_onnx.card
     v = card["validation"]
     assert v["loops"] == 1
-    assert v["cases"] == [f"batch {b} x time {t}" for t in (1, 7, 333, 5000) for b in (1, 3, 17)]
+    assert v["cases"] == [f"batch {b} x time {t}" for t in (1, 7, 333, 5000) for b in (1, 3, 17)] + [
+        "batch 3 x time 7, no row runs", "batch 5 x time 9, every row FLUSHes first"]
+    assert v["providers"] == ["CPUExecutionProvider sparse", "CPUExecutionProvider dense"]
+    assert v["activity"]["layer2"]["none_active"] > 0 and 0 < v["activity"]["layer2"]["active_fraction"] < 1
     assert v["tolerance"] == 1e-4 and all(d <= 1e-4 for d in v["max_abs_diff"].values())
-    assert v["streaming_chunks"] == [1, 3, 64]
+    assert v["streaming_chunks"] == [1, 3, 64] * 2  # each engine
     assert sum(n.op_type == "Loop" for n in model.graph.node) == 1
 
 
 def test_the_loop_stacks_only_what_the_graph_reads(model):
-    from hmlstm.export.convert import prune_unused_scan_outputs
+    from hmlstm.export.passes import prune_unused_scan_outputs
 
     loop = next(n for n in model.graph.node if n.op_type == "Loop")
     read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
@@ -186,6 +189,7 @@ def test_renamed_output_fails_on_names(model, session):
     old = broken.graph.output[0].name
     for node in broken.graph.node:
         node.output[:] = ["renamed" if o == old else o for o in node.output]
+        node.input[:] = ["renamed" if i == old else i for i in node.input]
     broken.graph.output[0].name = "renamed"
     ins, outs = spec.io_spec(UNITS, V)
     with pytest.raises(NameMismatchError, match="renamed"):

@@ -5,7 +5,8 @@ import onnx
 import pytest
 
 from hmlstm import spec
-from hmlstm.export.convert import convert, selects_to_where, stream_function, tf_reference
+from hmlstm.export.convert import convert, stream_function, tf_reference
+from hmlstm.export.passes import selects_to_where
 from hmlstm.export.validate import make_feeds, run_session
 from hmlstm.model.config import ModelConfig
 from hmlstm.model.network import HMLSTMNetwork

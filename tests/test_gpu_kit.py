@@ -30,7 +30,9 @@ def test_a_kit_built_here_installs_without_an_index_and_the_check_runs_in_cpu_mo
     assert check.returncode == 0, check.stdout + check.stderr
     report = (out / "gpu-report.md").read_text()
     assert "kit verified" in report and "step tests: exit 0" in report and "step bench: exit 0" in report
-    assert "| ONNX Runtime direct | | 64 | 16 |" in report and "| server, --device cpu | 2 | 64 | 16 |" in report
+    for engine in ("dense", "sparse"):  # the bench measures both engines on the device
+        assert f"| ONNX Runtime direct, {engine} | | 64 | 16 |" in report
+    assert "| faster engine on cpu: **" in report and "| server, --device cpu --engine " in report
     # A corrupted part is caught before anything is installed.
     part = next(kit.glob("*.part-00"))
     part.write_bytes(b"x" + part.read_bytes()[1:])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -37,10 +38,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.report import DOCS, write_section  # noqa: E402
+from hmlstm import spec  # noqa: E402
 from hmlstm.model.data import builtin_text  # noqa: E402
 from hmlstm.serving.model import DEFAULT_MODEL, LoadedModel, load_model  # noqa: E402
 
-TEXT = builtin_text()
+# What clients send: the built-in text without what the shipped model was trained without (as `hmlstm
+# segment` strips it), so that the model sees the text it was trained on and fires at its real rates.
+_STRIP = json.loads(spec.card_path(DEFAULT_MODEL).read_text())["provenance"].get("strip_delimiters") or ""
+TEXT = builtin_text().translate(str.maketrans("", "", _STRIP))
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 10) -> float:
@@ -533,9 +538,47 @@ def plot(results, path: Path) -> None:
     plt.close(fig)
 
 
+def engine_cost(seconds: float, rounds: int = 3) -> str:
+    """What the server adds to the engine's own CPU per character at 256 streams x 16 characters, per engine:
+    the direct call at batch 256 x 16 (the server's session options) against a real server (--engine) run
+    by 256 closed-loop streams, alternating, ``rounds`` times; medians."""
+    lines = ["## What the server adds to the engine (`benchmarks/serve_bench.py --engine-cost`)", "",
+             "Shipped model, 256 streams x 16-character chunks of the built-in text (stripped as clients strip it). "
+             "`engine`: ONNX Runtime called directly at batch 256 x 16 with the server's session options (threads "
+             "not spinning), CPU seconds of the process per character. `server`: a real `hmlstm serve --engine E` "
+             "driven by 256 closed-loop gRPC streams from another process on the same 2 cores, its own CPU per "
+             "character from its metrics, and the part in model calls. Medians of "
+             f"{rounds} alternating rounds of {seconds:g} s.", "",
+             "| engine | direct chars/s | direct CPU us/char | server chars/s | server CPU us/char | of it model | "
+             "rest | server / direct |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for engine in ("sparse", "dense"):
+        model = load_model(DEFAULT_MODEL, "cpu", spinning=False, engine=engine)
+        proc, target = start_server(DEFAULT_MODEL, ["--engine", engine])
+        direct, served = [], []
+        try:
+            for _ in range(rounds):
+                direct.append(direct_ort(model, 256, 16, seconds))
+                served.append(run_row(proc, target, f"server --engine {engine}", 256, 16, seconds))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        d_rate = float(np.median([d["rate"] for d in direct]))
+        d_cpu = float(np.median([d["cpu_per_char"] for d in direct]))
+        s_rate = float(np.median([r["rate"] for r in served]))
+        s_cpu = float(np.median([r["cpu_chunk"] for r in served])) / 16
+        s_model = float(np.median([r["model_chunk"] for r in served])) / 16
+        lines.append(f"| {engine} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | {s_rate:,.0f} | {1e6 * s_cpu:.2f} | "
+                     f"{1e6 * s_model:.2f} | {1e6 * (s_cpu - s_model):.2f} | {s_cpu / d_cpu:.2f} |")
+        print(lines[-1], flush=True)
+        del model
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--engine-cost", action="store_true",
+                    help="only what the server adds to each engine's CPU per character at 256 streams x 16")
     ap.add_argument("--quick", action="store_true", help="a small grid, for trying the script")
     ap.add_argument("--no-3x256", action="store_true")
     ap.add_argument("--write-docs", action="store_true",
@@ -543,6 +586,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_docs and args.quick:
         ap.error("--quick is for trying the script; its small grid never replaces the committed report")
+    if args.engine_cost:
+        text = engine_cost(args.seconds)
+        print(text)
+        if args.write_docs:
+            print(f"\nwrote {write_section('serve-engines', text)}")
+        return
     grid = QUICK_GRID if args.quick else SERVER_GRID
     gflops = sgemm_gflops()
     print(f"sgemm: {gflops:.1f} GFLOP/s", flush=True)

@@ -203,6 +203,22 @@ def profile(path: Path, ids: np.ndarray, units, batch=64, steps=16, calls=20) ->
     return [(op, d / total, count[op] // calls) for op, d in sorted(by_op.items(), key=lambda x: -x[1])]
 
 
+TARGETS = {"dense": {"1x256": 1.3, "64x16": 1.4, "256x16": 1.7},
+           "TensorFlow": {"64x16": 1.5, "256x16": 1.5, "64x256": 1.5}}
+
+
+def targets(rows: dict, names: list[str]) -> list[str]:
+    """The sparse engine's targets against the dense export and TensorFlow, met or not, with the margin."""
+    out = []
+    for other, wants in TARGETS.items():
+        if other not in names:
+            continue
+        parts = [f"{shape} {rows[shape]['ratio'][other]:.2f} (>= {want}: "
+                 f"{'met' if rows[shape]['ratio'][other] >= want else 'not met'})" for shape, want in wants.items()]
+        out.append(f"Targets, sparse against {other}: " + "; ".join(parts) + ".")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the sparse export (its .dense.onnx beside it)")
@@ -234,7 +250,9 @@ def main() -> int:
              "the same weights, rounds interleaved in one run. Rates in characters per second (median over "
              f"{args.rounds} rounds); `x sparse` is the median per-round time of that engine over the sparse "
              "engine's (higher: the sparse engine is faster by that factor).", "",
-             "Loop body nodes per step: " + ", ".join(f"{k} {v}" for k, v in nodes.items()) + ".", ""]
+             "Loop body nodes per step: " + ", ".join(f"{k} {v}" for k, v in nodes.items()) + "."
+             + (f" `previous dense`: {args.baseline.name}, an earlier dense export of the same weights."
+                if args.baseline else ""), ""]
     for label, text in texts(strip, args.text).items():
         ids = np.array(vocab.encode(text), np.int32)
         print(f"{label}: {len(ids):,} characters", flush=True)
@@ -250,6 +268,7 @@ def main() -> int:
         for shape, r in rows.items():
             lines.append(f"| {shape} | " + " | ".join(f"{r['rate'][n] / 1e3:.1f}k" for n in names) + " | "
                          + " | ".join(f"{r['ratio'][n]:.2f}" for n in names[1:]) + " |")
+        lines += [""] + targets(rows, names)
         lines += ["", f"Exactness, the whole text through both graphs (64 streams, chunks of 1-32 characters): "
                   f"{exact['differences']} of {exact['boundaries']:,} boundaries differ"
                   + (f" (largest dense |s_z| there {exact['max_abs_s_z_at_differences']:.2g})"

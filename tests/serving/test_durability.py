@@ -99,6 +99,18 @@ def test_sigkill_mid_stream_and_restart_loses_nothing(tmp_path):
         first.stop()
 
 
+def test_a_stream_stored_by_the_dense_engine_resumes_on_the_sparse_one(tmp_path):
+    """The state the store keeps is the model's state (c, h, z per layer), whichever graph computed it: streams
+    begun on a server running the dense graph (what the previous version served) and killed mid-stream resume
+    on one running the sparse graph, with nothing lost or repeated."""
+    db = f"sqlite:{tmp_path}/state.db"
+    first = ServerProcess("--state-store", db, "--engine", "dense")
+    try:
+        kill_midway_then_resume(first, lambda: ServerProcess("--state-store", db, "--engine", "sparse"), 6)
+    finally:
+        first.stop()
+
+
 @needs_redis
 def test_kill_one_of_two_replicas_and_clients_finish_on_the_other():
     redis = RedisProcess()

@@ -39,3 +39,9 @@ def add_write_docs(ap) -> None:
 
 
 NOT_WRITTEN = "(not written: pass --write-docs to replace the committed report)"
+
+
+def publish(name: str, body: str, write: bool, report: Path = REPORT) -> None:
+    """Print a benchmark's report and, with --write-docs, replace its section of ``report``."""
+    print(body)
+    print(f"wrote {write_section(name, body, report)}" if write else NOT_WRITTEN)

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
+from benchmarks.report import add_write_docs, publish  # noqa: E402
 from hmlstm import spec  # noqa: E402
 from hmlstm.export.passes import loop_body_nodes  # noqa: E402
 from hmlstm.export.validate import active_rows  # noqa: E402
@@ -281,12 +281,7 @@ def main() -> int:
     lines += ["### Where the sparse engine's time goes (64 x 16, ORT profiler, kernel time by op, the Loop's "
               "own bookkeeping not included)", "", "| op | share | kernel runs per call |", "|---|---:|---:|"]
     lines += [f"| {op} | {share:.1%} | {n} |" for op, share, n in ops[:14]]
-    body = "\n".join(lines)
-    print(body)
-    if args.write_docs:
-        print(f"wrote {write_section('sparse', body)}")
-    else:
-        print(NOT_WRITTEN)
+    publish("sparse", "\n".join(lines), args.write_docs)
     return 0
 
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import NOT_WRITTEN, add_write_docs, write_section  # noqa: E402
+from benchmarks.report import add_write_docs, publish  # noqa: E402
 from hmlstm import boundary_scores  # noqa: E402
 from hmlstm.cli import quiet_tensorflow  # noqa: E402
 
@@ -111,12 +111,7 @@ def main() -> None:
             _, rate, wf1, pf1, prand = rows[i]
             cells += [f"{rate:.1%}", f"{wf1:.3f}", f"{pf1:.3f} / {prand:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    report = "\n".join(lines)
-    print(report)
-    if args.write_docs:
-        print(f"wrote {write_section('teacher-cues', report, ROOT / 'docs' / 'segmentation.md')}")
-    else:
-        print(NOT_WRITTEN)
+    publish("teacher-cues", "\n".join(lines), args.write_docs, ROOT / "docs" / "segmentation.md")
 
 
 if __name__ == "__main__":

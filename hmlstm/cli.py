@@ -353,6 +353,10 @@ def _add_export(sub) -> None:
     p.add_argument("--eval-text", default=None, metavar="FILE",
                    help="also evaluate on this text file from another source (stripped like the training text) "
                         "and put the report in the model card beside the held-out one")
+    p.add_argument("--triton-instance", choices=["gpu", "cpu"], default="gpu",
+                   help="the Triton instance kind: gpu (KIND_GPU, the dense graph) or cpu (KIND_CPU, the sparse one)")
+    p.add_argument("--triton-max-sequences", type=int, default=256, metavar="N",
+                   help="sequences Triton batches together per instance; more wait in its backlog (default 256)")
     p.add_argument("--triton", type=Path, default=None, metavar="REPO",
                    help="also write a Triton Inference Server model repository for it (REPO/hmlstm/1/model.onnx "
                         "and config.pbtxt: ONNX Runtime backend, sequence batching with implicit state)")
@@ -362,6 +366,8 @@ def _add_export(sub) -> None:
 def cmd_export(args) -> int:
     if not args.tolerance > 0:  # checked before the minutes of conversion, not after
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
+    if args.triton_max_sequences < 1:
+        raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
     quiet_tensorflow()
     from hmlstm.export.convert import ExportConfig, export
     from hmlstm.export.validate import ValidationError
@@ -393,7 +399,9 @@ def cmd_export(args) -> int:
     if args.triton is not None:
         from hmlstm.export.triton import write_repository
 
-        print(f"wrote {write_repository(result.path, args.triton)} (Triton model repository {args.triton})")
+        config = write_repository(result.path, args.triton, instance=args.triton_instance,
+                                  max_sequences=args.triton_max_sequences)
+        print(f"wrote {config} (Triton model repository {args.triton}, {args.triton_instance} instance)")
     return 0
 
 

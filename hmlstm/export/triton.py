@@ -30,9 +30,23 @@ def _dims(shape) -> str:
     return "[ " + ", ".join("-1" if d == "time" else str(d) for d in shape[1:]) + " ]"
 
 
+INSTANCES = ("gpu", "cpu")
+
+
 def config_text(meta: dict[str, str], name: str = MODEL_NAME, max_batch_size: int = 256,
-                idle_us: int = 60_000_000, gpus: int = 1) -> str:
-    """config.pbtxt for a model whose ONNX metadata is ``meta`` (key -> JSON text)."""
+                idle_us: int = 60_000_000, gpus: int = 1, instance: str = "gpu", max_sequences: int = 256,
+                queue_delay_us: int = 200) -> str:
+    """config.pbtxt for a model whose ONNX metadata is ``meta`` (key -> JSON text).
+
+    The sequence batcher's ``oldest`` strategy: up to ``max_sequences`` sequences are candidates for a
+    batch per instance (more wait in Triton's backlog until one ends or idles out), batches are formed
+    from those with a request ready, preferring sizes up to ``max_batch_size``, waiting at most
+    ``queue_delay_us`` for more. Unlike ``direct`` it needs no READY control input and never pads a
+    batch with empty slots. instance: "gpu" (KIND_GPU on ``gpus`` devices) or "cpu" (KIND_CPU)."""
+    if instance not in INSTANCES:
+        raise ValueError(f"instance must be one of {INSTANCES}, not {instance!r}")
+    if not 1 <= max_sequences or not 1 <= max_batch_size:
+        raise ValueError("max_sequences and max_batch_size must be at least 1")
     io = json.loads(meta[spec.META_IO])
     state_map = json.loads(meta[spec.META_STATE_MAP])  # output -> input
     states_in = set(state_map.values())
@@ -52,8 +66,11 @@ def config_text(meta: dict[str, str], name: str = MODEL_NAME, max_batch_size: in
             continue
         lines += ["output [", "  {", f'    name: "{s["name"]}"', "    data_type: TYPE_FP32",
                   f"    dims: {_dims(s['shape'])}", "  }", "]"]
+    preferred = [b for b in (32, 64, 128, 256, 512, 1024) if b < max_batch_size] + [max_batch_size]
     lines += ["", "sequence_batching {", f"  max_sequence_idle_microseconds: {idle_us}",
-              "  direct { }"]
+              "  oldest {", f"    max_candidate_sequences: {max_sequences}",
+              f"    preferred_batch_size: [ {', '.join(map(str, preferred[-3:]))} ]",
+              f"    max_queue_delay_microseconds: {queue_delay_us}", "  }"]
     # No control inputs: the model has no START/READY tensors, and with implicit state Triton itself
     # gives a sequence its initial (zero) state on the request flagged sequence_start.
     shapes = {s["name"]: s["shape"] for s in io["inputs"]}
@@ -63,8 +80,9 @@ def config_text(meta: dict[str, str], name: str = MODEL_NAME, max_batch_size: in
                   f"    dims: {dims}",
                   "    initial_state {", "      data_type: TYPE_FP32", f"      dims: {dims}",
                   "      zero_data: true", f'      name: "zero_{inp}"', "    }", "  }"]
-    lines += ["}", "", "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ "
-              + ", ".join(str(g) for g in range(gpus)) + " ] } ]", ""]
+    group = ("{ count: 1, kind: KIND_GPU, gpus: [ " + ", ".join(str(g) for g in range(gpus)) + " ] }"
+             if instance == "gpu" else "{ count: 1, kind: KIND_CPU }")
+    lines += ["}", "", f"instance_group [ {group} ]", ""]
     params = {"vocabulary": json.dumps(vocab, ensure_ascii=False),
               "boundary_alignment": meta.get(spec.META_ALIGNMENT, "{}"),
               "state_map": meta[spec.META_STATE_MAP], "hmlstm_format": meta[spec.META_FORMAT]}
@@ -80,9 +98,21 @@ def read_metadata(model_path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def write_repository(model_path: str | Path, repo: str | Path, name: str = MODEL_NAME) -> Path:
-    """REPO/NAME/1/model.onnx and REPO/NAME/config.pbtxt; returns the config's path."""
+def write_repository(model_path: str | Path, repo: str | Path, name: str = MODEL_NAME, instance: str = "gpu",
+                     max_sequences: int = 256) -> Path:
+    """REPO/NAME/1/model.onnx and REPO/NAME/config.pbtxt; returns the config's path.
+
+    The graph is the one ``hmlstm serve --engine auto`` would run on that device: the dense companion
+    (``model.dense.onnx``) for a GPU instance, the sparse graph for a CPU one, where the export wrote both;
+    else ``model_path`` itself."""
     model_path, repo = Path(model_path), Path(repo)
+    if instance not in INSTANCES:
+        raise ValueError(f"instance must be one of {INSTANCES}, not {instance!r}")
+    for engine in ("dense", "sparse") if instance == "gpu" else ("sparse", "dense"):
+        candidate = spec.engine_path(model_path, engine)
+        if candidate.is_file() and read_metadata(candidate).get(spec.META_ENGINE, "dense") == engine:
+            model_path = candidate
+            break
     meta = read_metadata(model_path)
     if meta.get(spec.META_FORMAT) != spec.FORMAT:
         raise ValueError(f"{model_path} is not an exported hmlstm model")
@@ -90,5 +120,5 @@ def write_repository(model_path: str | Path, repo: str | Path, name: str = MODEL
     version.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, version / "model.onnx")
     config = repo / name / "config.pbtxt"
-    config.write_text(config_text(meta, name), encoding="utf-8")
+    config.write_text(config_text(meta, name, instance=instance, max_sequences=max_sequences), encoding="utf-8")
     return config

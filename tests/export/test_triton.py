@@ -21,7 +21,9 @@ def test_repository_pairs_every_state_and_matches_the_model(tmp_path):
     config = parse(write_repository(DEFAULT_MODEL, tmp_path / "repo"))
     from tritonclient.grpc import model_config_pb2 as mc
 
-    assert (tmp_path / "repo" / "hmlstm" / "1" / "model.onnx").read_bytes() == DEFAULT_MODEL.read_bytes()
+    # a GPU instance gets the graph `hmlstm serve --engine auto` runs on a GPU: the dense one
+    assert (tmp_path / "repo" / "hmlstm" / "1" / "model.onnx").read_bytes() == \
+        spec.engine_path(DEFAULT_MODEL, "dense").read_bytes()
     sess = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     state_map = json.loads(meta[spec.META_STATE_MAP])
@@ -43,6 +45,11 @@ def test_repository_pairs_every_state_and_matches_the_model(tmp_path):
         assert list(s.dims) == [shapes[name][1]] and init.zero_data
         assert list(init.dims) == list(s.dims) and s.data_type == mc.TYPE_FP32
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    # the oldest strategy: no control inputs, no padding to the highest slot, a bounded queue delay
+    assert config.sequence_batching.WhichOneof("strategy_choice") == "oldest"
+    oldest = config.sequence_batching.oldest
+    assert oldest.max_candidate_sequences == 256 and 0 < oldest.max_queue_delay_microseconds <= 1000
+    assert list(oldest.preferred_batch_size) == [64, 128, 256] and not config.sequence_batching.control_input
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert json.loads(params["vocabulary"]) == json.loads(meta[spec.META_VOCAB])
     assert json.loads(params["boundary_alignment"]) == json.loads(meta[spec.META_ALIGNMENT])
@@ -50,6 +57,23 @@ def test_repository_pairs_every_state_and_matches_the_model(tmp_path):
 
 def test_export_writes_the_repository_beside_the_model(tiny_run, tmp_path):
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx"), "--quick",
-                 "--triton", str(tmp_path / "repo")]) == 0
+                 "--triton", str(tmp_path / "repo"), "--triton-instance", "cpu"]) == 0
     config = parse(tmp_path / "repo" / "hmlstm" / "config.pbtxt")
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert len(config.sequence_batching.state) == 3 * 2  # the tiny model: 2 layers x (c, h, z)
+
+
+def test_a_cpu_instance_gets_the_sparse_graph_and_its_own_sequence_limit(tmp_path):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = parse(write_repository(DEFAULT_MODEL, tmp_path / "repo", instance="cpu", max_sequences=40))
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and not config.instance_group[0].gpus
+    assert config.sequence_batching.oldest.max_candidate_sequences == 40
+    assert (tmp_path / "repo" / "hmlstm" / "1" / "model.onnx").read_bytes() == DEFAULT_MODEL.read_bytes()
+
+
+def test_triton_flags_are_checked_before_the_export(tmp_path, capsys):
+    assert main(["export", "no-such-run", "--triton", str(tmp_path / "r"), "--triton-max-sequences", "0"]) == 2
+    assert "--triton-max-sequences must be at least 1" in capsys.readouterr().err

@@ -1,74 +1,108 @@
 #!/usr/bin/env bash
-# The GPU check, on a host without a package index: one script, hard time limits, report files.
-#   scripts/gpu_check.sh KIT OUT [--cpu]
+# The GPU check, on a host without a package index: one step per invocation, hard time limits, reports.
+#   scripts/gpu_check.sh KIT OUT [--cpu] [--step install|tests|bench|all]
 # KIT: what scripts/gpu_kit.sh wrote (parts are verified and reassembled). OUT: gpu-report.md,
-# check.log and the step logs. It installs the kit with `pip install --no-index --no-deps --target`
-# into a private directory first on the path, then runs, each step under its own time limit:
-#   1. the `gpu` tests that need no TensorFlow (tests/gpu: CUDA provider selected and matching the
-#      CPU within the export tolerance, IO binding keeping state on the device, TensorRT's attempt);
-#   2. ONNX Runtime called directly at batch 1/64/256/1024/4096 x 16 and 256 steps;
-#   3. the real server (--device cuda, batching, --workers 1 and 4) at 256 and 1024 streams.
+# check.log, the step logs and the installed kit (OUT/site, reused by later invocations). Steps:
+#   install  verify and reassemble the kit, `pip install --no-index --no-deps --target OUT/site`;
+#   tests    the `gpu` tests that need no TensorFlow (tests/gpu: CUDA provider selected and matching
+#            the CPU within the export tolerance, IO binding keeping state on the device, TensorRT's attempt);
+#   bench    ONNX Runtime called directly (dense and sparse engines) and the real server;
+#   all      the three in turn (the default).
+# Each invocation writes gpu-report.md from every step run so far; its first line says whether all
+# passed or names the first failed step and its error, and the script exits 1 if a step it ran failed.
 # --cpu runs the same steps on the CPU provider with a small grid: how the kit and this script
 # are tested on a machine without a GPU (tests/test_gpu_kit.py).
 set -uo pipefail
-kit=${1:?usage: scripts/gpu_check.sh KIT OUT [--cpu]}
-out=${2:?usage: scripts/gpu_check.sh KIT OUT [--cpu]}
+usage="usage: scripts/gpu_check.sh KIT OUT [--cpu] [--step install|tests|bench|all]"
+kit=${1:?$usage}
+out=${2:?$usage}
+shift 2
 mode=gpu
-[ "${3:-}" = "--cpu" ] && mode=cpu
+only=all
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu) mode=cpu ;;
+    --step) only=${2:?$usage}; shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+case $only in install|tests|bench|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 root=$PWD
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 kit=$(cd "$kit" && pwd)
 log="$out/check.log"
-: > "$log"
+[ "$only" = install ] || [ "$only" = all ] && : > "$log" && : > "$out/failed"
+touch "$log" "$out/failed"
 say() { echo "$*" | tee -a "$log"; }
+fail() { echo "$*" >> "$out/failed"; say "FAILED: $*"; }
 py=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
+failed_here=0
 
-say "# gpu_check ($mode) $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), $("$py" -V 2>&1)"
-# 1. Verify every part, reassemble, verify every whole file.
-mkdir -p "$work/wheels"
-while read -r kind sum name size; do
-  if [ "$kind" = part ]; then
-    echo "$sum  $kit/$name" | sha256sum -c --quiet - || { say "FAILED: $name does not match MANIFEST"; exit 1; }
-  fi
-done < "$kit/MANIFEST"
-while read -r kind sum name size; do
-  [ "$kind" = file ] || continue
-  if [ -f "$kit/$name" ]; then cp "$kit/$name" "$work/wheels/"; else cat "$kit/$name".part-* > "$work/wheels/$name"; fi
-  echo "$sum  $work/wheels/$name" | sha256sum -c --quiet - || { say "FAILED: reassembled $name"; exit 1; }
-done < "$kit/MANIFEST"
-say "kit verified: $(ls "$work/wheels" | wc -l) wheels"
-timeout 300 "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-index \
-  --no-deps --target "$work/site" \
-  "$work"/wheels/*.whl >> "$log" 2>&1 || { say "FAILED: pip install --no-index"; exit 1; }
-export PYTHONPATH="$root:$work/site" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 HMLSTM_ORT_PRELOAD_DLLS=1
-"$py" - >> "$log" 2>&1 <<'PY'
+install() {
+  say "# gpu_check ($mode, step install) $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), $("$py" -V 2>&1)"
+  # Verify every part, reassemble, verify every whole file; a fresh install replaces an earlier one.
+  rm -rf "$out/site"
+  mkdir -p "$work/wheels"
+  while read -r kind sum name size; do
+    if [ "$kind" = part ]; then
+      echo "$sum  $kit/$name" | sha256sum -c --quiet - || { fail "install: $name does not match MANIFEST"; return 1; }
+    fi
+  done < "$kit/MANIFEST"
+  while read -r kind sum name size; do
+    [ "$kind" = file ] || continue
+    if [ -f "$kit/$name" ]; then cp "$kit/$name" "$work/wheels/"; else cat "$kit/$name".part-* > "$work/wheels/$name"; fi
+    echo "$sum  $work/wheels/$name" | sha256sum -c --quiet - || { fail "install: reassembled $name does not match MANIFEST"; return 1; }
+  done < "$kit/MANIFEST"
+  say "kit verified: $(ls "$work/wheels" | wc -l) wheels"
+  timeout 300 "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-index \
+    --no-deps --target "$out/site" \
+    "$work"/wheels/*.whl >> "$log" 2>&1 || { fail "install: pip install --no-index (see check.log)"; return 1; }
+  PYTHONPATH="$root:$out/site" "$py" - >> "$log" 2>&1 <<'PY'
 import onnxruntime as o, numpy, grpc, google.protobuf as p
 print("onnxruntime", o.__version__, o.get_available_providers(), "numpy", numpy.__version__,
       "grpcio", grpc.__version__, "protobuf", p.__version__)
 PY
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$log" 2>&1
-else
-  echo "nvidia-smi: not found" >> "$log"
-fi
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$log" 2>&1
+  else
+    echo "nvidia-smi: not found" >> "$log"
+  fi
+}
+export PYTHONPATH="$root:$out/site" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 HMLSTM_ORT_PRELOAD_DLLS=1
 
-step() {  # step NAME SECONDS COMMAND...: run with a hard limit, keep going either way
+step() {  # step NAME SECONDS COMMAND...: run with a hard limit; a failure is recorded, the script goes on
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   say "step $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
-  return 0
+  if [ $rc -ne 0 ]; then
+    local why
+    why=$([ $rc -eq 124 ] && echo "ran past its $limit s limit" || grep -v '^\s*$' "$out/$name.log" | tail -n 1)
+    fail "$name: exit $rc: ${why:0:300}"
+    failed_here=1
+  fi
 }
-step tests 150 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu
-step bench 330 "$py" benchmarks/gpu_bench.py --mode "$mode" --out "$out/bench.md"
+if [ "$only" = install ] || [ "$only" = all ]; then
+  install || failed_here=1
+fi
+if [ ! -d "$out/site" ]; then
+  [ "$only" = install ] || [ "$only" = all ] || fail "$only: the kit is not installed in $out/site (run --step install first)"
+  failed_here=1
+else
+  [ "$only" = tests ] || [ "$only" = all ] && step tests 150 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu
+  [ "$only" = bench ] || [ "$only" = all ] && step bench 330 "$py" benchmarks/gpu_bench.py --mode "$mode" --out "$out/bench.md"
+fi
 
 {
+  if [ -s "$out/failed" ]; then echo "FAILED step $(head -n 1 "$out/failed")"; else echo "All steps run so far passed."; fi
+  echo
   echo "## GPU check ($mode), $(date -u +%Y-%m-%d)"
   echo
   echo "Written by \`scripts/gpu_check.sh\` from a kit built by \`scripts/gpu_kit.sh\`; $(( $(date +%s) - start )) s in all."
@@ -80,9 +114,12 @@ step bench 330 "$py" benchmarks/gpu_bench.py --mode "$mode" --out "$out/bench.md
   echo "### Tests (tests/gpu)"
   echo
   echo '```'
-  tail -n 15 "$out/tests.log"
+  [ -f "$out/tests.log" ] && tail -n 15 "$out/tests.log" || echo "(not run)"
   echo '```'
   echo
-  if [ -f "$out/bench.md" ]; then cat "$out/bench.md"; else echo "(no benchmark report: see bench.log)"; tail -n 20 "$out/bench.log"; fi
+  if [ -f "$out/bench.md" ]; then cat "$out/bench.md"
+  elif [ -f "$out/bench.log" ]; then echo "(no benchmark report: see bench.log)"; tail -n 20 "$out/bench.log"
+  else echo "(benchmark not run)"; fi
 } > "$out/gpu-report.md"
 say "report: $out/gpu-report.md"
+exit $failed_here

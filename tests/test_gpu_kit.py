@@ -29,10 +29,21 @@ def test_a_kit_built_here_installs_without_an_index_and_the_check_runs_in_cpu_mo
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stdout + check.stderr
     report = (out / "gpu-report.md").read_text()
+    assert report.startswith("All steps run so far passed.")
     assert "kit verified" in report and "step tests: exit 0" in report and "step bench: exit 0" in report
     for engine in ("dense", "sparse"):  # the bench measures both engines on the device
         assert f"| ONNX Runtime direct, {engine} | | 64 | 16 |" in report
     assert "| faster engine on cpu: **" in report and "| server, --device cpu --engine " in report
+    # One step per invocation, on the kit installed by an earlier one; a step that fails exits 1 and the
+    # report's first line names it with its error.
+    again = subprocess.run(["bash", "scripts/gpu_check.sh", str(kit), str(out), "--cpu", "--step", "tests"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    broken = subprocess.run(["bash", "scripts/gpu_check.sh", str(kit), str(out), "--cpu", "--step", "tests"],
+                            cwd=ROOT, env={**env, "PYTHON": "false"}, capture_output=True, text=True,
+                            timeout=300)  # an interpreter that fails: the tests step fails
+    first = (out / "gpu-report.md").read_text().splitlines()[0]
+    assert broken.returncode == 1 and first.startswith("FAILED step tests: exit "), (broken.stdout, first)
     # A corrupted part is caught before anything is installed.
     part = next(kit.glob("*.part-00"))
     part.write_bytes(b"x" + part.read_bytes()[1:])

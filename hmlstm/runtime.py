@@ -125,30 +125,108 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     return so
 
 
-_preloaded = False
+_preloaded: list[str] | None = None
+
+# The sonames ONNX Runtime's CUDA and TensorRT providers need (their NEEDED entries, and cuDNN and
+# nvJitLink, which cuBLAS and the provider open at run time), as the NVIDIA pip packages ship them.
+NVIDIA_SONAMES = ("libcudart.so", "libnvJitLink.so", "libcublasLt.so", "libcublas.so", "libcurand.so",
+                  "libcufft.so", "libnvrtc.so", "libcudnn.so", "libnvinfer.so", "libnvonnxparser.so")
 
 
-def _preload_nvidia_libraries() -> None:
-    """With HMLSTM_ORT_PRELOAD_DLLS=1, load CUDA and cuDNN from the NVIDIA pip packages first
-    (``onnxruntime.preload_dlls``): a host whose CUDA comes as wheels, not system libraries."""
+def nvidia_library_dirs(paths=None) -> list[str]:
+    """Every ``nvidia/*/lib`` (and ``tensorrt_libs``) folder under the import path: where the NVIDIA pip
+    packages (nvidia-cublas, nvidia-cudnn, ..., CUDA 12's nvidia/<name>/lib or 13's nvidia/cu13/lib)
+    put their libraries. With the kit installed by ``pip install --target DIR`` and DIR first on the
+    path, the host interpreter's own site-packages are still on it, so the host's packages are found."""
+    import glob
+    import sys
+
+    found = []
+    for base in paths if paths is not None else sys.path:
+        for d in sorted(glob.glob(os.path.join(base or ".", "nvidia", "*", "lib"))
+                        + glob.glob(os.path.join(base or ".", "tensorrt_libs"))):
+            if os.path.isdir(d) and d not in found:
+                found.append(d)
+    return found
+
+
+def preload_nvidia(paths=None) -> list[str]:
+    """Load the CUDA, cuDNN and TensorRT libraries from the NVIDIA pip packages by absolute path.
+
+    ONNX Runtime's provider libraries name them by soname (libcublasLt.so.13, ...) and carry no
+    RUNPATH, so the loader finds them only on its search path or already loaded: a library loaded by
+    absolute path with RTLD_GLOBAL satisfies every later NEEDED entry with its soname. Libraries that
+    need others are retried until nothing more loads. Returns one line per library: loaded, or why not.
+    """
+    candidates = []
+    for d in nvidia_library_dirs(paths):
+        for name in sorted(os.listdir(d)):
+            stem = name.split(".so", 1)[0] + ".so"
+            if stem in NVIDIA_SONAMES and re.fullmatch(r"[\w.+-]+\.so\.\d+", name):
+                candidates.append(os.path.join(d, name))
+    lines, pending = [], candidates
+    while pending:
+        failed = []
+        for path in pending:
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lines.append(f"loaded {path}")
+            except OSError as e:
+                failed.append((path, str(e)))
+        if len(failed) == len(pending):
+            lines += [f"not loaded {path}: {why}" for path, why in failed]
+            break
+        pending = [path for path, _ in failed]
+    return lines
+
+
+def _capture_fds(fn):
+    """Run fn() with file descriptors 1 and 2 sent to one temp file; return (result, text)."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = [os.dup(1), os.dup(2)]
+        for fd in (1, 2):
+            os.dup2(tmp.fileno(), fd)
+        try:
+            result = fn()
+        finally:
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+        tmp.seek(0)
+        return result, tmp.read().decode("utf-8", "replace")
+
+
+def _preload_nvidia_libraries() -> list[str]:
+    """With HMLSTM_ORT_PRELOAD_DLLS=1, before the first GPU session: the NVIDIA pip packages' libraries
+    by absolute path (``preload_nvidia``), then ``onnxruntime.preload_dlls`` for what it finds beside
+    itself. Returns what was done, what preload_dlls printed (on stdout and stderr) included."""
     global _preloaded
-    if _preloaded or os.environ.get("HMLSTM_ORT_PRELOAD_DLLS") != "1" or not hasattr(ort, "preload_dlls"):
-        return
-    _preloaded = True
-    try:
-        _capture_fd2(ort.preload_dlls)
-    except Exception:  # the reason shows when the provider then fails to load
-        pass
+    if _preloaded is not None or os.environ.get("HMLSTM_ORT_PRELOAD_DLLS") != "1":
+        return _preloaded or []
+    lines = preload_nvidia()
+    if hasattr(ort, "preload_dlls"):
+        try:
+            _, text = _capture_fds(ort.preload_dlls)
+            lines += [f"onnxruntime.preload_dlls: {line}" for line in text.splitlines() if line.strip()]
+        except Exception as e:  # the reason shows when the provider then fails to load
+            lines.append(f"onnxruntime.preload_dlls failed: {e}")
+    _preloaded = lines
+    return lines
 
 
 def tensorrt_libraries_present() -> bool:
-    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            pass
-    return False
+    """TensorRT's runtime and its ONNX parser both load (the provider needs both)."""
+    def loads(*names):
+        for name in names:
+            try:
+                ctypes.CDLL(name)
+                return True
+            except OSError:
+                pass
+        return False
+
+    return loads("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so") and \
+        loads("libnvonnxparser.so.10", "libnvonnxparser.so.8", "libnvonnxparser.so")
 
 
 def _gpu_unavailable(provider: str) -> str:
@@ -158,7 +236,7 @@ def _gpu_unavailable(provider: str) -> str:
     if not nvidia_driver_present():
         return "no NVIDIA driver (libcuda.so.1 not found)"
     if provider == TENSORRT and not tensorrt_libraries_present():
-        return "the TensorRT libraries (libnvinfer) do not load"
+        return "the TensorRT libraries (libnvinfer and libnvonnxparser) do not load"
     return ""
 
 

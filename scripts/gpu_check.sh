@@ -63,10 +63,14 @@ install() {
   timeout 300 "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-index \
     --no-deps --target "$out/site" \
     "$work"/wheels/*.whl >> "$log" 2>&1 || { fail "install: pip install --no-index (see check.log)"; return 1; }
-  PYTHONPATH="$root:$out/site" "$py" - >> "$log" 2>&1 <<'PY'
+  PYTHONPATH="$root:$out/site" HMLSTM_ORT_PRELOAD_DLLS=1 "$py" - >> "$log" 2>&1 <<'PY'
 import onnxruntime as o, numpy, grpc, google.protobuf as p
 print("onnxruntime", o.__version__, o.get_available_providers(), "numpy", numpy.__version__,
       "grpcio", grpc.__version__, "protobuf", p.__version__)
+from hmlstm.runtime import _preload_nvidia_libraries, nvidia_library_dirs
+print("NVIDIA library folders on the path:", nvidia_library_dirs() or "none")
+for line in _preload_nvidia_libraries():  # what it loaded and what onnxruntime.preload_dlls printed
+    print("preload:", line)
 PY
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$log" 2>&1

@@ -3,10 +3,13 @@
 #   scripts/gpu_check.sh KIT OUT [--cpu] [--step install|tests|bench|all]
 # KIT: what scripts/gpu_kit.sh wrote (parts are verified and reassembled). OUT: gpu-report.md,
 # check.log, the step logs and the installed kit (OUT/site, reused by later invocations). Steps:
-#   install  verify and reassemble the kit, `pip install --no-index --no-deps --target OUT/site`;
+#   install  verify and reassemble the kit, `pip install --no-index --no-deps --target OUT/site`, load
+#            the host's CUDA libraries (hmlstm.runtime.preload_nvidia) and log what loaded (160 s);
 #   tests    the `gpu` tests that need no TensorFlow (tests/gpu: CUDA provider selected and matching
-#            the CPU within the export tolerance, IO binding keeping state on the device, TensorRT's attempt);
-#   bench    ONNX Runtime called directly (dense and sparse engines) and the real server;
+#            the CPU within the export tolerance, IO binding keeping state on the device, TensorRT's
+#            attempt; 120 s);
+#   bench    ONNX Runtime called directly (dense and sparse engines) and the real server (200 s);
+#            the three limits add up to 480 s, the 8 minutes a visit to the GPU host leaves for them;
 #   all      the three in turn (the default).
 # Each invocation writes gpu-report.md from every step run so far; its first line says whether all
 # passed or names the first failed step and its error, and the script exits 1 if a step it ran failed.
@@ -60,7 +63,7 @@ install() {
     echo "$sum  $work/wheels/$name" | sha256sum -c --quiet - || { fail "install: reassembled $name does not match MANIFEST"; return 1; }
   done < "$kit/MANIFEST"
   say "kit verified: $(ls "$work/wheels" | wc -l) wheels"
-  timeout 300 "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-index \
+  timeout 160 "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-index \
     --no-deps --target "$out/site" \
     "$work"/wheels/*.whl >> "$log" 2>&1 || { fail "install: pip install --no-index (see check.log)"; return 1; }
   PYTHONPATH="$root:$out/site" HMLSTM_ORT_PRELOAD_DLLS=1 "$py" - >> "$log" 2>&1 <<'PY'
@@ -71,6 +74,10 @@ from hmlstm.runtime import _preload_nvidia_libraries, nvidia_library_dirs
 print("NVIDIA library folders on the path:", nvidia_library_dirs() or "none")
 for line in _preload_nvidia_libraries():  # what it loaded and what onnxruntime.preload_dlls printed
     print("preload:", line)
+from hmlstm.runtime import tensorrt_libraries_present
+print("TensorRT:", "libnvinfer and libnvonnxparser load" if tensorrt_libraries_present() else
+      "not available (libnvinfer and libnvonnxparser do not load; the kit cannot carry them: PyPI's "
+      "tensorrt-cu13-libs is a 15 kB sdist that fetches its wheel from NVIDIA's own index)")
 PY
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$log" 2>&1
@@ -100,8 +107,8 @@ if [ ! -d "$out/site" ]; then
   [ "$only" = install ] || [ "$only" = all ] || fail "$only: the kit is not installed in $out/site (run --step install first)"
   failed_here=1
 else
-  [ "$only" = tests ] || [ "$only" = all ] && step tests 150 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu
-  [ "$only" = bench ] || [ "$only" = all ] && step bench 330 "$py" benchmarks/gpu_bench.py --mode "$mode" --out "$out/bench.md"
+  [ "$only" = tests ] || [ "$only" = all ] && step tests 120 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu
+  [ "$only" = bench ] || [ "$only" = all ] && step bench 200 "$py" benchmarks/gpu_bench.py --mode "$mode" --out "$out/bench.md"
 fi
 
 {

@@ -4,7 +4,9 @@
 # Downloads, for that Python on manylinux x86_64, the wheels the server needs that such a host
 # lacks: onnxruntime-gpu (with --cpu: the CPU onnxruntime, for trying the kit on a CPU machine),
 # the exact grpcio / protobuf / health-checking / reflection versions this project's generated
-# stubs were built against, pytest, and this project as a wheel. Files over 60 MB (the most one
+# stubs were built against, numpy at the tested version, what these need (typing_extensions for
+# grpcio), pytest with its own needs (pygments, pluggy, iniconfig), and this project as a wheel:
+# everything, so that the kit installs with --no-index into an empty folder under a bare Python. Files over 60 MB (the most one
 # transfer to such a host carries; HMLSTM_KIT_PART_MB overrides) are split into numbered parts.
 # MANIFEST lists every file's sha256 and its parts; scripts/gpu_check.sh verifies and reassembles.
 set -euo pipefail
@@ -23,9 +25,11 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 part_mb=${HMLSTM_KIT_PART_MB:-60}
 # The versions installed here, which the generated stubs were built and tested against.
+# numpy ships too, at the version tested here: the kit's folder comes first on the host's path, so the
+# host's own numpy (2.5 on the documented host, outside this project's tested range) is not used.
 pins=$("$py" -c "from importlib.metadata import version as v
 print(' '.join(f'{p}=={v(p)}' for p in ('grpcio', 'grpcio-health-checking', 'grpcio-reflection', 'protobuf',
-                                        'prometheus-client')))")
+                                        'prometheus-client', 'numpy')))")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 abi="cp${pyver/./}"
@@ -34,7 +38,8 @@ echo "kit for CPython $pyver: $ort $pins -> $dir" >&2
   --python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$work" \
-  "$ort" flatbuffers packaging coloredlogs humanfriendly sympy mpmath $pins pytest pluggy iniconfig \
+  "$ort" flatbuffers packaging coloredlogs humanfriendly sympy mpmath $pins typing_extensions \
+  pytest pluggy iniconfig pygments \
   2> >(grep -v "^WARNING: Location" >&2)
 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$work" . \
   >"$work/wheel.log" 2>&1 || { cat "$work/wheel.log" >&2; exit 1; }

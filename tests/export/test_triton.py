@@ -1,14 +1,18 @@
 """The Triton model repository, parsed with Triton's own ModelConfig protobuf."""
 
 import json
+from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 from google.protobuf import text_format
 
 from hmlstm import spec
 from hmlstm.cli import main
 from hmlstm.export.triton import write_repository
 from hmlstm.serving.model import DEFAULT_MODEL
+
+PYTRITON = "0.7.0"  # its wheel carries tritonserver 2.51 with the python backend
 
 
 def parse(path):
@@ -77,3 +81,116 @@ def test_a_cpu_instance_gets_the_sparse_graph_and_its_own_sequence_limit(tmp_pat
 def test_triton_flags_are_checked_before_the_export(tmp_path, capsys):
     assert main(["export", "no-such-run", "--triton", str(tmp_path / "r"), "--triton-max-sequences", "0"]) == 2
     assert "--triton-max-sequences must be at least 1" in capsys.readouterr().err
+
+
+STAND_IN = '''
+import sys
+sys.path.insert(0, {numpy_site!r})  # the stub's embedded interpreter does not read PYTHONPATH
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Stands in for the ONNX Runtime backend: records what each request carried, answers zeros."""
+
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            seen = {{t.name(): list(t.as_numpy().shape) for t in r.inputs()}}
+            with open({seen!r}, "a") as f:
+                f.write(json.dumps(seen) + "\\n")
+            b, t = pb_utils.get_input_tensor_by_name(r, "tokens").as_numpy().shape
+            tensors = [pb_utils.Tensor(o["name"], np.zeros([b, t] + [d for d in o["dims"][1:]], np.float32))
+                       for o in self.config["output"]]
+            for s in self.config["sequence_batching"]["state"]:
+                tensors.append(pb_utils.Tensor(s["output_name"],
+                                               pb_utils.get_input_tensor_by_name(r, s["input_name"]).as_numpy()))
+            out.append(pb_utils.InferenceResponse(tensors))
+        return out
+'''
+
+
+@pytest.mark.slow
+def test_the_repository_is_ready_in_a_real_triton_core_and_every_state_input_reaches_the_model(tmp_path):
+    """nvidia-pytriton's wheel carries a real tritonserver (2.51) with the python backend. Only that binary is
+    used (the wheel is unpacked, not installed: its own dependencies pin numpy < 2). The exported repository
+    is loaded with the backend switched to python and a stand-in model, on a CPU instance; this proves the
+    config (inputs, outputs, implicit state, the oldest strategy, the instance kind) is one a real Triton core
+    accepts and that the sequence batcher injects every state input. What only a container with the
+    onnxruntime backend can prove, the ONNX model running inside Triton, is not tested here (docs/triton.md)."""
+    import glob
+    import subprocess
+    import sys
+    import time
+    import zipfile
+
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from tests.serving.durable import free_port
+
+    wheels = tmp_path / "wheels"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                          "-d", str(wheels), f"nvidia-pytriton=={PYTRITON}"], capture_output=True, text=True,
+                         timeout=600)
+    assert got.returncode == 0, got.stderr[-2000:]
+    pyt = tmp_path / "pytriton"
+    with zipfile.ZipFile(next(wheels.glob("nvidia_pytriton-*.whl"))) as z:
+        z.extractall(pyt)
+    server = pyt / "pytriton" / "tritonserver"
+    libs = str(pyt / "nvidia_pytriton.libs")
+    backend = tmp_path / "backends" / "python"
+    backend.mkdir(parents=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (backend / f).write_bytes((server / "backends" / "python" / f).read_bytes())
+    stub = backend / "triton_python_backend_stub"
+    stub.write_bytes((server / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" /
+                      "triton_python_backend_stub").read_bytes())
+    for exe in glob.glob(str(server / "bin" / "*")) + [str(stub)]:
+        Path(exe).chmod(0o755)
+
+    repo = tmp_path / "repo"
+    config = write_repository(DEFAULT_MODEL, repo, instance="cpu")
+    config.write_text(config.read_text().replace('backend: "onnxruntime"', 'backend: "python"'))
+    (repo / "hmlstm" / "1" / "model.onnx").unlink()
+    seen = tmp_path / "seen.jsonl"
+    (repo / "hmlstm" / "1" / "model.py").write_text(
+        STAND_IN.format(numpy_site=str(Path(np.__file__).parents[1]), seen=str(seen)))
+    grpc_port = free_port()
+    proc = subprocess.Popen([str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
+                             f"--backend-directory={backend.parent}", f"--grpc-port={grpc_port}",
+                             f"--http-port={free_port()}", f"--metrics-port={free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": libs})
+    try:
+        client = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if client.is_model_ready("hmlstm"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            assert time.monotonic() < deadline, "the model did not become READY"
+            time.sleep(0.5)
+        for start, end in ((True, False), (False, True)):
+            tokens = tg.InferInput("tokens", [1, 5], "INT32")
+            tokens.set_data_from_numpy(np.arange(1, 6, dtype=np.int32)[None])
+            lengths = tg.InferInput("lengths", [1, 1], "INT32")
+            lengths.set_data_from_numpy(np.array([[5]], np.int32))
+            client.infer("hmlstm", [tokens, lengths], sequence_id=11, sequence_start=start, sequence_end=end)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    requests = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(requests) == 2
+    meta = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"]).get_modelmeta()
+    states = json.loads(meta.custom_metadata_map[spec.META_STATE_MAP]).values()
+    for r in requests:
+        assert r[spec.TOKENS] == [1, 5] and r[spec.LENGTHS] == [1]
+        assert {name: r[name] for name in states} == {name: [1, 1 if "_z" in name else 128] for name in states}

@@ -83,6 +83,18 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["evaluate", "hmlstm/assets/default.onnx", "builtin", "--max-chars", "-5"], "--max-chars must be at least 2"),
     (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
     (["export", "runs/none", "--tolerance", "-1"], "--tolerance must be a positive number"),
+    (["serve", "--max-streams", "0"], "--max-streams must be at least 1, got 0"),
+    (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, got 0.0"),
+    (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, got -1.0"),
+    (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, got nan"),
+    (["serve", "--grace", "-1"], "--grace must be a number of seconds 0 or more, got -1.0"),
+    (["serve", "--device-tolerance", "-1"], "--device-tolerance must be more than 0, got -1.0"),
+    (["serve", "--max-wait-us", "-1"], "--max-wait-us must be 0 or more, got -1"),
+    (["serve", "--max-wait-fraction", "-1"], "--max-wait-fraction must be between 0 and 1, got -1.0"),
+    (["serve", "--ort-threads", "-1"], "--ort-threads must be 1-256"),
+    (["serve", "--ort-threads", "100000"], "--ort-threads must be 1-256"),
+    (["serve", "--engine", "sparse", "hmlstm/assets/default.dense.onnx", "--workers", "0"],
+     "--workers and --call-threads must be at least 1"),
 ])
 def test_values_out_of_range_are_refused_before_any_work(args, needle):
     t0 = time.monotonic()

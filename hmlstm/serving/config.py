@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+
+MAX_ORT_THREADS = 256  # ONNX Runtime makes every thread at start-up: 100,000 of them hang the server
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,23 @@ class ServeConfig:
             raise ValueError(f"--engine must be auto, sparse or dense, got {self.engine!r}")
         if self.io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
-        if self.max_streams < 1 or self.max_chunk_chars < 1:
-            raise ValueError("max_streams and max_chunk_chars must be at least 1")
+        for flag, value in (("--max-streams", self.max_streams), ("--max-chunk-chars", self.max_chunk_chars)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        for flag, value, low in (("--idle-timeout", self.idle_timeout_s, "more than 0"),
+                                 ("--grace", self.grace_s, "0 or more"),
+                                 ("--device-tolerance", self.device_tolerance, "more than 0")):
+            ok = math.isfinite(value) and (value >= 0 if low == "0 or more" else value > 0)
+            if not ok:
+                raise ValueError(f"{flag} must be a number of seconds {low}, got {value}"
+                                 if flag != "--device-tolerance" else f"{flag} must be more than 0, got {value}")
+        if self.max_wait_us < 0:
+            raise ValueError(f"--max-wait-us must be 0 or more, got {self.max_wait_us}")
+        if not 0 <= self.max_wait_fraction <= 1:
+            raise ValueError(f"--max-wait-fraction must be between 0 and 1, got {self.max_wait_fraction}")
+        if self.ort_threads is not None and not 1 <= self.ort_threads <= MAX_ORT_THREADS:
+            raise ValueError(f"--ort-threads must be 1-{MAX_ORT_THREADS} (this machine has {os.cpu_count()} cores), "
+                             f"got {self.ort_threads}")
         if not 1 <= self.persist_depth <= 32:
             raise ValueError(f"--persist-depth must be 1-32 (a live stream keeps 32), got {self.persist_depth}")
         if self.max_batch < 0:

@@ -451,6 +451,9 @@ def _add_serve(sub) -> None:
                    help="threads for unbatched model calls (--no-batching)")
     p.add_argument("--state-store", default=d.state_store,
                    help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
+    p.add_argument("--store-optional", action="store_true",
+                   help="start even if --state-store does not answer (streams go on without durability until it "
+                        "does); without it an unreachable store is refused at start")
     p.add_argument("--persist-depth", type=int, default=d.persist_depth,
                    help="how many responses back a stream restored from the state store can resume (its stored "
                         "rewind window; a live stream's is 32)")
@@ -522,10 +525,19 @@ def cmd_serve(args) -> int:
     config = _serve_config(args)
     try:
         store = open_store(config.state_store)
-        if store is not None:
-            store.close()
     except (ValueError, StoreUnavailable) as e:
         raise UserError(str(e)) from None
+    if store is not None:
+        try:
+            store.load("hmlstm-start-up-probe")  # reachable now? (Redis: a 2 s connect timeout)
+        except StoreUnavailable as e:
+            if not args.store_optional:
+                raise UserError(f"--state-store is unreachable ({e}); start it, or pass --store-optional to serve "
+                                "without durability until it answers") from None
+            print(f"hmlstm: warning: --state-store is unreachable ({e}); serving without durability until it "
+                  "answers (--store-optional)", file=sys.stderr)
+        finally:
+            store.close()
     if config.workers > 1:
         from hmlstm.serving.workers import run_workers
 

@@ -84,6 +84,7 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
     (["export", "runs/none", "--tolerance", "-1"], "--tolerance must be a positive number"),
     (["serve", "--max-streams", "0"], "--max-streams must be at least 1, got 0"),
+    (["serve", "--state-store", "redis://127.0.0.1:1/0"], "--state-store is unreachable (Redis redis://127.0.0.1:1/0"),
     (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, got 0.0"),
     (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, got -1.0"),
     (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, got nan"),
@@ -243,3 +244,21 @@ def test_segment_through_a_server_reports_its_own_mistakes_before_connecting(tmp
         err = capsys.readouterr().err
         _ends_in_one_error_line(err, needle)
         assert "UNKNOWN" not in err and "UNAVAILABLE" not in err and "layer 1" not in err  # no legend either
+
+
+def test_an_unreachable_store_is_a_warning_with_store_optional():
+    from tests.serving.durable import free_port, wait_serving
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port", "-1",
+                             "--state-store", "redis://127.0.0.1:1/0", "--store-optional"], stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        proc.terminate()
+        proc.wait(timeout=30)
+        warning = [line for line in proc.stderr.read().splitlines() if "unreachable" in line]
+        assert len(warning) == 1 and warning[0].startswith("hmlstm: warning: --state-store is unreachable")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

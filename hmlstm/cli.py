@@ -8,6 +8,7 @@ it, with its start-up chatter silenced.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import tempfile
@@ -900,10 +901,34 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean --steps?" for a misspelt flag of the command given."""
+
+    commands: dict = {}
+    _argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            command = next((self.commands[a] for a in self._argv if a in self.commands), None)
+            known = [o for a in (command._actions if command else self._actions) for o in a.option_strings]
+            for token in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(token.split("=")[0], known, n=1, cutoff=0.6) \
+                    if token.startswith("--") else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hmlstm", description="Streaming sequence segmentation with a Hierarchical Multiscale LSTM.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     parser.add_argument("--version", action="version", version=f"hmlstm {hmlstm.__version__}")
     _add_parser = sub.add_parser
 

@@ -262,3 +262,18 @@ def test_an_unreachable_store_is_a_warning_with_store_optional():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("args, suggestion", [
+    (["train", "--stpes", "5"], "(did you mean --steps?)"),
+    (["serve", "--max-strems", "3"], "(did you mean --max-streams?)"),
+    (["export", "runs/x", "--engins", "dense"], "(did you mean --engines?)"),
+])
+def test_a_misspelt_flag_gets_did_you_mean(args, suggestion):
+    r = run_cli(*args, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(suggestion), r.stderr
+
+
+def test_an_unknown_flag_with_nothing_close_gets_no_guess():
+    r = run_cli("serve", "--xyzzy", cwd=ROOT)
+    assert r.returncode == 2 and "did you mean" not in r.stderr and "--xyzzy" in r.stderr

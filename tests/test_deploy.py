@@ -119,3 +119,12 @@ def test_image_install_and_start_commands_work_in_a_fresh_virtualenv(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_building_the_package_prints_no_deprecation_warning(tmp_path):
+    """`make demo` and `make test` install the package first: setuptools once warned there, twice, that the
+    license as a TOML table is deprecated (now an SPDX string)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".",
+                        "-w", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "deprecat" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr

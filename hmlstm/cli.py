@@ -610,7 +610,7 @@ def cmd_health(args) -> int:
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live")
     p.add_argument("file", help="a UTF-8 text file, or - for standard input")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of `hmlstm serve`")
+    p.add_argument("--server", default=None, help="host:port of `hmlstm serve` (default 127.0.0.1:50051)")
     p.add_argument("--local", action="store_true", help="run the model in this process; no server")
     p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
     p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
@@ -707,9 +707,28 @@ def _without(chunks, chars: str, keep: bool):
             yield c
 
 
+def _check_segment_flags(args) -> None:
+    """Flags that conflict, or that this way of running would ignore, are refused by name."""
+    if args.local:
+        for flag, value in (("--server", args.server), ("--token-env", args.token_env), ("--tls-ca", args.tls_ca)):
+            if value is not None:
+                raise UserError(f"{flag} and --local: --local runs the model in this process, with no server; "
+                                "give one of them")
+        return
+    if args.model is not None:
+        raise UserError("--model works only with --local (a server serves its own model); add --local or drop --model")
+    if args.token_env is not None and not os.environ.get(args.token_env):
+        raise UserError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    args.server = args.server or "127.0.0.1:50051"
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--server {args.server}: give host:port with a port 1-65535")
+
+
 def cmd_segment(args) -> int:
     from hmlstm.serving.render import Marker, legend
 
+    _check_segment_flags(args)
     chunks = _read_chunks(args.file, args.chunk_chars)
     sent: list[str] = []
     trained_without = ""

@@ -277,3 +277,19 @@ def test_a_misspelt_flag_gets_did_you_mean(args, suggestion):
 def test_an_unknown_flag_with_nothing_close_gets_no_guess():
     r = run_cli("serve", "--xyzzy", cwd=ROOT)
     assert r.returncode == 2 and "did you mean" not in r.stderr and "--xyzzy" in r.stderr
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--local", "--server", "127.0.0.1:50051"], "--server and --local"),
+    (["--local", "--token-env", "HOME"], "--token-env and --local"),
+    (["--model", "hmlstm/assets/default.onnx"], "--model works only with --local"),
+    (["--token-env", "NO_SUCH_VAR_HMLSTM"], "--token-env NO_SUCH_VAR_HMLSTM: that environment variable is empty"),
+    (["--server", "127.0.0.1:99999"], "--server 127.0.0.1:99999: give host:port with a port 1-65535"),
+    (["--server", "localhost"], "--server localhost: give host:port"),
+])
+def test_segment_refuses_flags_that_conflict_or_would_be_ignored(tmp_path, extra, needle):
+    f = tmp_path / "t.txt"
+    f.write_text("some text\n")
+    r = run_cli("segment", str(f), *extra, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, needle)

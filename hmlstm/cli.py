@@ -132,6 +132,35 @@ def _strip_chars(args) -> str | None:
     return _unescape(chars)
 
 
+def _check_model_fits(args, vocab: int = 256) -> None:
+    """Refuse, before any work, a model whose weights and Adam's two moments would not fit in memory."""
+    units, layers = args.units, args.layers
+    params = vocab * args.embed_dim + args.output_dim * (units * layers + vocab) + units * layers
+    for l in range(layers):
+        below = args.embed_dim if l == 0 else units
+        params += (below + units + (units if l + 1 < layers else 0) + 1) * (4 * units + 1)
+    need = 4 * 4 * params  # float32 weights, gradients and two Adam moments
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > memory:
+        raise UserError(f"--units {units} --embed-dim {args.embed_dim} --layers {layers}: the model would have about "
+                        f"{params:,} parameters, {need / 2**30:,.0f} GiB with Adam's state, more than this machine's "
+                        f"{memory / 2**30:,.0f} GiB; choose smaller sizes")
+
+
+def _check_text_is_text(text: str, name: str) -> None:
+    """A training text made mostly of control characters (NUL bytes: a binary file) is refused."""
+    import unicodedata
+
+    sample = text[:200_000]
+    control = sum(1 for c in sample if c not in "\n\r\t" and unicodedata.category(c).startswith("C"))
+    if sample and control > 0.3 * len(sample):
+        raise UserError(f"{name} is {control / len(sample):.0%} control characters (NUL bytes?): it looks like a "
+                        "binary file, not text to train on")
+
+
 def cmd_train(args) -> int:
     quiet_tensorflow()
     from hmlstm.model.config import TrainConfig
@@ -157,7 +186,16 @@ def cmd_train(args) -> int:
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
+    detectors = args.layers if args.top_boundary else args.layers - 1
+    if len(cfg.rate_targets) > detectors:
+        raise UserError(f"--rate-targets gives {len(cfg.rate_targets)} rates, but the model has {detectors} layer(s) "
+                        f"with a boundary detector; give at most {detectors} (--top-boundary gives the top layer one)")
+    if cfg.peak_fractions and not cfg.entropy_target:
+        raise UserError("--peak-fractions says which entropy peaks each layer is taught, which only --entropy-target "
+                        "does; add --entropy-target (e.g. 1) or drop --peak-fractions")
+    _check_model_fits(args)
     corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
+    _check_text_is_text(corpus.text, corpus.name)
     out = args.out or Path("runs") / Path(args.corpus).stem
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,

@@ -84,6 +84,10 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
     (["export", "runs/none", "--tolerance", "-1"], "--tolerance must be a positive number"),
     (["serve", "--max-streams", "0"], "--max-streams must be at least 1, got 0"),
+    (["train", "--units", "100000000"], "--units 100000000 --embed-dim 64 --layers 3: the model would have about"),
+    (["train", "--embed-dim", "1000000000"], "GiB with Adam's state, more than this machine's"),
+    (["train", "--rate-targets", "0.2,0.1,0.05"], "--rate-targets gives 3 rates, but the model has 2 layer(s)"),
+    (["train", "--peak-fractions", "0.7,0.2"], "--peak-fractions says which entropy peaks each layer is taught"),
     (["serve", "--state-store", "redis://127.0.0.1:1/0"], "--state-store is unreachable (Redis redis://127.0.0.1:1/0"),
     (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, got 0.0"),
     (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, got -1.0"),
@@ -293,3 +297,12 @@ def test_segment_refuses_flags_that_conflict_or_would_be_ignored(tmp_path, extra
     r = run_cli("segment", str(f), *extra, cwd=ROOT)
     assert r.returncode == 2, r.stderr
     _one_error_line(r.stderr, needle)
+
+
+def test_training_on_a_binary_file_is_refused(tmp_path):
+    f = tmp_path / "zeros.txt"
+    f.write_bytes(b"\0" * 300_000)
+    r = run_cli("train", str(f), "--out", str(tmp_path / "run"), "--steps", "2", cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, "is 100% control characters (NUL bytes?): it looks like a binary file")
+    assert not (tmp_path / "run").exists()

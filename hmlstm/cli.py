@@ -276,6 +276,8 @@ def cmd_plot(args) -> int:
         raise UserError(f"--chars must be at least 1, got {args.chars}")
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory; give a file name such as {args.out / 'boundaries.png'}")
+    if args.out.suffix.lower() not in ("", ".png", ".pdf", ".svg"):
+        raise UserError(f"--out {args.out}: plot writes .png, .pdf or .svg (by the extension), not {args.out.suffix}")
     if not args.out.parent.exists():
         raise UserError(f"output folder {args.out.parent} does not exist")
     if not args.checkpoint.exists():
@@ -340,6 +342,9 @@ def cmd_evaluate(args) -> int:
     from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters, training_part
 
     strip = _strip_chars(args)
+    if args.sep is not None and args.format != "auto":
+        raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
+                        "give one of them")
     if args.sep is not None:
         corpus = read_segmented(args.text, args.sep)
         if strip:

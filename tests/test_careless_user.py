@@ -306,3 +306,35 @@ def test_training_on_a_binary_file_is_refused(tmp_path):
     assert r.returncode == 2, r.stderr
     _one_error_line(r.stderr, "is 100% control characters (NUL bytes?): it looks like a binary file")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, magic", [("b.pdf", b"%PDF"), ("b.svg", b"<?xml"), ("b.png", b"\x89PNG")])
+def test_plot_writes_the_format_its_file_name_says(tmp_path, capsys, name, magic):
+    out = tmp_path / name
+    assert main(["plot", str(ROOT / "hmlstm/assets/default.onnx"), "--out", str(out), "--chars", "40"]) == 0
+    assert out.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plot", "hmlstm/assets/default.onnx", "--out", "b.jpg"], "plot writes .png, .pdf or .svg"),
+    (["evaluate", "hmlstm/assets/default.onnx", "x.txt", "--format", "lines", "--sep", "|"],
+     "--sep reads a file segmented by that symbol, so --format lines would be ignored"),
+    (["serve", "hmlstm/assets"], "hmlstm/assets is a folder; give the .onnx file (it holds default.dense.onnx"),
+])
+def test_more_mistakes_get_one_line(args, needle):
+    r = run_cli(*args, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, needle)
+
+
+def test_a_foreign_onnx_file_is_named_without_cutting_a_word(tmp_path):
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x08\x07" + b"garbage " * 100)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(bad, "cpu")
+    message = str(e.value)
+    assert "is not a loadable ONNX model" in message and "\n" not in message
+    assert message.endswith(" ...") or len(message) < 400

@@ -31,9 +31,13 @@ def text_boundaries(network, ids: np.ndarray) -> np.ndarray:
     return out.boundaries.numpy()[0].astype(int)
 
 
+FORMATS = ("png", "pdf", "svg")  # by the file name's extension
+
+
 def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
                     title: str | None = None) -> Path:
-    """PNG of ``text`` with each layer's boundaries marked under it, like the paper's figures.
+    """A picture of ``text`` with each layer's boundaries marked under it, like the paper's figures: PNG,
+    PDF or SVG by ``path``'s extension (none: PNG).
 
     The text is cut into lines of ``width`` characters. Under each character,
     one row per layer: a filled cell where that layer's boundary detector fired
@@ -71,9 +75,12 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: the picture formats are {', '.join(FORMATS)}")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, format=fmt)
         tmp.replace(path)
     finally:
         plt.close(fig)

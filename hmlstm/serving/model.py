@@ -125,6 +125,10 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
 
 def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance) -> tuple[Runtime, dict]:
     """A session on ``path`` and its metadata, or ModelLoadError in one line."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.onnx"))
+        raise ModelLoadError(f"{path} is a folder; give the .onnx file" + (f" (it holds {', '.join(found[:3])})"
+                                                                           if found else ""))
     if not path.is_file():
         hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
         raise ModelLoadError(f"model file {path} does not exist{hint}")
@@ -135,7 +139,9 @@ def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance)
     except RuntimeError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # ORT raises its own types for files that are not ONNX
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 240:  # cut at a word, and say so
+            first = first[:240].rsplit(" ", 1)[0] + " ..."
         raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from None
     meta = rt.session.get_modelmeta().custom_metadata_map
     if meta.get(spec.META_FORMAT) != spec.FORMAT:

@@ -620,6 +620,36 @@ def _add_health(sub) -> None:
     p.set_defaults(func=cmd_health)
 
 
+def _quiet_fd2(fn):
+    """fn() with file descriptor 2 captured (C libraries' log lines); returns (result, captured text)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read().decode("utf-8", "replace")
+
+
+def _health_reason(error, tls: bool) -> str:
+    """Why a health check failed, in words; the TLS hint only where TLS may be the reason."""
+    details = (error.details() or "").replace("\n", " ")
+    low = details.lower()
+    if "wrong_version_number" in low or "wrong version number" in low or (tls and "ssl" in low):
+        return "the TLS handshake failed: the server may not use TLS (drop --tls and --tls-ca)"
+    if "connection refused" in low:
+        return "connection refused: nothing listens at that address"
+    if any(w in low for w in ("dns resolution failed", "name or service not known", "errors resolving")):
+        return "the host name does not resolve"
+    reason = details[:160] or "no answer"
+    return reason if tls else f"{reason} (if the server uses TLS: --tls-ca, or $HMLSTM_TLS_CERT as in its container)"
+
+
 def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -635,12 +665,14 @@ def cmd_health(args) -> int:
         channel = grpc.secure_channel(args.target, creds, options)
     else:
         channel = grpc.insecure_channel(args.target, options)
-    try:
+    def check():
         with channel as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+
+    try:
+        r, _ = _quiet_fd2(check)  # gRPC's C core logs TLS handshake failures on stderr: boiled down below
     except grpc.RpcError as e:
-        hint = "" if tls else " (if the server uses TLS: --tls-ca, or $HMLSTM_TLS_CERT as in its container)"
-        print(f"{args.target}: {e.code().name}{hint}", file=sys.stderr)
+        print(f"{args.target}: {e.code().name}: {_health_reason(e, tls)}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
     print(f"{args.target}: {status}")

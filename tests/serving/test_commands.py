@@ -182,3 +182,18 @@ def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zer
     assert "undefined" not in r.stdout
     assert 'layer 1 [0, 3) "The"' in lines  # a segment that starts at 0 (proto3 leaves 0 off the wire)
     assert lines[-1] == "done: 35 characters"  # the text without the spaces the model was trained without
+
+
+def test_health_says_why_in_one_line_and_hints_tls_only_where_it_may_be_the_reason(default_model):
+    def health(*args):
+        r = subprocess.run([sys.executable, "-m", "hmlstm.cli", "health", *args, "--timeout", "5"],
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stdout + r.stderr
+
+    rc, out = health("--target", f"127.0.0.1:{free_port()}")
+    assert rc == 1 and "connection refused" in out and "TLS" not in out and len(out.strip().splitlines()) == 1
+    with BackgroundServer(default_model, ServeConfig(port=0, metrics_port=None)) as srv:
+        rc, out = health("--target", srv.target, "--tls")  # TLS against a plaintext server
+        assert rc == 1 and "the TLS handshake failed: the server may not use TLS" in out, out
+        assert len(out.strip().splitlines()) == 1, out  # gRPC's own SSL log line does not leak
+        assert health("--target", srv.target) == (0, f"{srv.target}: SERVING\n")

@@ -249,6 +249,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if st is not None and st.taken_over:  # a newer call resumed this stream
                 self.metrics.errors.labels("ABORTED").inc()
                 await context.abort(grpc.StatusCode.ABORTED, "a newer call resumed this stream and took it over")
+            if st is not None and st.shut_down:  # the server's grace period ended with this call open
+                await self._fail(context, "UNAVAILABLE", st.shut_down)
             if st is not None and st.idle_expired == "read":  # the watchdog ended a silent call
                 resumable = "; the stream can be resumed by its id" if st.stream_id else ""
                 await self._fail(context, "DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout){resumable}")
@@ -466,9 +468,33 @@ class SegmenterServer:
         task.add_done_callback(self._late_statuses.discard)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let open ones finish within ``grace``."""
+        """Health NOT_SERVING, refuse new calls, let open ones finish within ``grace``; then end each stream
+        still open with UNAVAILABLE and a message that names the shutdown and says whether the stream can
+        be resumed by its id, instead of leaving it to gRPC's cancellation (a generic status for the
+        client, an unhandled-exception line per stream in the log)."""
+        grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s if grace is None else grace)
+        stopping = asyncio.create_task(self.server.stop(grace + 5.0))  # refuses new calls now
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.registry.active and loop.time() < deadline and not stopping.done():
+            await asyncio.sleep(0.05)
+        open_now = [st for st in self.registry.attached_streams() if st.owner is not None and not st.owner.done()]
+        for st in open_now:
+            if not st.stream_id:
+                then = "it has no stream_id, so it cannot be resumed"
+            elif self.store is None:
+                then = ("its state was held in this process only (--state-store memory), so it cannot be resumed "
+                        "after the server exits")
+            else:
+                then = (f"the stream can be resumed by its id ({st.stream_id!r}) from the state store, on another "
+                        "replica or once this one is back")
+            st.shut_down = f"the server is shutting down and its {grace:g}s grace period ended with this stream " \
+                           f"open; {then}"
+            st.owner.cancel()
+        if open_now:
+            log.info("shutdown: %d stream(s) still open after %gs ended with UNAVAILABLE", len(open_now), grace)
+        await stopping
         if self._expiry:
             self._expiry.cancel()
         for task in list(self._late_statuses):

@@ -68,6 +68,7 @@ class StreamState:
         self.context = None  # the attached call's grpc context (server only)
         self.released = None
         self.taken_over = False
+        self.shut_down = ""  # set when the server ended the call at the end of its shutdown grace period: why
         # What the call holding the stream waits on ("read": the client's next message, "write": the
         # client to read a response, "" while the server works) and since when; the server's
         # watchdog ends a call that has waited longer than the idle timeout (``StreamRegistry.stalled``).
@@ -252,6 +253,10 @@ class StreamRegistry:
         st.last_seen = time.monotonic()
         if finished and st.stream_id:
             self._by_id.pop(st.stream_id, None)
+
+    def attached_streams(self) -> list[StreamState]:
+        """Every stream a call is attached to now."""
+        return list(self._attached)
 
     def stalled(self, now: float | None = None) -> list[StreamState]:
         """Attached streams whose call has waited on its client longer than the idle timeout."""

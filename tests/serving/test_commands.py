@@ -197,3 +197,48 @@ def test_health_says_why_in_one_line_and_hints_tls_only_where_it_may_be_the_reas
         assert rc == 1 and "the TLS handshake failed: the server may not use TLS" in out, out
         assert len(out.strip().splitlines()) == 1, out  # gRPC's own SSL log line does not leak
         assert health("--target", srv.target) == (0, f"{srv.target}: SERVING\n")
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_streams_open_when_the_grace_period_ends_get_unavailable_saying_whether_they_resume(tmp_path, store):
+    port = free_port()
+    spec = "memory" if store == "memory" else f"sqlite:{tmp_path}/state.db"
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
+                             "-1", "--grace", "1", "--state-store", spec], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        release = threading.Event()
+
+        def chunks():
+            yield "The for statement "
+            release.wait(30)
+
+        with SegmenterClient(target) as c:
+            calls = {sid: iter(c.stream(chunks(), stream_id=sid)) for sid in ("kept", "")}
+            for call in calls.values():
+                assert next(call).processed_chars == 18
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            errors = {}
+            for sid, call in calls.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    list(call)
+                errors[sid] = e.value
+            waited = time.monotonic() - t0
+            release.set()
+        assert waited >= 0.9  # the grace period was given
+        for e in errors.values():
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+            assert "the server is shutting down and its 1s grace period ended with this stream open" in e.details()
+        assert "it has no stream_id, so it cannot be resumed" in errors[""].details()
+        assert ("the stream can be resumed by its id ('kept')" if store == "sqlite" else
+                "held in this process only (--state-store memory)") in errors["kept"].details()
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Exception not handled" not in err, err
+        assert "2 stream(s) still open after 1s ended with UNAVAILABLE" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -45,8 +45,47 @@ def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(corpus, tmp_pa
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    step = int(re.search(r"terminated \(SIGTERM\) at step (\d+); checkpoint saved", err).group(1))
+    step = int(re.search(r"terminated \(SIGTERM\) at step (\d+); checkpoint ckpt-\d+ saved", err).group(1))
     assert step > 0 and (out / "ckpt" / f"ckpt-{step}.index").exists()
+
+
+def _start_training(corpus, out):
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "train", str(corpus), "--out", str(out),
+                             "--steps", "1000000", "--checkpoint-every", "1000000", "--no-progress", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "tb").exists():  # the training loop is about to start
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+def test_two_ctrl_c_during_training_still_save_and_saved_is_said_only_once_it_is_on_disk(corpus, tmp_path):
+    """The second Ctrl-C lands while the first one's checkpoint is written or validated: the checkpoint is
+    written whole either way, and "saved" names a file that exists."""
+    out = tmp_path / "run"
+    proc = _start_training(corpus, out)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT), err  # -2: the second Ctrl-C came as the process exited
+    name = re.search(r"interrupted at step \d+; checkpoint (ckpt-\d+) saved", err).group(1)
+    assert (out / "ckpt" / f"{name}.index").exists() and "Traceback" not in err
+    assert main(["train", str(corpus), "--out", str(out), "--steps", str(int(name.split("-")[1]) + 2), *TINY]) == 0
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "6", "--checkpoint-every", "2", *TINY]) == 0
+    for f in (out / "ckpt").glob("ckpt-6.data-*"):  # only the newest is damaged
+        f.write_bytes(f.read_bytes()[:16])
+    capsys.readouterr()
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "8", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint ckpt-6 is corrupt or incomplete" in err and "the newest intact one, ckpt-4" in err
+    assert "resuming" in err and "from step 4" in err
 
 
 @pytest.mark.parametrize("command, missing", [

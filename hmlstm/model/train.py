@@ -243,6 +243,32 @@ def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab:
     return run_io.latest_checkpoint(run_dir) is not None
 
 
+class _signals_deferred:
+    """Within it, Ctrl-C and SIGTERM wait (a checkpoint being written is never cut short); with
+    ``reraise``, one that came meanwhile is raised when it ends (else it is dropped: the run is ending
+    anyway). Only in the main thread, where Python delivers signals."""
+
+    def __init__(self, active: bool = True, reraise: bool = False):
+        self.active, self.reraise = active, reraise
+        self.pending: int | None = None
+
+    def _hold(self, signum, frame) -> None:
+        self.pending = signum
+
+    def __enter__(self):
+        if self.active:
+            self.old = {s: signal.signal(s, self._hold) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        if self.reraise and exc[0] is None and self.pending is not None:
+            raise Terminated() if self.pending == signal.SIGTERM else KeyboardInterrupt()
+
+
 def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, run_dir: str | Path,
           progress: bool = True, log=None, strategy=None) -> TrainResult:
     """Train an HM-LSTM LM on ``corpus``; checkpoints, logs and metrics go to run_dir.
@@ -290,13 +316,22 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     ckpt = tf.train.Checkpoint(trainer=trainer)
     manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=3)
     if resume:
-        try:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        except Exception as e:  # TF raises OpError, AssertionError, IndexError... on bad files
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot resume {run_dir}: checkpoint {manager.latest_checkpoint} is corrupt or "
-                            f"incomplete ({first}); delete {run_dir / 'ckpt'} to start over, or train into "
-                            "another --out") from None
+        restored, bad = None, []
+        for path in reversed(manager.checkpoints):  # the newest first; an older intact one if it is damaged
+            try:
+                ckpt.restore(path).assert_existing_objects_matched()
+                restored = path
+                break
+            except Exception as e:  # TF raises OpError, AssertionError, IndexError... on bad files
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                bad.append((path, first))
+        if restored is None:
+            raise UserError(f"cannot resume {run_dir}: every checkpoint in {run_dir / 'ckpt'} is corrupt or "
+                            f"incomplete (the newest: {bad[0][1] if bad else 'none found'}); delete "
+                            f"{run_dir / 'ckpt'} to start over, or train into another --out") from None
+        if bad:
+            log(f"checkpoint {Path(bad[0][0]).name} is corrupt or incomplete ({bad[0][1]}); resuming from the newest "
+                f"intact one, {Path(restored).name}")
         log(f"resuming {run_dir} from step {int(trainer.step.numpy())}")
     else:
         run_io.write_run_info(run_dir, model, cfg, vocab, {
@@ -413,7 +448,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 if bar is not None:
                     bar.set_description("", refresh=False)
             if step % cfg.checkpoint_every == 0 or step == total:
-                manager.save(checkpoint_number=step)
+                with _signals_deferred(main_thread, reraise=True):  # an interrupt now stops after the save
+                    manager.save(checkpoint_number=step)
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}",
                                 val_bpc="-" if math.isnan(last_val) else f"{last_val:.3f}",
@@ -424,18 +460,29 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 break
     except KeyboardInterrupt as e:
         result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        log(f"\n{how} at step {step}; checkpoint saved, run the same command to resume")
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old_sigterm)
         if bar is not None:
             bar.close()
-        if int(trainer.step.numpy()) > 0 and (manager.latest_checkpoint is None
-                                      or not manager.latest_checkpoint.endswith(f"-{step}")):
-            if result.stopped_by != "done" and step % eval_every != 0:
-                validate(step)
-            manager.save(checkpoint_number=step)
+        stopped = result.stopped_by in ("interrupted", "terminated")
+        how = "terminated (SIGTERM)" if result.stopped_by == "terminated" else "interrupted"
+        unsaved = int(trainer.step.numpy()) > 0 and (manager.latest_checkpoint is None
+                                                     or not manager.latest_checkpoint.endswith(f"-{step}"))
+        if unsaved:  # saved first, with further Ctrl-C and SIGTERM held off until it is on disk
+            if stopped:
+                log(f"\n{how} at step {step}; saving a checkpoint (another Ctrl-C waits until it is written)")
+            with _signals_deferred(main_thread):
+                manager.save(checkpoint_number=step)
+        if stopped:
+            if int(trainer.step.numpy()) == 0:
+                log(f"\n{how} before the first step: nothing was saved")
+            else:
+                name = Path(manager.latest_checkpoint).name
+                log(f"{'' if unsaved else chr(10)}{how} at step {step}; checkpoint {name} saved, run the same "
+                    "command to resume")
+        if unsaved and result.stopped_by != "done" and step % eval_every != 0:
+            validate(step)  # after the save: an interrupt here loses nothing
         writer.flush()
         if not chief:
             import shutil

@@ -89,7 +89,9 @@ def _add_train(sub) -> None:
     p.add_argument("--strip-whitespace", action="store_true",
                    help="the same as --strip-delimiters=' \\n\\t'")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a progress line every 30 s and at each validation instead (also what "
+                        "happens without a terminal, so that no \\r goes into a log)")
     p.add_argument("--strategy", default=None, choices=["mirrored", "multiworker"],
                    help="tf.distribute: mirrored (several GPUs) or multiworker (several hosts, TF_CONFIG)")
     p.set_defaults(func=cmd_train)

@@ -377,3 +377,11 @@ def test_a_foreign_onnx_file_is_named_without_cutting_a_word(tmp_path):
     message = str(e.value)
     assert "is not a loadable ONNX model" in message and "\n" not in message
     assert message.endswith(" ...") or len(message) < 400
+
+
+def test_training_without_a_terminal_logs_lines_not_a_bar(corpus, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hmlstm.cli", "train", str(corpus), "--out", str(tmp_path / "run"),
+                        "--steps", "6", *TINY], capture_output=True, text=True, timeout=300)  # stderr: a pipe
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    assert re.search(r"step 6/6: train BPC [\d.]+, validation BPC [\d.]+ \(just measured\), [\d,]+ chars/s", r.stderr)

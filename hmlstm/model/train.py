@@ -51,6 +51,9 @@ class TrainResult:
     stopped_by: str = "done"
 
 
+LOG_EVERY_S = 30.0  # without a terminal (or with --no-progress), a progress line this often and at each validation
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, Kubernetes, a batch scheduler): stop like Ctrl-C, checkpoint saved."""
 
@@ -397,9 +400,11 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     start = time.monotonic()
     step = int(trainer.step.numpy())
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # a bar redraws with \r: only on a terminal, never into a log file
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    last_line = time.monotonic()
+    chars_since, seconds_since = 0, 0.0
     consecutive_bad = 0
     last_val = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     main_thread = threading.current_thread() is threading.main_thread()
@@ -441,12 +446,20 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                     tf.summary.scalar("train/slope", trainer.network.slope)
                     for l, r in enumerate(rate.numpy()):
                         tf.summary.scalar(f"train/layer{l + 1}_rate", r)
-            if step % eval_every == 0 or step == total:
+            chars_since += cfg.batch_size * cfg.seq_len
+            seconds_since += dt
+            validating = step % eval_every == 0 or step == total
+            if validating:
                 if bar is not None:
                     bar.set_description("validating", refresh=True)  # a pass over the held-out text
                 last_val = validate(step)
                 if bar is not None:
                     bar.set_description("", refresh=False)
+            if bar is None and (validating or time.monotonic() - last_line >= LOG_EVERY_S):
+                val = "-" if math.isnan(last_val) else f"{last_val:.3f}" + (" (just measured)" if validating else "")
+                log(f"step {step:,}/{total:,}: train BPC {bpc:.3f}, validation BPC {val}, "
+                    f"{chars_since / max(seconds_since, 1e-9):,.0f} chars/s")
+                last_line, chars_since, seconds_since = time.monotonic(), 0, 0.0
             if step % cfg.checkpoint_every == 0 or step == total:
                 with _signals_deferred(main_thread, reraise=True):  # an interrupt now stops after the save
                     manager.save(checkpoint_number=step)

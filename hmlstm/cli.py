@@ -319,6 +319,9 @@ def _add_evaluate(sub) -> None:
                    help="remove these characters, e.g. --strip-delimiters=' '; the removed positions are the truth")
     p.add_argument("--strip-whitespace", action="store_true",
                    help="the same as --strip-delimiters=' \\n\\t'")
+    p.add_argument("--keep-delimiters", action="store_true",
+                   help="score the text as is; by default the characters the model was trained without are "
+                        "removed (as `segment` does), and the removed positions are the truth")
     p.add_argument("--format", default="auto", choices=["auto", "text", "ptb", "lines"],
                    help="lines: one unit per line (a segmented file)")
     p.add_argument("--sep", default=None, help="units separated by this symbol (a segmented file)")
@@ -344,6 +347,14 @@ def cmd_evaluate(args) -> int:
     from hmlstm.model.data import Corpus, load_corpus, read_segmented, strip_delimiters, training_part
 
     strip = _strip_chars(args)
+    vocab, trained_without, provenance = _model_vocabulary(args.model)
+    if strip is not None and args.keep_delimiters:
+        raise UserError("--keep-delimiters keeps the text as is, and --strip-delimiters/--strip-whitespace removes "
+                        "characters; give one of them")
+    if strip is None and trained_without and not args.keep_delimiters:  # what the model never saw, as segment does
+        strip = trained_without
+        print(f"[the model was trained on text without {trained_without!r}: removed them, and their positions are "
+              "the truth; --keep-delimiters keeps them]", file=sys.stderr)
     if args.sep is not None and args.format != "auto":
         raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
                         "give one of them")
@@ -358,14 +369,14 @@ def cmd_evaluate(args) -> int:
         corpus = corpus.part(corpus.held_out_start(0.1), None, "held out")
     if len(corpus.text) > args.max_chars:
         corpus = corpus.part(0, args.max_chars, f"first {args.max_chars:,} chars")
-    vocab, _, provenance = _model_vocabulary(args.model)
     unknown = vocab.encode_counting(corpus.text)[1]
     if unknown > 0.05 * len(corpus.text) and not args.allow_unknown:
         shown = "".join(sorted(vocab.unknown_chars(corpus.text)))[:20]
         raise UserError(f"{unknown:,} of {len(corpus.text):,} characters ({unknown / len(corpus.text):.0%}) are "
                         f"outside the model's vocabulary ({shown!r}...): its scores would mean little. Evaluate "
                         "on text like its training text, or pass --allow-unknown")
-    report = evaluate(args.model, corpus, training_part(provenance))
+    report = evaluate(args.model, corpus, training_part(provenance),
+                      log=lambda m: print(f"[{m}]", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

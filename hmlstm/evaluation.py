@@ -34,6 +34,7 @@ class Outputs:
     boundaries: np.ndarray  # [T, L] 0/1
     vocab: Vocabulary
     unknown: int
+    alignment: dict[int, str]  # layer with a boundary detector -> "start" or "end" (what the model declares)
 
 
 def _run_onnx(path: Path, text: str) -> Outputs:
@@ -52,7 +53,7 @@ def _run_onnx(path: Path, text: str) -> Outputs:
         logits.append(out[spec.LOGITS][0])
         z.append(out[spec.BOUNDARIES][0])
         state = {model.state_map[k]: v for k, v in out.items() if k in model.state_map}
-    return Outputs(np.concatenate(logits), np.concatenate(z), model.vocab, unknown)
+    return Outputs(np.concatenate(logits), np.concatenate(z), model.vocab, unknown, dict(model.alignment))
 
 
 def _run_checkpoint(path: Path, text: str) -> Outputs:
@@ -74,7 +75,12 @@ def _run_checkpoint(path: Path, text: str) -> Outputs:
         lg, b, state = run(ids[None, i : i + PIECE], state)
         logits.append(lg.numpy()[0])
         z.append(b.numpy()[0])
-    return Outputs(np.concatenate(logits), np.concatenate(z), info.vocab, unknown)
+    from hmlstm import spec as io_spec
+
+    declared = io_spec.boundary_alignment(info.model.num_layers, info.model.top_boundary,
+                                          len(info.train.target_fractions))
+    return Outputs(np.concatenate(logits), np.concatenate(z), info.vocab, unknown,
+                   {int(k): v for k, v in declared.items()})
 
 
 def run_model(path: str | Path, text: str) -> Outputs:
@@ -132,20 +138,24 @@ def _aligned(truth_end: np.ndarray) -> dict[str, np.ndarray]:
     return {"end": truth_end, "start": start}
 
 
-def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None) -> dict:
+def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None, log=None) -> dict:
     """Per-layer scores and baselines for ``model`` on ``corpus`` (which must know its word ends).
 
-    ``training``: the text the model trained on, for the unigram baseline of its BPC.
+    ``training``: the text the model trained on, for the unigram baseline of its BPC. ``log``: told each
+    stage as it starts (the model run over a long text takes a while).
     """
+    log = log or (lambda m: None)
     if corpus.word_ends is None:
         raise UserError(f"{corpus.name} has no known boundaries to score against")
+    log(f"running the model over {len(corpus.text):,} characters")
     out = run_model(model, corpus.text)
+    log("scoring every layer against words, phrases and sentences, and the entropy baselines")
     ids = out.vocab.encode(corpus.text)
     truths = corpus.truths()
     layers = {}
     for l in range(out.boundaries.shape[1]):
         pred = out.boundaries[:, l] > 0.5
-        entry = {"rate": round(float(pred.mean()), 4)}
+        entry = {"rate": round(float(pred.mean()), 4), "alignment": out.alignment.get(l + 1)}  # None: no detector
         for unit, truth in truths.items():
             entry[unit] = {a: boundary_scores.score(pred, t).to_dict() for a, t in _aligned(truth).items()}
         layers[f"layer{l + 1}"] = entry
@@ -157,6 +167,7 @@ def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None) 
               "text_sha256": corpus.sha256,
               "bpc": round(bits_per_char(out.logits, ids), 4), "layers": layers, "baselines": baselines}
     if training is not None:
+        log(f"the unigram baseline of the training text ({len(training.text):,} characters)")
         report["unigram_bpc"] = round(unigram_bpc(training.text, corpus.text, out.vocab), 4)
         report["training_text"] = {"name": training.name, "chars": len(training.text), "sha256": training.sha256}
     return report
@@ -170,6 +181,9 @@ def text_label(name: str) -> str:
 
 
 def format_report(r: dict) -> str:
+    """The report as text: per unit, each layer scored first in the alignment the model declares (``start``:
+    a boundary on a unit's first character; ``end``: on its last), then F1 in the other one; a layer without
+    a boundary detector says so instead of showing zeros."""
     lines = [f"{r['model']} on {r['text']}: {r['chars']:,} characters, {r['bpc']:.3f} bits per character"
              + (f" (a unigram model of the training text: {r['unigram_bpc']:.3f})" if "unigram_bpc" in r else "")
              + (f", {r['unknown_chars']} unknown" if r["unknown_chars"] else "")]
@@ -177,13 +191,19 @@ def format_report(r: dict) -> str:
     for unit in units:
         lines.append(f"\n{unit}: true ends at {next(iter(r['layers'].values()))[unit]['end']['true_rate']:.1%} "
                      "of characters")
-        lines.append(f"  {'detector':<16}{'rate':>7}{'P':>7}{'R':>7}{'F1':>7}{'F1 start':>10}{'random F1':>11}")
+        lines.append(f"  {'detector':<16}{'rate':>7}{'aligned':>9}{'P':>7}{'R':>7}{'F1':>7}{'F1 other':>10}"
+                     f"{'random F1':>11}")
         for name, e in r["layers"].items():
-            s, st = e[unit]["end"], e[unit]["start"]
-            lines.append(f"  {name:<16}{e['rate']:>7.1%}{s['precision']:>7.2f}{s['recall']:>7.2f}{s['f1']:>7.2f}"
-                         f"{st['f1']:>10.2f}{s['random_f1']:>11.2f}")
+            if "alignment" in e and e["alignment"] is None:
+                lines.append(f"  {name:<16}{'':>7}  no boundary detector (--top-boundary gives the top layer one)")
+                continue
+            declared = e.get("alignment") or "end"
+            other = "start" if declared == "end" else "end"
+            s, o = e[unit][declared], e[unit][other]
+            lines.append(f"  {name:<16}{e['rate']:>7.1%}{declared:>9}{s['precision']:>7.2f}{s['recall']:>7.2f}"
+                         f"{s['f1']:>7.2f}{o['f1']:>10.2f}{s['random_f1']:>11.2f}")
         for name, b in r["baselines"].items():
             s = b[unit]
-            lines.append(f"  {name:<16}{s['rate']:>7.1%}{s['precision']:>7.2f}{s['recall']:>7.2f}{s['f1']:>7.2f}"
-                         f"{'':>10}{s['random_f1']:>11.2f}")
+            lines.append(f"  {name:<16}{s['rate']:>7.1%}{'':>9}{s['precision']:>7.2f}{s['recall']:>7.2f}"
+                         f"{s['f1']:>7.2f}{'':>10}{s['random_f1']:>11.2f}")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """The segmentation yardstick: exact numbers on hand-made cases, aligned truth, baselines that run."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -141,3 +143,26 @@ def test_text_labels_are_short_names():
     assert text_label("file:../shared/data/tinyshakespeare.txt stripped of ' \\n\\t', first 200,000 chars") \
         == "tinyshakespeare.txt"
     assert text_label("builtin:pydoc_data.topics+stdlib-docstrings stripped of ' ', held out") == "builtin"
+
+
+def test_evaluate_strips_what_the_model_never_saw_and_leads_with_its_declared_alignment(capsys):
+    from hmlstm.cli import main
+
+    assert main(["evaluate", "hmlstm/assets/default.onnx", "builtin", "--max-chars", "3000"]) == 0
+    captured = capsys.readouterr()
+    assert "trained on text without ' \\n\\t': removed them" in captured.err
+    assert "[running the model over 3,000 characters]" in captured.err  # stage lines
+    rows = {ln.split()[0]: ln.split() for ln in captured.out.split("phrases:")[0].splitlines() if ln.startswith("  ")}
+    assert rows["detector"][2] == "aligned" and rows["layer1"][2] == "start"  # the shipped model's layers start-align
+    assert float(rows["layer1"][5]) >= 0.6 > float(rows["layer1"][6])  # F1 as declared, then in the other alignment
+    assert main(["evaluate", "hmlstm/assets/default.onnx", "builtin", "--keep-delimiters",
+                 "--strip-whitespace"]) == 2
+
+
+def test_a_layer_without_a_detector_is_marked_not_scored(tiny_onnx, capsys):
+    from hmlstm.cli import main
+
+    assert main(["evaluate", str(tiny_onnx.path), "synthetic", "--strip-delimiters", " .", "--max-chars", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "layer2" in out and "no boundary detector" in out
+    assert not re.search(r"layer2 +0\.0%", out)

@@ -260,6 +260,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     if len(config.engines) > 1 and spec.engine_path(out, "dense") == out:
         raise UserError(f"--out {out} is the name of a dense companion file; give the main name, e.g. "
                         f"{spec.engine_path(out, 'sparse')}")
+    log(f"loading {run_dir}")
     network, info = load_network(run_dir)
     metrics_file = info.path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -274,6 +275,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
     }
     if info.meta.get("recovered_from"):  # exported again from an earlier export (recover.py)
         provenance["recovered_from"] = info.meta["recovered_from"]
+    log(f"converting the {' and '.join(config.engines)} graph{'s' if len(config.engines) > 1 else ''} with tf2onnx")
     t0 = time.perf_counter()
     models = {e: convert(network, info.vocab.chars, provenance, config.opset, engine=e) for e in config.engines}
     convert_s = time.perf_counter() - t0
@@ -340,6 +342,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         if stale != out and stale.is_file():
             stale.unlink()
             log(f"removed {stale}: an earlier export's {e} graph, not this model's")
+    log("evaluating for the model card (the held-out text" + (", and --eval-text" if config.eval_text else "") + ")")
     for key, report in card_evaluations(out, info, config.eval_text).items():
         card["evaluation"][key] = report
         w = report["layers"].get("layer1", {}).get("words", {})

@@ -94,7 +94,20 @@ def _add_train(sub) -> None:
                         "happens without a terminal, so that no \\r goes into a log)")
     p.add_argument("--strategy", default=None, choices=["mirrored", "multiworker"],
                    help="tf.distribute: mirrored (several GPUs) or multiworker (several hosts, TF_CONFIG)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named recipe: its settings become the defaults, and flags given beside it still win. "
+                        "shipped: the shipped model's (" + " ".join(
+                            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                            for k, v in PRESETS["shipped"].items()) + "); without it the defaults are the paper's")
     p.set_defaults(func=cmd_train)
+
+
+# Named training recipes for `train --preset` (argparse destinations -> values). "shipped" is the recipe of
+# hmlstm/assets/default.onnx, as its card's provenance.command records it.
+PRESETS = {
+    "shipped": {"strip_whitespace": True, "top_boundary": True, "entropy_target": 1.0,
+                "peak_fractions": "0.7,0.25,0.08", "peak_window": 9, "steps": 10000, "seed": 0},
+}
 
 
 def _layer_list(text: str) -> list[int]:
@@ -206,7 +219,8 @@ def cmd_train(args) -> int:
     from hmlstm.model.distributed import make_strategy
 
     strategy = make_strategy(getattr(args, "strategy", None))
-    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy)
+    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
+                   preset=args.preset)
     bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")
     for name, e in result.boundary.items():
@@ -995,6 +1009,85 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     return lines
 
 
+# ---------------------------------------------------------------- info
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="what an exported model is: recipe, vocabulary, engines, evaluations (its card)")
+    p.add_argument("model", nargs="?", type=Path, default=None,
+                   help="an .onnx written by `hmlstm export` (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print the whole model card as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def _card_or_metadata(path: Path) -> dict:
+    """The model card beside ``path``, or for a file without one, what its metadata says."""
+    import json
+
+    from hmlstm import spec
+
+    card = spec.card_path(path)
+    if card.is_file():
+        try:
+            return json.loads(card.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{card} is not valid JSON; export the model again to rewrite it") from None
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    try:
+        model = load_model(path, "cpu")
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+    return {"model_config": model.config, "vocabulary_size": len(model.vocab), "provenance": model.provenance,
+            "boundary_alignment": {str(k): v for k, v in model.alignment.items()}, "engine": model.engine,
+            "vocabulary": model.vocab.chars, "evaluation": {}}
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    path = args.model or DEFAULT_MODEL
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; give an .onnx written by `hmlstm export`")
+    card = _card_or_metadata(path)
+    if args.json:
+        print(json.dumps(card, indent=2, ensure_ascii=False))
+        return 0
+    cfg, prov = card.get("model_config", {}), card.get("provenance") or {}
+    engines = card.get("engines") or {}
+    beside = [e["file"] for name, e in engines.items() if e.get("file") != path.name]
+    lines = [f"{path.name}: {len(cfg.get('num_units', []))} layers x "
+             f"{'/'.join(map(str, cfg.get('num_units', [])))} units, embedding {cfg.get('embed_dim')}, "
+             f"vocabulary {card.get('vocabulary_size')} characters; {card.get('engine', 'dense')} engine"
+             + (f" ({', '.join(beside)} beside it)" if beside else "")]
+    if prov.get("command"):
+        preset = f" (preset {prov['preset']})" if prov.get("preset") else ""
+        command = prov["command"] if prov["command"].startswith("hmlstm ") else f"hmlstm {prov['command']}"
+        lines.append(f"recipe: {command}{preset}")
+    if prov.get("step") is not None:
+        lines.append(f"trained: {prov['step']:,} steps on {prov.get('corpus', '?')}, "
+                     f"validation BPC {prov.get('val_bpc')}")
+    strip = prov.get("strip_delimiters")
+    lines.append(f"trained without: {strip!r} (segment, plot and evaluate remove these; --keep-delimiters keeps "
+                 "them)" if strip else "trained without: nothing (the text as it is)")
+    if card.get("boundary_alignment"):
+        lines.append("boundaries: " + ", ".join(f"layer {l} fires on a unit's {'first' if a == 'start' else 'last'} "
+                                                "character" for l, a in card["boundary_alignment"].items()))
+    for layer, quality in sorted(_held_out_quality(path).items()):
+        for q in quality:
+            lines.append(f"layer {layer}, {q}")
+    v = card.get("validation") or {}
+    if v:
+        flips = len(v.get("boundary_flips_explained", []))
+        lines.append(f"validated against TensorFlow: {len(v.get('cases', []))} cases, max |diff| logits "
+                     f"{v.get('max_abs_diff', {}).get('logits')}, {flips} explained boundary flips in "
+                     f"{v.get('boundaries_compared', 0):,}")
+    print("\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1052,6 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_health(sub)
     _add_segment(sub)
     _add_demo(sub)
+    _add_info(sub)
     return parser
 
 
@@ -1062,6 +1156,9 @@ TRAIN_EXTRA = ("tensorflow", "tensorboard", "tf2onnx", "onnx", "tqdm", "matplotl
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):  # the preset's settings as defaults; the flags given on the line still win
+        parser.commands[args.command].set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

@@ -112,3 +112,40 @@ def test_train_ptb_format_file(tmp_path, capsys):
 def test_package_entry_point_is_declared():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'hmlstm = "hmlstm.cli:main"' in text
+
+
+def test_the_shipped_preset_gives_the_shipped_recipe_and_flags_beside_it_win(tmp_path, capsys):
+    import json
+
+    from hmlstm.cli import main
+
+    out = tmp_path / "run"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log.\n" * 80)
+    small = ["--units", "8", "--embed-dim", "4", "--output-dim", "8", "--batch-size", "4", "--seq-len", "10",
+             "--no-progress"]
+    assert main(["train", str(corpus), "--preset", "shipped", "--steps", "3", "--out", str(out), *small]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "hmlstm/assets/default.card.json").read_text())
+    want = shipped["provenance"]["train_config"]
+    for key in ("entropy_target", "peak_fractions", "peak_window", "seed"):
+        assert cfg["train"][key] == want[key], key
+    assert cfg["model"]["top_boundary"] and cfg["strip_delimiters"] == shipped["provenance"]["strip_delimiters"]
+    assert cfg["train"]["max_steps"] == 3 and cfg["model"]["num_units"] == [8, 8, 8]  # the flags given win
+    assert cfg["preset"] == "shipped"
+
+
+def test_info_prints_the_card_and_json(capsys):
+    import json
+
+    from hmlstm.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("default.onnx: 3 layers x 128/128/128 units") and "default.dense.onnx beside it" in out
+    assert "recipe: hmlstm train builtin --strip-whitespace" in out and "trained without: ' \\n\\t'" in out
+    assert "layer 1, held-out text (builtin): word-start F1 0.74" in out
+    assert main(["info", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["engine"] == "sparse" and card["vocabulary_size"] == 110
+    assert main(["info", "no-such.onnx"]) == 2

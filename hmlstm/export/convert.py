@@ -269,7 +269,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "strip_delimiters": info.meta.get("strip_delimiters"),
         "source": info.meta.get("source"), "corpus_sha256": info.meta.get("corpus_sha256"),
         "held_out_chars": info.meta.get("held_out_chars"),
-        "command": info.meta.get("command"),
+        "command": info.meta.get("command"), "preset": info.meta.get("preset"),
         "created": info.meta.get("created"), "train_config": info.train.to_dict(),
         "step": metrics.get("step"), "val_bpc": (metrics.get("val_bpc") or [[None, None]])[-1][1],
     }

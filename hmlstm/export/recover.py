@@ -262,7 +262,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
         "corpus": provenance.get("corpus") or "", "source": source_of(provenance),
         "corpus_sha256": provenance.get("corpus_sha256"), "held_out_chars": provenance.get("held_out_chars"),
         "strip_delimiters": provenance.get("strip_delimiters"),
-        "command": provenance.get("command"), "created": provenance.get("created"),
+        "command": provenance.get("command"), "created": provenance.get("created"), "preset": provenance.get("preset"),
         "recovered_from": f"{path.name}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
         "run": provenance.get("run"),  # the training run's name, which the export's provenance keeps
     })

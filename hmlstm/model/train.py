@@ -273,10 +273,11 @@ class _signals_deferred:
 
 
 def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, run_dir: str | Path,
-          progress: bool = True, log=None, strategy=None) -> TrainResult:
+          progress: bool = True, log=None, strategy=None, preset: str | None = None) -> TrainResult:
     """Train an HM-LSTM LM on ``corpus``; checkpoints, logs and metrics go to run_dir.
 
-    ``strategy``: a tf.distribute strategy (see distributed.py), or None for one device.
+    ``strategy``: a tf.distribute strategy (see distributed.py), or None for one device. ``preset``: the
+    named recipe the settings came from (`train --preset`), recorded with the run for its model card.
     """
     from hmlstm.model.distributed import DistributedStep, is_chief
 
@@ -340,7 +341,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         run_io.write_run_info(run_dir, model, cfg, vocab, {
             "corpus": corpus.name, "corpus_chars": len(corpus.text), "source": corpus.source,
             "strip_delimiters": corpus.strip, "corpus_sha256": corpus.sha256, "held_out_chars": len(val_ids),
-            "command": command_line(sys.argv[1:]),
+            "command": command_line(sys.argv[1:]), "preset": preset,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensorflow": tf.__version__,
         })

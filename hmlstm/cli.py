@@ -69,7 +69,7 @@ def _add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of a text file held out for validation (builtin holds out a fixed tenth)")
     p.add_argument("--slope-rate", type=float, default=0.04, help="slope a += rate per epoch")
-    p.add_argument("--slope-max", type=float, default=5.0)
+    p.add_argument("--slope-max", type=float, default=5.0, help="the boundary slope a grows to at most this")
     p.add_argument("--slope-per-step", action="store_true",
                    help="anneal the slope at every step (fractional epochs), not once per epoch")
     p.add_argument("--rate-targets", default="",
@@ -406,7 +406,9 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", type=Path,
                    help="run directory written by `hmlstm train`, or an exported .onnx to export again with "
                         "this version's exporter (its weights are recovered and checked first)")
-    p.add_argument("--out", type=Path, default=Path("model.onnx"))
+    p.add_argument("--out", type=Path, default=Path("model.onnx"),
+                   help="the .onnx to write (the sparse graph; the dense one goes beside it as OUT.dense.onnx, "
+                        "the model card as OUT.card.json)")
     p.add_argument("--engines", default="sparse,dense", metavar="LIST",
                    help="graphs to write, the first at --out and each other beside it (OUT.dense.onnx): sparse "
                         "computes layers above the first only where they UPDATE or FLUSH; dense computes every row")
@@ -912,7 +914,7 @@ DEMO_TEXT = (
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="start a server, stream a built-in text through it, print the segments")
     p.add_argument("--model", default=None, help="an .onnx file (default: the shipped model)")
-    p.add_argument("--chunk-chars", type=int, default=24)
+    p.add_argument("--chunk-chars", type=int, default=24, help="characters per chunk the demo streams")
     p.set_defaults(func=cmd_demo)
 
 

@@ -385,3 +385,12 @@ def test_training_without_a_terminal_logs_lines_not_a_bar(corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr
     assert re.search(r"step 6/6: train BPC [\d.]+, validation BPC [\d.]+ \(just measured\), [\d,]+ chars/s", r.stderr)
+
+
+def test_a_refused_resume_names_what_differs_with_both_values(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *TINY]) == 0
+    other = [a if a != "8" else "9" for a in TINY]  # --units 8 -> 9 (and --output-dim 8 -> 9)
+    capsys.readouterr()
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *other]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, "num_units [8, 8] (now [9, 9])", "output_dim 8 (now 9)")

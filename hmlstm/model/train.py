@@ -233,16 +233,17 @@ def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab:
         return False
     info = run_io.read_run_info(run_dir)
     old, new = info.train.to_dict(), cfg.to_dict()
-    diff = [k for k in new if k not in _STOP_FIELDS and old.get(k) != new[k]]
+    diff = [f"{k} {old.get(k)!r} (now {new[k]!r})" for k in new if k not in _STOP_FIELDS and old.get(k) != new[k]]
     if info.model != model:
-        diff.insert(0, "model")
-    if info.vocab.chars != vocab.chars or info.meta.get("corpus") != corpus.name:
-        diff.insert(0, "corpus")
+        was, now = info.model.to_dict(), model.to_dict()
+        diff[:0] = [f"{k} {was.get(k)!r} (now {now[k]!r})" for k in now if was.get(k) != now[k] and k != "vocab_size"]
+    if info.meta.get("corpus") != corpus.name:
+        diff.insert(0, f"corpus {info.meta.get('corpus')!r} (now {corpus.name!r})")
+    elif info.vocab.chars != vocab.chars:
+        diff.insert(0, f"vocabulary of {len(info.vocab.chars)} characters (now {len(vocab.chars)})")
     if diff:
-        raise UserError(
-            f"{run_dir} holds a run with a different {', '.join(diff)}; "
-            "resume it with the same settings or choose another --out"
-        )
+        raise UserError(f"{run_dir} holds a run with a different {'; '.join(diff)}: resume it with its settings, "
+                        "or choose another --out")
     return run_io.latest_checkpoint(run_dir) is not None
 
 

@@ -559,6 +559,15 @@ def _serve_config(args):
     for f in (args.tls_cert, args.tls_key):
         if f and not Path(f).is_file():
             raise UserError(f"TLS file {f} does not exist")
+    if args.tls_cert and args.tls_key:  # a certificate that is not one is named here, not as "cannot listen"
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or str(e).strip() or type(e).__name__
+            raise UserError(f"--tls-cert {args.tls_cert} with --tls-key {args.tls_key} cannot be used: they are not "
+                            f"a PEM certificate and its matching private key (ssl: {why})") from None
     try:
         return ServeConfig(
             host=args.host, port=args.port, metrics_port=None if args.metrics_port == -1 else args.metrics_port,
@@ -613,6 +622,18 @@ def cmd_serve(args) -> int:
             store.close()
     if config.workers > 1:
         from hmlstm.serving.workers import run_workers
+
+        if config.metrics_port:  # worker i serves its metrics on --metrics-port + i: all must be free now
+            import socket
+
+            for i in range(config.workers):
+                with socket.socket() as probe:
+                    try:
+                        probe.bind((config.host, config.metrics_port + i))
+                    except OSError:
+                        raise UserError(f"metrics port {config.metrics_port + i} (worker {i}'s: --metrics-port + {i}) "
+                                        f"on {config.host} is taken; choose another --metrics-port, or -1 for "
+                                        "none") from None
 
         _load_model(args.model, config.device, config.ort_threads, config.ort_spinning, config)  # fail here, once
         try:

@@ -394,3 +394,24 @@ def test_a_refused_resume_names_what_differs_with_both_values(corpus, tmp_path, 
     capsys.readouterr()
     assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *other]) == 2
     _ends_in_one_error_line(capsys.readouterr().err, "num_units [8, 8] (now [9, 9])", "output_dim 8 (now 9)")
+
+
+def test_a_certificate_that_is_not_one_is_named_not_reported_as_a_listen_failure(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    r = run_cli("serve", "--tls-cert", str(bad), "--tls-key", str(bad), "--port", "0", cwd=ROOT)
+    assert r.returncode == 2
+    _one_error_line(r.stderr, "are not a PEM certificate and its matching private key")
+    assert "cannot listen" not in r.stderr
+
+
+def test_a_taken_worker_metrics_port_is_one_line_before_any_worker_starts():
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        r = run_cli("serve", "--workers", "2", "--metrics-port", str(taken - 1), "--port", "0", cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, "is taken; choose another --metrics-port")  # worker 1's, unless taken - 1 is too

@@ -365,13 +365,13 @@ def cmd_evaluate(args) -> int:
     if strip is not None and args.keep_delimiters:
         raise UserError("--keep-delimiters keeps the text as is, and --strip-delimiters/--strip-whitespace removes "
                         "characters; give one of them")
+    if args.sep is not None and args.format != "auto":
+        raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
+                        "give one of them")
     if strip is None and trained_without and not args.keep_delimiters:  # what the model never saw, as segment does
         strip = trained_without
         print(f"[the model was trained on text without {trained_without!r}: removed them, and their positions are "
               "the truth; --keep-delimiters keeps them]", file=sys.stderr)
-    if args.sep is not None and args.format != "auto":
-        raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
-                        "give one of them")
     if args.sep is not None:
         corpus = read_segmented(args.text, args.sep)
         if strip:
@@ -799,37 +799,72 @@ def _read_chunks(path: str, size: int):
     return pieces()
 
 
-def _print_result(r, text_by_offset: str, base: int, jsonl: bool, printed: int, marker) -> int:
-    """Print what ``r`` adds; ``text_by_offset`` holds the stream's text from offset ``base``. Returns printed."""
+class _Original:
+    """The text as read and the text as sent (less the characters the model was trained without), with where
+    each sent character stands in the original: what `segment` prints, its line breaks and delimiters kept."""
+
+    def __init__(self, strip: str):
+        self.table = str.maketrans("", "", strip)
+        self.strip = set(strip)
+        self.original: list[str] = []
+        self.sent: list[str] = []
+        self.kept: list[int] = []  # sent index -> original index
+        self.length = 0
+        self.shown = 0  # original characters printed so far
+
+    def add(self, chunk: str) -> str:
+        self.original.append(chunk)
+        self.kept.extend(self.length + i for i, ch in enumerate(chunk) if ch not in self.strip)
+        self.length += len(chunk)
+        sent = chunk.translate(self.table)
+        self.sent.append(sent)
+        return sent
+
+    def text(self) -> str:
+        if len(self.original) > 1:
+            self.original[:] = ["".join(self.original)]
+        return self.original[0] if self.original else ""
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Sent characters [start, end) -> the original [first, last + 1)."""
+        return self.kept[start], self.kept[end - 1] + 1
+
+
+def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
+    """Print what ``r`` adds, in the original text; returns the sent characters printed."""
     import json
 
     if jsonl:
         for s in r.segments:
-            if s.final:
-                print(json.dumps({"layer": s.layer, "start": s.start, "end": s.end, "text": s.text},
+            if s.final and s.end > s.start:
+                a, b = orig.span(s.start, s.end)
+                print(json.dumps({"layer": s.layer, "start": a, "end": b, "text": orig.text()[a:b],
+                                  "sent_start": s.start, "sent_end": s.end, "sent_text": s.text},
                                  ensure_ascii=False), flush=True)
         return r.processed_chars
     if r.processed_chars > printed:
         b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-        sys.stdout.write(marker.feed(text_by_offset[printed - base : r.processed_chars - base], printed, b))
+        marks = marker.marks(r.processed_chars - printed, printed, b)
+        text, out = orig.text(), []
+        for i, m in enumerate(marks):
+            at = orig.kept[printed + i]
+            out += [text[orig.shown : at], m, text[at]]  # the delimiters before it, its mark, the character
+            orig.shown = at + 1
+        sys.stdout.write("".join(out))
     if r.final:
-        sys.stdout.write(marker.close())
+        sys.stdout.write(orig.text()[orig.shown :] + marker.close())
+        orig.shown = orig.length
     sys.stdout.flush()
     return max(printed, r.processed_chars)
 
 
-def _without(chunks, chars: str, keep: bool):
-    """The chunks with ``chars`` removed (unless ``keep``), empty chunks skipped; says so once on stderr."""
+def _note_stripping(chars: str, keep: bool) -> str:
+    """What is removed before sending ("" when nothing), said once on stderr."""
     if not chars or keep:
-        yield from chunks
-        return
-    print(f"[the model was trained on text without {chars!r}: removing them before sending; "
-          "--keep-delimiters sends the text as is]", file=sys.stderr)
-    table = str.maketrans("", "", chars)
-    for c in chunks:
-        c = c.translate(table)
-        if c:
-            yield c
+        return ""
+    print(f"[the model was trained on text without {chars!r}: removing them before sending (the output shows the "
+          "text as read); --keep-delimiters sends the text as is]", file=sys.stderr)
+    return chars
 
 
 def _check_segment_flags(args) -> None:
@@ -855,26 +890,26 @@ def cmd_segment(args) -> int:
 
     _check_segment_flags(args)
     chunks = _read_chunks(args.file, args.chunk_chars)
-    sent: list[str] = []
-    trained_without = ""
+    orig = _Original("")
     failed: list[UserError] = []
 
     def tee():
         # A mistake found while reading (a non-UTF-8 byte) ends the request stream cleanly and is
         # reported after it, instead of surfacing as the server's "Exception iterating requests".
         try:
-            for c in _without(chunks, trained_without, args.keep_delimiters):
-                sent.append(c)
-                yield c
+            for c in chunks:
+                sent = orig.add(c)
+                if sent:  # a chunk of delimiters only sends nothing
+                    yield sent
         except UserError as e:
             failed.append(e)
 
     def done() -> int:
         if failed:
             raise failed[0]
-        if not sent:
+        if not orig.kept:
             print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
-        elif not args.jsonl:
+        elif not args.jsonl and not orig.text().endswith("\n"):
             print()
         return 0
 
@@ -885,7 +920,7 @@ def cmd_segment(args) -> int:
         from hmlstm.serving.stream import StreamState
 
         model = _load_model(args.model, "auto")
-        trained_without = model.provenance.get("strip_delimiters") or ""
+        orig = _Original(_note_stripping(model.provenance.get("strip_delimiters") or "", args.keep_delimiters))
         layers = sorted(set(args.layers)) or model.boundary_layers
         bad = [l for l in layers if l not in model.boundary_layers]
         if bad:
@@ -896,8 +931,8 @@ def cmd_segment(args) -> int:
         marker = Marker(model.alignment)
         for c in tee():
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
-            printed = _print_result(r, "".join(sent), 0, args.jsonl, printed, marker)
-        _print_result(response_pb(st.finish()), "".join(sent), 0, args.jsonl, printed, marker)
+            printed = _print_result(r, orig, args.jsonl, printed, marker)
+        _print_result(response_pb(st.finish()), orig, args.jsonl, printed, marker)
         return done()
 
     import grpc
@@ -908,14 +943,13 @@ def cmd_segment(args) -> int:
     with SegmenterClient(args.server, token=token, root_cert=args.tls_ca) as client:
         try:
             info = client.describe()
-            trained_without = info.trained_without
+            orig = _Original(_note_stripping(info.trained_without, args.keep_delimiters))
             marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
             layers = sorted(set(args.layers)) or list(info.boundary_layers)
             if not args.jsonl:
                 print(f"[{legend(layers)}]", file=sys.stderr)
             for r in client.stream(tee(), layers=layers):
-                text = "".join(sent)
-                printed = _print_result(r, text, 0, args.jsonl, printed, marker)
+                printed = _print_result(r, orig, args.jsonl, printed, marker)
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None

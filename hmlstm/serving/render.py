@@ -33,6 +33,19 @@ class Marker:
             out.append(ch)
         return "".join(out)
 
+    def marks(self, length: int, offset: int, boundaries: dict[int, list[int]]) -> list[str]:
+        """Like ``feed``, but the mark to print before each of the ``length`` characters from ``offset``
+        ("" for none), for a caller that prints another text around them (the original, delimiters kept)."""
+        for layer, offsets in boundaries.items():
+            for o in offsets:
+                c = cut(o, self.alignment.get(layer, "end"))
+                self._cuts[c] = max(self._cuts.get(c, 0), layer)
+        out = []
+        for i in range(length):
+            layer = self._cuts.pop(offset + i, 0)
+            out.append(_mark(layer) if layer and offset + i > 0 else "")
+        return out
+
     def close(self) -> str:
         """The marks left at the end of the text fed so far."""
         layer = max(self._cuts.values(), default=0)

@@ -116,14 +116,17 @@ def test_segment_command_against_a_server_and_locally_agree(default_model, tmp_p
     assert main(["segment", str(f), "--local", "--chunk-chars", "50"]) == 0
     local = capsys.readouterr().out
     assert remote == local
-    # what the model was trained without is removed before sending (the server strips nothing)
+    # what the model was trained without is removed before sending (the server strips nothing), and the output
+    # is the text as read, its line breaks and spaces kept, with the marks between
     sent = text.translate(str.maketrans("", "", default_model.provenance.get("strip_delimiters") or ""))
     from hmlstm.serving.render import MARKS
-    stripped = "".join(ch for ch in remote if ch not in MARKS.values())
-    assert stripped.rstrip("\n") == sent.rstrip("\n")
+    assert "".join(ch for ch in remote if ch not in MARKS.values()) == text
     import json
     rows = [json.loads(l) for l in jsonl.splitlines()]
-    assert "".join(r["text"] for r in rows if r["layer"] == 1) == sent
+    assert "".join(r["sent_text"] for r in rows if r["layer"] == 1) == sent
+    assert all(text[r["start"] : r["end"]] == r["text"] for r in rows)  # offsets into the original
+    assert all(sent[r["sent_start"] : r["sent_end"]] == r["sent_text"] for r in rows)  # ...and into what was sent
+    assert rows[1]["start"] > rows[1]["sent_start"]  # a space was stripped before the second word
     assert main(["segment", str(f), "--local", "--keep-delimiters", "--jsonl"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert "".join(r["text"] for r in rows if r["layer"] == 1) == text

@@ -300,21 +300,27 @@ def cmd_plot(args) -> int:
         raise UserError(f"{args.checkpoint} does not exist; give a training run directory or an exported .onnx")
     vocab, trained_without, _ = _model_vocabulary(args.checkpoint)
     from hmlstm.evaluation import run_model
-    from hmlstm.model.data import read_text_file
+    from hmlstm.model.data import read_text_file, strip_delimiters
     from hmlstm.model.plot import encode_checked, plot_boundaries
 
     text = args.text if args.text is not None else (
         read_text_file(args.file) if args.file else DEFAULT_PLOT_TEXT)
+    truth = None
     if trained_without and not args.keep_delimiters:
-        text = text.translate(str.maketrans("", "", trained_without))
-        print(f"[the model was trained on text without {trained_without!r}: removed them; --keep-delimiters "
-              "keeps them]", file=sys.stderr)
+        # the removed delimiters are the truth the model's layer 1 is measured against: a row of its own
+        text, ends, _ = strip_delimiters(text, trained_without)
+        print(f"[the model was trained on text without {trained_without!r}: removed them, and the truth row marks "
+              "where they were; --keep-delimiters keeps them]", file=sys.stderr)
+        truth = ends[: args.chars] if ends is not None else None
     text = text[: args.chars]
     if not text:
         raise UserError("the text to plot is empty")
     encode_checked(vocab, text, args.allow_unknown)
-    z = run_model(args.checkpoint, text).boundaries.astype(int)
-    plot_boundaries(text, z, args.out, title=f"{args.checkpoint.name}")
+    out = run_model(args.checkpoint, text)
+    z = out.boundaries.astype(int)
+    if truth is not None and out.alignment.get(1) == "start":  # the unit's first character, as layer 1 fires
+        truth = [False, *truth[:-1]]
+    plot_boundaries(text, z, args.out, title=f"{args.checkpoint.name}", truth=truth)
     rates = ", ".join(f"layer {l + 1} {z[:, l].mean():.0%}" for l in range(z.shape[1]))
     print(f"wrote {args.out} ({len(text)} chars; boundary rate {rates})")
     return 0

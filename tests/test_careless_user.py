@@ -172,7 +172,7 @@ def test_plot_draws_an_exported_model_on_text_without_its_delimiters(tmp_path, c
     out = tmp_path / "b.png"
     assert main(["plot", str(ROOT / "hmlstm/assets/default.onnx"), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert out.stat().st_size > 1000 and "trained on text without" in captured.err
+    assert out.stat().st_size > 1000 and "trained on text without" in captured.err and "truth row" in captured.err
     n = int(re.search(r"\((\d+) chars", captured.out).group(1))
     assert n == len("".join("Theforstatementisusedtoiterateovertheelementsofasequence(suchasastring,tupleorlist)"
                             "orotheriterableobject."))

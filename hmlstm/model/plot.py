@@ -35,13 +35,14 @@ FORMATS = ("png", "pdf", "svg")  # by the file name's extension
 
 
 def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
-                    title: str | None = None) -> Path:
+                    title: str | None = None, truth=None) -> Path:
     """A picture of ``text`` with each layer's boundaries marked under it, like the paper's figures: PNG,
     PDF or SVG by ``path``'s extension (none: PNG).
 
     The text is cut into lines of ``width`` characters. Under each character,
     one row per layer: a filled cell where that layer's boundary detector fired
-    (the segment ends after this character).
+    (the segment ends after this character). ``truth`` (bool per character, optional):
+    a last row, in grey, of where the true boundaries are (the removed delimiters).
     """
     import matplotlib
 
@@ -51,7 +52,7 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
     width = max(1, min(width, len(text)))
     n_layers = z.shape[1]
     n_lines = max(1, -(-len(text) // width))
-    rows_per_line = n_layers + 2
+    rows_per_line = n_layers + 2 + (1 if truth is not None else 0)
     fig_h = 0.22 * rows_per_line * n_lines + 0.6
     fig, ax = plt.subplots(figsize=(0.16 * width + 1.4, fig_h))
     colors = plt.get_cmap("tab10")
@@ -68,6 +69,11 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
         for l in range(n_layers):
             ax.text(-0.6, y0 - 1.05 - l, f"z{l + 1}", ha="right", va="center", fontsize=7,
                     color=colors(l))
+        if truth is not None:
+            for i in range(len(chunk)):
+                if truth[line * width + i]:
+                    ax.add_patch(plt.Rectangle((i + 0.1, y0 - 1.45 - n_layers), 0.8, 0.8, color="0.6", lw=0))
+            ax.text(-0.6, y0 - 1.05 - n_layers, "truth", ha="right", va="center", fontsize=7, color="0.4")
     ax.set_xlim(-2.5, width + 0.5)
     ax.set_ylim(-n_lines * rows_per_line + 1, 1)
     ax.axis("off")

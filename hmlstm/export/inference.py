@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmlstm import spec
+from hmlstm.export.functions import tf_signature
 from hmlstm.model.cell import _layer_norm
 
 ENGINES = ("sparse", "dense")
@@ -135,8 +136,6 @@ def inference_function(network, engine: str = "sparse") -> tf.types.experimental
     output projections only where h changed (``_sparse_output``); "dense" computes every row.
     Same inputs, outputs and meanings.
     """
-    from hmlstm.export.convert import tf_signature
-
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     cfg = network.config

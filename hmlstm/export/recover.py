@@ -201,7 +201,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     """Write a run directory whose checkpoint holds ``model_path``'s weights; returns it."""
     import tensorflow as tf
 
-    from hmlstm.export.convert import stream_function, tf_reference
+    from hmlstm.export.functions import stream_function, tf_reference
     from hmlstm.export.validate import make_feeds, run_session
     from hmlstm.model.checkpoint import write_run_info
     from hmlstm.model.network import HMLSTMNetwork

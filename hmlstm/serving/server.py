@@ -25,6 +25,7 @@ from hmlstm.serving.batching import BatchingRunner
 from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.metrics import Metrics
 from hmlstm.serving.model import LoadedModel
+from hmlstm.serving.ports import check_port_free
 from hmlstm.serving.runner import Runner
 from hmlstm.serving.store import StoreUnavailable, decode_record, open_store
 from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState
@@ -406,8 +407,6 @@ class SegmenterServer:
                 raise OSError(f"metrics port {self.config.metrics_port} on {host} is not available "
                               f"({e.strerror or e}); choose another --metrics-port, or -1 for none") from None
         if not self.config.reuse_port:
-            from hmlstm.serving.workers import check_port_free
-
             check_port_free(host, self.config.port)  # one clear line instead of gRPC's bind error
         if self.config.tls_cert:
             creds = grpc.ssl_server_credentials(

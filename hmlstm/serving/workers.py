@@ -27,47 +27,14 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
 
 from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.ports import bind_socket, check_port_free
 
 log = logging.getLogger("hmlstm.serve")
 CRASH_WINDOW_S = 10.0
 CRASH_LIMIT = 3
-
-
-def _addresses(host: str, port: int):
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise OSError(f"cannot resolve {host!r}: {e.strerror}") from None
-    return [(family, addr) for family, _, _, _, addr in infos]
-
-
-def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A socket bound to host:port (not listening). Without reuse_port this fails if anything is there."""
-    family, addr = _addresses(host, port)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        else:  # as gRPC binds: connections of an earlier server still in TIME_WAIT do not block the port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        if e.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-            raise OSError(f"port {port} on {host} is already in use (another process listens there); "
-                          "stop it or choose another --port") from None
-        raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from None
-    return sock
-
-
-def check_port_free(host: str, port: int) -> int:
-    """Refuse a port that anything is bound to; returns the port (a free one if ``port`` is 0)."""
-    with bind_socket(host, port, reuse_port=False) as s:
-        return s.getsockname()[1]
 
 
 def worker_config(config: ServeConfig, index: int, port: int) -> ServeConfig:

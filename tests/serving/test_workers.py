@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from hmlstm.serving.config import ServeConfig
-from hmlstm.serving.workers import bind_socket, check_port_free, worker_config
+from hmlstm.serving.ports import bind_socket, check_port_free
+from hmlstm.serving.workers import worker_config
 from hmlstm.v1 import segmenter_pb2 as pb
 from hmlstm.v1 import segmenter_pb2_grpc as pb_grpc
 from tests.serving.durable import fold, free_port, stream_until_broken, unary, wait_serving

@@ -1,0 +1,42 @@
+"""Binding a port the way the server will, to refuse a taken one in one line before gRPC tries.
+
+Read by the server (one process) and by the supervisor of ``--workers`` (workers.py), so that neither
+imports the other.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+def _addresses(host: str, port: int):
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host!r}: {e.strerror}") from None
+    return [(family, addr) for family, _, _, _, addr in infos]
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A socket bound to host:port (not listening). Without reuse_port this fails if anything is there."""
+    family, addr = _addresses(host, port)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:  # as gRPC binds: connections of an earlier server still in TIME_WAIT do not block the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            raise OSError(f"port {port} on {host} is already in use (another process listens there); "
+                          "stop it or choose another --port") from None
+        raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def check_port_free(host: str, port: int) -> int:
+    """Refuse a port that anything is bound to; returns the port (a free one if ``port`` is 0)."""
+    with bind_socket(host, port, reuse_port=False) as s:
+        return s.getsockname()[1]

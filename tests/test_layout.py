@@ -38,3 +38,13 @@ def test_no_import_circles():
     for start in graph:
         visit(start, [start])
     assert not circles, sorted({" -> ".join(c) for c in circles})[:10]
+
+
+def test_each_command_is_a_module_of_its_own_behind_a_thin_entry_point():
+    from hmlstm.cli import build_parser
+
+    commands = build_parser().commands
+    for name in commands:
+        module = ROOT / "hmlstm" / "cli" / f"{name}.py"
+        assert module.is_file() and f"def cmd_{name}(args)" in module.read_text(), name
+    assert len((ROOT / "hmlstm" / "cli" / "__init__.py").read_text().splitlines()) < 150

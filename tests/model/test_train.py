@@ -51,7 +51,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path)
 def test_resume_with_other_settings_is_refused(corpus, tmp_path):
     cfg = TrainConfig(batch_size=8, seq_len=20, max_steps=2)
     train(corpus, SMALL, cfg, tmp_path / "run", progress=False)
-    with pytest.raises(UserError, match="different model"):
+    with pytest.raises(UserError, match=r"different num_units \[16, 16\] \(now \[8, 8\]\)"):
         train(corpus, dict(SMALL, num_units=(8, 8)), cfg, tmp_path / "run", progress=False)
 
 

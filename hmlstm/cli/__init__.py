@@ -1,0 +1,116 @@
+"""The ``hmlstm`` command: parse flags, build a config, call one function (one module per command).
+
+User mistakes (``UserError``) print one line, ``hmlstm: error: ...``, and exit
+2 with no traceback. TensorFlow is imported only by the subcommands that need
+it, with its start-up chatter silenced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+
+import hmlstm
+from hmlstm.cli.common import _unescape, quiet_tensorflow
+from hmlstm.cli.demo import DEMO_TEXT, _add_demo
+from hmlstm.cli.evaluate import _add_evaluate
+from hmlstm.cli.export import _add_export
+from hmlstm.cli.health import _add_health
+from hmlstm.cli.info import _add_info
+from hmlstm.cli.plot import _add_plot
+from hmlstm.cli.segment import _add_segment
+from hmlstm.cli.serve import _add_serve
+from hmlstm.cli.train import PRESETS, _add_train
+from hmlstm.errors import UserError
+
+__all__ = ["main", "build_parser", "quiet_tensorflow", "DEMO_TEXT", "PRESETS", "UserError", "_unescape"]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where its help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], "") or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean --steps?" for a misspelt flag of the command given."""
+
+    commands: dict = {}
+    _argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            command = next((self.commands[a] for a in self._argv if a in self.commands), None)
+            known = [o for a in (command._actions if command else self._actions) for o in a.option_strings]
+            for token in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(token.split("=")[0], known, n=1, cutoff=0.6) \
+                    if token.startswith("--") else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hmlstm", description="Streaming sequence segmentation with a Hierarchical Multiscale LSTM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
+    parser.add_argument("--version", action="version", version=f"hmlstm {hmlstm.__version__}")
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kw):  # every command's --help shows its defaults
+        kw["formatter_class"] = _HelpFormatter
+        return _add_parser(name, **kw)
+
+    sub.add_parser = add_parser
+    _add_train(sub)
+    _add_plot(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
+    _add_serve(sub)
+    _add_health(sub)
+    _add_segment(sub)
+    _add_demo(sub)
+    _add_info(sub)
+    return parser
+
+
+# Modules of the [train] extra (pyproject.toml): a server-only install lacks them.
+TRAIN_EXTRA = ("tensorflow", "tensorboard", "tf2onnx", "onnx", "tqdm", "matplotlib")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None):  # the preset's settings as defaults; the flags given on the line still win
+        parser.commands[args.command].set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"hmlstm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hmlstm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `hmlstm segment ... | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        print(f"hmlstm: error: `hmlstm {args.command}` needs {e.name.split('.')[0]}, which the server-only install "
+              "leaves out; install training, export and plots with: pip install 'hmlstm[train]'", file=sys.stderr)
+        return 2

@@ -1,0 +1,127 @@
+"""What several commands share: quiet TensorFlow, flag parsers, loading a model or its vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hmlstm.errors import UserError
+
+
+def quiet_tensorflow():
+    """Import TensorFlow without the C++ log lines it prints on CPU-only machines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 1,2, got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"layer numbers start at 1, got {text!r}")
+    return layers
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _unescape(chars: str | None) -> str | None:
+    """Let '\\n' and '\\t' on the command line mean newline and tab."""
+    return None if chars is None else chars.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _strip_chars(args) -> str | None:
+    """--strip-delimiters / --strip-whitespace, refusing a value that is really the next argument."""
+    chars = args.strip_delimiters
+    if chars is not None and args.strip_whitespace:
+        raise UserError("give --strip-delimiters or --strip-whitespace, not both")
+    if args.strip_whitespace:
+        return " \n\t"
+    if chars == "":
+        raise UserError("--strip-delimiters needs at least one character, e.g. --strip-delimiters=' '")
+    if chars is not None and len(chars) > 1 and Path(chars).exists():
+        raise UserError(f"--strip-delimiters takes the characters to remove, and {chars!r} looks like a file "
+                        "name (the corpus?): write --strip-delimiters=CHARS, or --strip-whitespace")
+    return _unescape(chars)
+
+
+def _model_vocabulary(path: Path):
+    """(vocabulary, characters the model was trained without, provenance) of a run directory or an
+    exported model; the provenance names the training corpus and holds train_config."""
+    if path.is_file():
+        from hmlstm.serving.model import ModelLoadError, load_model
+
+        try:
+            model = load_model(path, "cpu")
+        except ModelLoadError as e:
+            raise UserError(str(e)) from None
+        return model.vocab, model.provenance.get("strip_delimiters") or "", model.provenance
+    quiet_tensorflow()
+    from hmlstm.model.checkpoint import load_network
+
+    _, info = load_network(path)  # UserError if it is not a run or its weights cannot be restored
+    return info.vocab, info.meta.get("strip_delimiters") or "", {**info.meta, "train_config": info.train.to_dict()}
+
+
+def _load_model(path, device, threads=None, spinning=None, config=None):
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    trt = dict(trt_cache=config.trt_cache, trt_fp16=config.trt_fp16, tolerance=config.device_tolerance,
+               engine=config.engine) if config is not None else {}
+    try:
+        return load_model(path, device, threads, spinning, **trt)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+
+
+def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
+    """Per layer, what its boundaries are worth on each text the model card evaluated (the held-out
+    part of the training text, another text): layer 1 against words, the layers above against phrases
+    or sentences (the one they find best), each against a random detector at the layer's rate."""
+    import json
+
+    from hmlstm import spec
+    from hmlstm.evaluation import text_label
+
+    try:
+        evaluations = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    lines: dict[int, list[str]] = {}
+    for key, where in (("held_out", "held-out text"), ("other_text", "another text")):
+        report = evaluations.get(key)
+        if not isinstance(report, dict):
+            continue
+        for name, e in report.get("layers", {}).items():
+            meant = ("words",) if name == "layer1" else ("phrases", "sentences")  # what each layer is taught
+            scores = [(unit, align, s) for unit in meant if unit in e for align, s in e[unit].items()]
+            if not scores:
+                continue
+            unit, align, s = max(scores, key=lambda x: x[2]["f1"] - x[2]["random_f1"])
+            useful = s["f1"] >= s["random_f1"] + 0.10
+            verdict = f"finds {unit}" if useful else "within 0.10 of a random detector: not a useful segmenter"
+            lines.setdefault(int(name.removeprefix("layer")), []).append(
+                f"{where} ({text_label(report['text'])}): {unit[:-1]}-{align} F1 {s['f1']:.2f} against "
+                f"{s['random_f1']:.2f} for random firing at its rate: {verdict}")
+    return lines

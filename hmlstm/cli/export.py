@@ -1,0 +1,90 @@
+"""`hmlstm export`: a training run, or an earlier export, to ONNX (both engines), validated."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from hmlstm.cli.common import quiet_tensorflow
+from hmlstm.errors import UserError
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="convert a trained run to ONNX (time loop kept) and validate it",
+                       description="Convert a training run's streaming step function to ONNX with the "
+                       "time loop kept as one Loop, prove it equal to TensorFlow, and write it with a "
+                       "JSON model card beside it. A model that fails validation is not written.")
+    p.add_argument("checkpoint", type=Path,
+                   help="run directory written by `hmlstm train`, or an exported .onnx to export again with "
+                        "this version's exporter (its weights are recovered and checked first)")
+    p.add_argument("--out", type=Path, default=Path("model.onnx"),
+                   help="the .onnx to write (the sparse graph; the dense one goes beside it as OUT.dense.onnx, "
+                        "the model card as OUT.card.json)")
+    p.add_argument("--engines", default="sparse,dense", metavar="LIST",
+                   help="graphs to write, the first at --out and each other beside it (OUT.dense.onnx): sparse "
+                        "computes layers above the first only where they UPDATE or FLUSH; dense computes every row")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="validate on CPU, plus CUDA where it works (auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="validate on a smaller grid (time 1, 7, 333; batch 1, 3)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |ONNX - TensorFlow| on logits and states (default 1e-4)")
+    p.add_argument("--strict", action="store_true",
+                   help="the tolerance is absolute: no value beyond it is explained by TensorFlow's own "
+                        "float32 spread (see docs/export.md)")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="also evaluate on this text file from another source (stripped like the training text) "
+                        "and put the report in the model card beside the held-out one")
+    p.add_argument("--triton-instance", choices=["gpu", "cpu"], default="gpu",
+                   help="the Triton instance kind: gpu (KIND_GPU, the dense graph) or cpu (KIND_CPU, the sparse one)")
+    p.add_argument("--triton-max-sequences", type=int, default=256, metavar="N",
+                   help="sequences Triton batches together per instance; more wait in its backlog (default 256)")
+    p.add_argument("--triton", type=Path, default=None, metavar="REPO",
+                   help="also write a Triton Inference Server model repository for it (REPO/hmlstm/1/model.onnx "
+                        "and config.pbtxt: ONNX Runtime backend, sequence batching with implicit state)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    if not args.tolerance > 0:  # checked before the minutes of conversion, not after
+        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
+    if args.triton_max_sequences < 1:
+        raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
+    quiet_tensorflow()
+    from hmlstm.export.convert import ExportConfig, export
+    from hmlstm.export.validate import ValidationError
+    from hmlstm.model.data import read_text_file
+
+    kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
+    if args.strict:
+        kw["explain_factor"] = 0.0
+    if args.eval_text is not None:
+        read_text_file(args.eval_text)  # a missing or unreadable file is refused before the export's work
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
+                       tolerance=args.tolerance, eval_text=args.eval_text, engines=engines, **kw)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:
+        run = args.checkpoint
+        if run.suffix == ".onnx" and run.is_file():
+            from hmlstm.export.recover import recover_run
+
+            run = recover_run(run, Path(tmp) / run.stem, log=log)
+        try:
+            result = export(run, args.out, cfg, log=log)
+        except ValidationError as e:
+            print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+    others = [e["file"] for e in result.card["engines"].values() if e["file"] != result.path.name]
+    print(f"wrote {result.path} ({result.card['engine']} engine, {result.card['size_bytes'] / 1e6:.2f} MB)"
+          + "".join(f", {result.path.with_name(f)}" for f in others) + f" and {result.card_path}")
+    if args.triton is not None:
+        from hmlstm.export.triton import write_repository
+
+        config = write_repository(result.path, args.triton, instance=args.triton_instance,
+                                  max_sequences=args.triton_max_sequences)
+        print(f"wrote {config} (Triton model repository {args.triton}, {args.triton_instance} instance)")
+    return 0

@@ -1,0 +1,84 @@
+"""`hmlstm info`: what an exported model is (its card)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hmlstm.cli.common import _held_out_quality
+from hmlstm.errors import UserError
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="what an exported model is: recipe, vocabulary, engines, evaluations (its card)")
+    p.add_argument("model", nargs="?", type=Path, default=None,
+                   help="an .onnx written by `hmlstm export` (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print the whole model card as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def _card_or_metadata(path: Path) -> dict:
+    """The model card beside ``path``, or for a file without one, what its metadata says."""
+    import json
+
+    from hmlstm import spec
+
+    card = spec.card_path(path)
+    if card.is_file():
+        try:
+            return json.loads(card.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{card} is not valid JSON; export the model again to rewrite it") from None
+    from hmlstm.serving.model import ModelLoadError, load_model
+
+    try:
+        model = load_model(path, "cpu")
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+    return {"model_config": model.config, "vocabulary_size": len(model.vocab), "provenance": model.provenance,
+            "boundary_alignment": {str(k): v for k, v in model.alignment.items()}, "engine": model.engine,
+            "vocabulary": model.vocab.chars, "evaluation": {}}
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    path = args.model or DEFAULT_MODEL
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; give an .onnx written by `hmlstm export`")
+    card = _card_or_metadata(path)
+    if args.json:
+        print(json.dumps(card, indent=2, ensure_ascii=False))
+        return 0
+    cfg, prov = card.get("model_config", {}), card.get("provenance") or {}
+    engines = card.get("engines") or {}
+    beside = [e["file"] for name, e in engines.items() if e.get("file") != path.name]
+    lines = [f"{path.name}: {len(cfg.get('num_units', []))} layers x "
+             f"{'/'.join(map(str, cfg.get('num_units', [])))} units, embedding {cfg.get('embed_dim')}, "
+             f"vocabulary {card.get('vocabulary_size')} characters; {card.get('engine', 'dense')} engine"
+             + (f" ({', '.join(beside)} beside it)" if beside else "")]
+    if prov.get("command"):
+        preset = f" (preset {prov['preset']})" if prov.get("preset") else ""
+        command = prov["command"] if prov["command"].startswith("hmlstm ") else f"hmlstm {prov['command']}"
+        lines.append(f"recipe: {command}{preset}")
+    if prov.get("step") is not None:
+        lines.append(f"trained: {prov['step']:,} steps on {prov.get('corpus', '?')}, "
+                     f"validation BPC {prov.get('val_bpc')}")
+    strip = prov.get("strip_delimiters")
+    lines.append(f"trained without: {strip!r} (segment, plot and evaluate remove these; --keep-delimiters keeps "
+                 "them)" if strip else "trained without: nothing (the text as it is)")
+    if card.get("boundary_alignment"):
+        lines.append("boundaries: " + ", ".join(f"layer {l} fires on a unit's {'first' if a == 'start' else 'last'} "
+                                                "character" for l, a in card["boundary_alignment"].items()))
+    for layer, quality in sorted(_held_out_quality(path).items()):
+        for q in quality:
+            lines.append(f"layer {layer}, {q}")
+    v = card.get("validation") or {}
+    if v:
+        flips = len(v.get("boundary_flips_explained", []))
+        lines.append(f"validated against TensorFlow: {len(v.get('cases', []))} cases, max |diff| logits "
+                     f"{v.get('max_abs_diff', {}).get('logits')}, {flips} explained boundary flips in "
+                     f"{v.get('boundaries_compared', 0):,}")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,235 @@
+"""`hmlstm segment`: stream a file to a server (or run the model here) and print its segments live."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hmlstm.cli.common import _layer_list, _load_model
+from hmlstm.errors import UserError
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live")
+    p.add_argument("file", help="a UTF-8 text file, or - for standard input")
+    p.add_argument("--server", default=None, help="host:port of `hmlstm serve` (default 127.0.0.1:50051)")
+    p.add_argument("--local", action="store_true", help="run the model in this process; no server")
+    p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
+    p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
+    p.add_argument("--layers", type=_layer_list, default=[], metavar="L1,L2",
+                   help="comma-separated boundary layers to report, e.g. --layers 1,2 (default: all)")
+    p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
+    p.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
+    p.add_argument("--keep-delimiters", action="store_true",
+                   help="send the text as is, even the characters the model was trained without "
+                        "(by default they are removed before sending, and a note says so)")
+    p.set_defaults(func=cmd_segment)
+
+
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with path.open("rb") as f:
+            while raw := f.read(block):
+                decoder.decode(raw)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def _read_chunks(path: str, size: int):
+    """Check the source now (before anything connects); return a generator of its text in pieces."""
+    import codecs
+
+    if size < 1:
+        raise UserError("--chunk-chars must be at least 1")
+    if path != "-":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path} does not exist or is not a file")
+        _check_utf8(p)  # a file can be checked whole before anything is sent; standard input cannot
+    name = "standard input" if path == "-" else path
+
+    def pieces():
+        # Bytes, decoded strictly: a non-UTF-8 input is one clean error, never a surrogate printed later.
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        pending = ""
+        try:
+            while True:
+                raw = stream.read(size)
+                pending += decoder.decode(raw, final=not raw)
+                while len(pending) >= size or (not raw and pending):
+                    yield pending[:size]
+                    pending = pending[size:]
+                if not raw:
+                    return
+        except UnicodeDecodeError:
+            raise UserError(f"{name} is not UTF-8 text") from None
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+    return pieces()
+
+
+class _Original:
+    """The text as read and the text as sent (less the characters the model was trained without), with where
+    each sent character stands in the original: what `segment` prints, its line breaks and delimiters kept."""
+
+    def __init__(self, strip: str):
+        self.table = str.maketrans("", "", strip)
+        self.strip = set(strip)
+        self.original: list[str] = []
+        self.sent: list[str] = []
+        self.kept: list[int] = []  # sent index -> original index
+        self.length = 0
+        self.shown = 0  # original characters printed so far
+
+    def add(self, chunk: str) -> str:
+        self.original.append(chunk)
+        self.kept.extend(self.length + i for i, ch in enumerate(chunk) if ch not in self.strip)
+        self.length += len(chunk)
+        sent = chunk.translate(self.table)
+        self.sent.append(sent)
+        return sent
+
+    def text(self) -> str:
+        if len(self.original) > 1:
+            self.original[:] = ["".join(self.original)]
+        return self.original[0] if self.original else ""
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Sent characters [start, end) -> the original [first, last + 1)."""
+        return self.kept[start], self.kept[end - 1] + 1
+
+
+def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
+    """Print what ``r`` adds, in the original text; returns the sent characters printed."""
+    import json
+
+    if jsonl:
+        for s in r.segments:
+            if s.final and s.end > s.start:
+                a, b = orig.span(s.start, s.end)
+                print(json.dumps({"layer": s.layer, "start": a, "end": b, "text": orig.text()[a:b],
+                                  "sent_start": s.start, "sent_end": s.end, "sent_text": s.text},
+                                 ensure_ascii=False), flush=True)
+        return r.processed_chars
+    if r.processed_chars > printed:
+        b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+        marks = marker.marks(r.processed_chars - printed, printed, b)
+        text, out = orig.text(), []
+        for i, m in enumerate(marks):
+            at = orig.kept[printed + i]
+            out += [text[orig.shown : at], m, text[at]]  # the delimiters before it, its mark, the character
+            orig.shown = at + 1
+        sys.stdout.write("".join(out))
+    if r.final:
+        sys.stdout.write(orig.text()[orig.shown :] + marker.close())
+        orig.shown = orig.length
+    sys.stdout.flush()
+    return max(printed, r.processed_chars)
+
+
+def _note_stripping(chars: str, keep: bool) -> str:
+    """What is removed before sending ("" when nothing), said once on stderr."""
+    if not chars or keep:
+        return ""
+    print(f"[the model was trained on text without {chars!r}: removing them before sending (the output shows the "
+          "text as read); --keep-delimiters sends the text as is]", file=sys.stderr)
+    return chars
+
+
+def _check_segment_flags(args) -> None:
+    """Flags that conflict, or that this way of running would ignore, are refused by name."""
+    if args.local:
+        for flag, value in (("--server", args.server), ("--token-env", args.token_env), ("--tls-ca", args.tls_ca)):
+            if value is not None:
+                raise UserError(f"{flag} and --local: --local runs the model in this process, with no server; "
+                                "give one of them")
+        return
+    if args.model is not None:
+        raise UserError("--model works only with --local (a server serves its own model); add --local or drop --model")
+    if args.token_env is not None and not os.environ.get(args.token_env):
+        raise UserError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    args.server = args.server or "127.0.0.1:50051"
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--server {args.server}: give host:port with a port 1-65535")
+
+
+def cmd_segment(args) -> int:
+    from hmlstm.serving.render import Marker, legend
+
+    _check_segment_flags(args)
+    chunks = _read_chunks(args.file, args.chunk_chars)
+    orig = _Original("")
+    failed: list[UserError] = []
+
+    def tee():
+        # A mistake found while reading (a non-UTF-8 byte) ends the request stream cleanly and is
+        # reported after it, instead of surfacing as the server's "Exception iterating requests".
+        try:
+            for c in chunks:
+                sent = orig.add(c)
+                if sent:  # a chunk of delimiters only sends nothing
+                    yield sent
+        except UserError as e:
+            failed.append(e)
+
+    def done() -> int:
+        if failed:
+            raise failed[0]
+        if not orig.kept:
+            print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
+        elif not args.jsonl and not orig.text().endswith("\n"):
+            print()
+        return 0
+
+    printed = 0
+    if args.local:
+        from hmlstm.serving.messages import response_pb
+        from hmlstm.serving.runner import process_chunk_sync
+        from hmlstm.serving.stream import StreamState
+
+        model = _load_model(args.model, "auto")
+        orig = _Original(_note_stripping(model.provenance.get("strip_delimiters") or "", args.keep_delimiters))
+        layers = sorted(set(args.layers)) or model.boundary_layers
+        bad = [l for l in layers if l not in model.boundary_layers]
+        if bad:
+            raise UserError(f"layer(s) {bad} cannot report boundaries; this model's are {model.boundary_layers}")
+        if not args.jsonl:
+            print(f"[{legend(layers)}]", file=sys.stderr)
+        st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment)
+        marker = Marker(model.alignment)
+        for c in tee():
+            r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
+            printed = _print_result(r, orig, args.jsonl, printed, marker)
+        _print_result(response_pb(st.finish()), orig, args.jsonl, printed, marker)
+        return done()
+
+    import grpc
+
+    from hmlstm.serving.client import SegmenterClient
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with SegmenterClient(args.server, token=token, root_cert=args.tls_ca) as client:
+        try:
+            info = client.describe()
+            orig = _Original(_note_stripping(info.trained_without, args.keep_delimiters))
+            marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
+            layers = sorted(set(args.layers)) or list(info.boundary_layers)
+            if not args.jsonl:
+                print(f"[{legend(layers)}]", file=sys.stderr)
+            for r in client.stream(tee(), layers=layers):
+                printed = _print_result(r, orig, args.jsonl, printed, marker)
+        except grpc.RpcError as e:
+            if failed:
+                raise failed[0] from None
+            raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+    return done()

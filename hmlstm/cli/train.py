@@ -1,0 +1,177 @@
+"""`hmlstm train`: train an HM-LSTM character LM on a corpus, with presets and checks before any work."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hmlstm.cli.common import _floats, _strip_chars, quiet_tensorflow
+from hmlstm.errors import UserError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an HM-LSTM character LM",
+                       description="Train an HM-LSTM character language model. A run directory "
+                       "that holds a run with the same settings is resumed.")
+    p.add_argument("corpus", nargs="?", default="builtin",
+                   help="'builtin' (Python's docs text, default), 'synthetic', or a UTF-8 text file")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "ptb"],
+                   help="file format: plain text, or Penn Treebank characters ('a _ b')")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<corpus>)")
+    p.add_argument("--layers", type=int, default=3, help="how many HM-LSTM layers (a count; `segment --layers` picks "
+                   "layers to report)")
+    p.add_argument("--units", type=int, default=128, help="hidden units per layer")
+    p.add_argument("--embed-dim", type=int, default=64, help="character embedding size")
+    p.add_argument("--output-dim", type=int, default=256, help="output embedding size before the softmax")
+    p.add_argument("--top-boundary", action="store_true",
+                   help="give the top layer its own boundary detector (default: off)")
+    p.add_argument("--layer-norm", action="store_true", help="layer normalisation of the gate pre-activations")
+    p.add_argument("--batch-size", type=int, default=32, help="streams of text trained side by side")
+    p.add_argument("--seq-len", type=int, default=100, help="characters per step (truncated BPTT window)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training text (unless --steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train this many steps in all, instead of --epochs (a resumed run counts its earlier ones)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the synthetic corpus")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of a text file held out for validation (builtin holds out a fixed tenth)")
+    p.add_argument("--slope-rate", type=float, default=0.04, help="slope a += rate per epoch")
+    p.add_argument("--slope-max", type=float, default=5.0, help="the boundary slope a grows to at most this")
+    p.add_argument("--slope-per-step", action="store_true",
+                   help="anneal the slope at every step (fractional epochs), not once per epoch")
+    p.add_argument("--rate-targets", default="",
+                   help="comma-separated firing-rate target per boundary layer, e.g. 0.2,0.08")
+    p.add_argument("--rate-penalty", type=float, default=1.0, help="weight of the firing-rate penalty")
+    p.add_argument("--entropy-target", type=float, default=0.0,
+                   help="weight of a self-supervised boundary target: fire after the model's own entropy peaks")
+    p.add_argument("--peak-fractions", default="",
+                   help="with --entropy-target: per layer, the share of the highest entropy peaks it is taught, "
+                        "e.g. 0.7,0.25,0.08 (default: layer 1 alone, every peak)")
+    p.add_argument("--peak-window", type=int, default=0, metavar="CHARS",
+                   help="rank layer 1's peaks by their height above the mean entropy of this many characters "
+                        "around them (0: by height)")
+    p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
+                   help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
+                        "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
+    p.add_argument("--strip-whitespace", action="store_true",
+                   help="the same as --strip-delimiters=' \\n\\t'")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a progress line every 30 s and at each validation instead (also what "
+                        "happens without a terminal, so that no \\r goes into a log)")
+    p.add_argument("--strategy", default=None, choices=["mirrored", "multiworker"],
+                   help="tf.distribute: mirrored (several GPUs) or multiworker (several hosts, TF_CONFIG)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named recipe: its settings become the defaults, and flags given beside it still win. "
+                        "shipped: the shipped model's (" + " ".join(
+                            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                            for k, v in PRESETS["shipped"].items()) + "); without it the defaults are the paper's")
+    p.set_defaults(func=cmd_train)
+
+
+# Named training recipes for `train --preset` (argparse destinations -> values). "shipped" is the recipe of
+# hmlstm/assets/default.onnx, as its card's provenance.command records it.
+PRESETS = {
+    "shipped": {"strip_whitespace": True, "top_boundary": True, "entropy_target": 1.0,
+                "peak_fractions": "0.7,0.25,0.08", "peak_window": 9, "steps": 10000, "seed": 0},
+}
+
+
+def _check_model_fits(args, vocab: int = 256) -> None:
+    """Refuse, before any work, a model whose weights and Adam's two moments would not fit in memory."""
+    units, layers = args.units, args.layers
+    params = vocab * args.embed_dim + args.output_dim * (units * layers + vocab) + units * layers
+    for l in range(layers):
+        below = args.embed_dim if l == 0 else units
+        params += (below + units + (units if l + 1 < layers else 0) + 1) * (4 * units + 1)
+    need = 4 * 4 * params  # float32 weights, gradients and two Adam moments
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > memory:
+        raise UserError(f"--units {units} --embed-dim {args.embed_dim} --layers {layers}: the model would have about "
+                        f"{params:,} parameters, {need / 2**30:,.0f} GiB with Adam's state, more than this machine's "
+                        f"{memory / 2**30:,.0f} GiB; choose smaller sizes")
+
+
+def _check_text_is_text(text: str, name: str) -> None:
+    """A training text made mostly of control characters (NUL bytes: a binary file) is refused."""
+    import unicodedata
+
+    sample = text[:200_000]
+    control = sum(1 for c in sample if c not in "\n\r\t" and unicodedata.category(c).startswith("C"))
+    if sample and control > 0.3 * len(sample):
+        raise UserError(f"{name} is {control / len(sample):.0%} control characters (NUL bytes?): it looks like a "
+                        "binary file, not text to train on")
+
+
+def cmd_train(args) -> int:
+    quiet_tensorflow()
+    from hmlstm.model.config import TrainConfig
+    from hmlstm.model.data import load_corpus
+    from hmlstm.model.train import train
+
+    for flag, value in (("--layers", args.layers), ("--units", args.units), ("--embed-dim", args.embed_dim),
+                        ("--output-dim", args.output_dim)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a directory for the run")
+    try:
+        cfg = TrainConfig(
+            batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
+            clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
+            max_minutes=args.minutes, seed=args.seed, val_fraction=args.val_fraction,
+            slope_rate=args.slope_rate, slope_max=args.slope_max,
+            checkpoint_every=args.checkpoint_every, slope_per_step=args.slope_per_step,
+            rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
+            entropy_target=args.entropy_target, peak_fractions=_floats(args.peak_fractions),
+            peak_window=args.peak_window,
+        )
+    except ValueError as e:
+        raise UserError(f"{e}; fix the flag and run again") from None
+    detectors = args.layers if args.top_boundary else args.layers - 1
+    if len(cfg.rate_targets) > detectors:
+        raise UserError(f"--rate-targets gives {len(cfg.rate_targets)} rates, but the model has {detectors} layer(s) "
+                        f"with a boundary detector; give at most {detectors} (--top-boundary gives the top layer one)")
+    if cfg.peak_fractions and not cfg.entropy_target:
+        raise UserError("--peak-fractions says which entropy peaks each layer is taught, which only --entropy-target "
+                        "does; add --entropy-target (e.g. 1) or drop --peak-fractions")
+    _check_model_fits(args)
+    corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
+    _check_text_is_text(corpus.text, corpus.name)
+    out = args.out or Path("runs") / Path(args.corpus).stem
+    model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
+                        output_dim=args.output_dim, top_boundary=args.top_boundary,
+                        layer_norm=args.layer_norm)
+    print(f"training on {corpus.name} ({len(corpus.text):,} chars) -> {out}", file=sys.stderr)
+    from hmlstm.model.distributed import make_strategy
+
+    strategy = make_strategy(getattr(args, "strategy", None))
+    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
+                   preset=args.preset)
+    bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
+    print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")
+    for name, e in result.boundary.items():
+        if name == f"layer{args.layers}" and not args.top_boundary:
+            print(f"  {name}: no boundary detector (--top-boundary gives the top layer one)")
+            continue
+        line = f"  {name}: fires at {e['rate']:.1%} of characters"
+        if "word_ends" in e:
+            w = e["word_ends"]
+            line += f"; word-end P {w['precision']:.2f} R {w['recall']:.2f} F1 {w['f1']:.2f}"
+            if "word_starts" in e:
+                line += f", on word starts F1 {e['word_starts']['f1']:.2f}"
+            line += f" (random at that rate: F1 {w['random_f1']:.2f})"
+        if "phrase_starts" in e and name != "layer1":
+            p = max((e["phrase_ends"], e["phrase_starts"]), key=lambda x: x["f1"])
+            line += f"; phrases F1 {p['f1']:.2f} (random {p['random_f1']:.2f})"
+        print(line)
+    if result.skipped_steps:
+        print(f"  {result.skipped_steps} step(s) skipped for a non-finite loss or gradient")
+    # The conventional statuses of a process ended by SIGINT and SIGTERM, as schedulers expect.
+    return {"interrupted": 130, "terminated": 143}.get(result.stopped_by, 0)

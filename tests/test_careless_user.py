@@ -415,3 +415,15 @@ def test_a_taken_worker_metrics_port_is_one_line_before_any_worker_starts():
         r = run_cli("serve", "--workers", "2", "--metrics-port", str(taken - 1), "--port", "0", cwd=ROOT)
     assert r.returncode == 2, r.stderr
     _one_error_line(r.stderr, "is taken; choose another --metrics-port")  # worker 1's, unless taken - 1 is too
+
+
+def test_segment_warns_when_the_text_is_mostly_outside_the_vocabulary(tmp_path):
+    f = tmp_path / "ru.txt"
+    f.write_text("Это текст на русском языке, которого модель не знает.\n", encoding="utf-8")
+    r = run_cli("segment", str(f), "--local", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("hmlstm: warning:")]
+    assert len(warning) == 1 and "outside the model's vocabulary and were read as unknown" in warning[0]
+    ok = tmp_path / "en.txt"
+    ok.write_text("The for statement is used to iterate over the elements of a sequence.\n")
+    assert "warning" not in run_cli("segment", str(ok), "--local", cwd=ROOT).stderr

@@ -182,9 +182,16 @@ def cmd_segment(args) -> int:
         except UserError as e:
             failed.append(e)
 
+    unknown = [0]  # characters the model's vocabulary lacks, as the responses count them
+
     def done() -> int:
         if failed:
             raise failed[0]
+        sent_chars = len(orig.kept)
+        if sent_chars and unknown[0] > 0.05 * sent_chars:
+            print(f"hmlstm: warning: {unknown[0]:,} of {sent_chars:,} characters ({unknown[0] / sent_chars:.0%}) are "
+                  "outside the model's vocabulary and were read as unknown: its boundaries on this text mean little",
+                  file=sys.stderr)
         if not orig.kept:
             print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
         elif not args.jsonl and not orig.text().endswith("\n"):
@@ -209,6 +216,7 @@ def cmd_segment(args) -> int:
         marker = Marker(model.alignment)
         for c in tee():
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
+            unknown[0] += r.unknown_chars
             printed = _print_result(r, orig, args.jsonl, printed, marker)
         _print_result(response_pb(st.finish()), orig, args.jsonl, printed, marker)
         return done()
@@ -227,6 +235,7 @@ def cmd_segment(args) -> int:
             if not args.jsonl:
                 print(f"[{legend(layers)}]", file=sys.stderr)
             for r in client.stream(tee(), layers=layers):
+                unknown[0] += r.unknown_chars
                 printed = _print_result(r, orig, args.jsonl, printed, marker)
         except grpc.RpcError as e:
             if failed:

@@ -79,6 +79,13 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors(l), label=f"z{l + 1}: layer {l + 1} fired") for l in range(n_layers)]
+    if truth is not None:
+        handles.append(Patch(color="0.6", label="truth: a removed delimiter was there"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "png"

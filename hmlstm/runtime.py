@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import onnxruntime as ort
 
 from hmlstm import spec
+from hmlstm.capture import capture_fds
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -94,16 +94,7 @@ def nvidia_driver_present() -> bool:
 
 def _capture_fd2(fn):
     """Run fn() with file descriptor 2 sent to a temp file; return (result, text)."""
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            result = fn()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        return result, tmp.read().decode("utf-8", "replace")
+    return capture_fds(fn, (2,))
 
 
 def _reason(log: str) -> str:
@@ -182,18 +173,7 @@ def preload_nvidia(paths=None) -> list[str]:
 
 def _capture_fds(fn):
     """Run fn() with file descriptors 1 and 2 sent to one temp file; return (result, text)."""
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = [os.dup(1), os.dup(2)]
-        for fd in (1, 2):
-            os.dup2(tmp.fileno(), fd)
-        try:
-            result = fn()
-        finally:
-            for fd, old in zip((1, 2), saved):
-                os.dup2(old, fd)
-                os.close(old)
-        tmp.seek(0)
-        return result, tmp.read().decode("utf-8", "replace")
+    return capture_fds(fn, (1, 2))
 
 
 def _preload_nvidia_libraries() -> list[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from hmlstm.capture import capture_fds
 from hmlstm.errors import UserError
 
 
@@ -28,21 +28,6 @@ def _add_health(sub) -> None:
                    help="the name the certificate must carry, when it is not the target's host (default "
                         "$HMLSTM_TLS_SERVER_NAME)")
     p.set_defaults(func=cmd_health)
-
-
-def _quiet_fd2(fn):
-    """fn() with file descriptor 2 captured (C libraries' log lines); returns (result, captured text)."""
-
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            result = fn()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        return result, tmp.read().decode("utf-8", "replace")
 
 
 def _health_reason(error, tls: bool) -> str:
@@ -79,7 +64,7 @@ def cmd_health(args) -> int:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
 
     try:
-        r, _ = _quiet_fd2(check)  # gRPC's C core logs TLS handshake failures on stderr: boiled down below
+        r, _ = capture_fds(check)  # gRPC's C core logs TLS handshake failures on stderr: boiled down below
     except grpc.RpcError as e:
         print(f"{args.target}: {e.code().name}: {_health_reason(e, tls)}", file=sys.stderr)
         return 1

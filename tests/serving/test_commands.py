@@ -50,14 +50,24 @@ def test_shipped_model_streams_like_unary(default_model):
             assert sorted(segs) == sorted((s.layer, s.start, s.end, s.text) for s in whole.segments)
 
 
-def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls():
+def _serve(*flags):
+    """A real `hmlstm serve` process on a free port (stderr piped), once it answers health checks."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
-                             "-1", "--grace", "10"], stderr=subprocess.PIPE, text=True, env=env)
+                             "-1", *flags], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, target
+
+
+def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls():
+    proc, target = _serve("--grace", "10")
+    try:
         release = threading.Event()
 
         def chunks():
@@ -204,14 +214,9 @@ def test_health_says_why_in_one_line_and_hints_tls_only_where_it_may_be_the_reas
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_streams_open_when_the_grace_period_ends_get_unavailable_saying_whether_they_resume(tmp_path, store):
-    port = free_port()
     spec = "memory" if store == "memory" else f"sqlite:{tmp_path}/state.db"
-    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
-                             "-1", "--grace", "1", "--state-store", spec], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    target = f"127.0.0.1:{port}"
+    proc, target = _serve("--grace", "1", "--state-store", spec)
     try:
-        wait_serving(target)
         release = threading.Event()
 
         def chunks():

@@ -78,6 +78,9 @@ def test_the_readmes_re_export_command_works_on_the_shipped_model(tmp_path, caps
     assert main(["export", str(DEFAULT_MODEL), "--out", str(out), "--quick"]) == 0
     err = capsys.readouterr().err
     assert "recovered the weights of default.onnx" in err and "validated" in err
+    for stage in ("loading ", "converting the sparse and dense graphs with tf2onnx", "validating against TensorFlow",
+                  "evaluating for the model card"):  # the export says what it is doing as it goes
+        assert stage in err, stage
     assert out.is_file() and spec.engine_path(out, "dense").is_file() and spec.card_path(out).is_file()
     card = json.loads(spec.card_path(out).read_text())
     shipped = json.loads(spec.card_path(DEFAULT_MODEL).read_text())

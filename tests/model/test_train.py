@@ -162,3 +162,21 @@ def test_the_recorded_command_runs_again_in_a_shell():
     assert line == "hmlstm train builtin --strip-delimiters ' \\n\\t' --out 'runs/a b'"
     back = shlex.split(line)[1:]
     assert back[:3] == argv[:3] and _unescape(back[3]) == " \n\t" and back[4:] == argv[4:]
+
+
+def test_an_interrupt_before_the_first_step_says_nothing_was_saved(corpus, tmp_path, monkeypatch):
+    """Ctrl-C arriving while the first batch is being made (the loop has taken no step): the run says so and
+    leaves no checkpoint, rather than claiming one."""
+    from hmlstm.model import train as train_module
+
+    def interrupted(self, k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.StreamBatcher, "batch", interrupted)
+    logs = []
+    result = train(corpus, SMALL, TrainConfig(batch_size=8, seq_len=20, max_steps=5), tmp_path / "run",
+                   progress=False, log=logs.append)
+    assert result.stopped_by == "interrupted" and result.step == 0
+    assert any("before the first step: nothing was saved" in line for line in logs), logs
+    assert not any("saved, run" in line for line in logs)
+    assert not list((tmp_path / "run").glob("ckpt/ckpt-*"))

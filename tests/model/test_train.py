@@ -58,14 +58,17 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
 def test_non_finite_step_is_skipped_and_changes_no_weight():
     model = ModelConfig(vocab_size=5, **SMALL)
     trainer = Trainer(model, TrainConfig(batch_size=2, seq_len=4))
+    x = np.ones((2, 4), np.int32)
+    _, _, applied, _ = trainer.train_step(x, x)  # a good step first: the carried state is no longer zero
+    assert bool(applied)
+    assert any(np.abs(v.numpy()).max() > 0 for v in tf.nest.flatten(trainer.carried))
     trainer.network.logit_bias.assign([np.inf, 0, 0, 0, 0])
     before = [v.numpy().copy() for v in trainer.variables_to_train]
-    x = np.ones((2, 4), np.int32)
     _, _, applied, _ = trainer.train_step(x, x)
     assert not bool(applied)
     for b, v in zip(before, trainer.variables_to_train):
         np.testing.assert_array_equal(b, v.numpy())
-    for v in tf.nest.flatten(trainer.carried):
+    for v in tf.nest.flatten(trainer.carried):  # the carried state restarts from zero
         np.testing.assert_array_equal(v.numpy(), 0.0)
 
 

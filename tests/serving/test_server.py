@@ -315,14 +315,24 @@ def test_health_and_reflection_answer(server):
 
 
 def test_metrics_scrape(server):
+    """Counters are read as deltas around the action: the module's server has served other tests."""
+    def scrape():
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def counted(body, name):
+        return float(next(l for l in body.splitlines() if l.startswith(name)).split()[1])
+
+    before = scrape()
     with SegmenterClient(server.target) as c:
-        list(c.stream(["hello world"]))
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+        list(c.stream(["hello ", "world"]))  # two chunks, 11 characters, streamed
+        c.segment("unary text")  # 10 more, in one call
+    body = scrape()
     for name in ("hmlstm_active_streams", "hmlstm_chars_processed_total", "hmlstm_chunk_latency_seconds_bucket",
                  "hmlstm_errors_total", "hmlstm_requests_total"):
         assert name in body
-    chars = float(next(l for l in body.splitlines() if l.startswith("hmlstm_chars_processed_total")).split()[1])
-    assert chars >= 11
+    chars = counted(body, "hmlstm_chars_processed_total") - counted(before, "hmlstm_chars_processed_total")
+    assert chars == 21
 
 
 def test_bearer_token_auth(tiny_model):

@@ -89,9 +89,17 @@ def test_evaluate_runs_on_a_checkpoint_and_its_onnx_export_alike(tiny_run, tiny_
     c = Corpus(c.name, c.text[:600], c.word_ends[:600], c.phrase_ends[:600])
     a, b = evaluate(tiny_run, c), evaluate(tiny_onnx.path, c)
     assert a["layers"] == b["layers"] and a["bpc"] == pytest.approx(b["bpc"], abs=1e-3)
+    # the baselines are scored from the model's own entropy: recomputed here from its logits, they agree
+    from hmlstm import boundary_scores
+    from hmlstm.evaluation import entropy_peaks, entropy_rises, next_char_entropy, run_model
+
+    h = next_char_entropy(run_model(tiny_onnx.path, c.text).logits)
+    truths = c.truths()
     for unit in ("words", "phrases"):
-        for base in ("entropy_peaks", "entropy_rises"):
-            assert 0.0 <= a["baselines"][base][unit]["f1"] <= 1.0
+        for base, fire in (("entropy_peaks", entropy_peaks(h)), ("entropy_rises", entropy_rises(h))):
+            want = boundary_scores.score(fire, truths[unit]).to_dict()
+            assert b["baselines"][base][unit]["f1"] == pytest.approx(want["f1"])
+            assert b["baselines"][base][unit]["rate"] == pytest.approx(float(fire.mean()), abs=1e-4)
     assert set(a["layers"]) == {"layer1", "layer2"} and "start" in a["layers"]["layer1"]["words"]
 
 

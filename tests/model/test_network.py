@@ -98,4 +98,4 @@ def test_multi_cell_output_module_uses_every_layer():
         bumped = list(hs)
         bumped[l] = bumped[l] + 1.0
         assert not np.allclose(net.output_logits(tuple(bumped)).numpy(), base)
-    assert MultiHMLSTMCell  # imported for the contract above
+    assert isinstance(net.cell, MultiHMLSTMCell) and len(net.cell.cells) == len(CFG.num_units)

@@ -145,7 +145,23 @@ def test_a_store_that_goes_away_and_comes_back(tiny_model):
         except Exception as e:  # a resume that needs the store says UNAVAILABLE, not UNKNOWN
             code = e.code().name
         assert code == "UNAVAILABLE"
-        redis = RedisProcess(port=port)  # it comes back
-        rs = list(c.stream(["ghi ", "jkl"], stream_id="x3"))
-        assert rs[-1].final
+        redis = RedisProcess(port=port)  # it comes back, empty: saving resumes
+        import threading
+
+        import redis as redis_client
+
+        release = threading.Event()
+
+        def chunks():
+            yield "ghi "
+            release.wait(20)  # the stream stays open: its state is in the store, not yet deleted as finished
+            yield "jkl"
+
+        errors_before = srv.server.metrics.store_errors._value.get()
+        call = iter(c.stream(chunks(), stream_id="x3"))
+        assert next(call).processed_chars == 4  # acknowledged only once saved
+        assert redis_client.Redis(port=port).exists("hmlstm:stream:x3") == 1
+        release.set()
+        assert list(call)[-1].final
+        assert srv.server.metrics.store_errors._value.get() == errors_before
     redis.stop()

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test lint install clean protos redis
+.PHONY: demo test lint install clean protos redis node
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hmlstm demo
 
-test: $(STAMP) redis
+test: $(STAMP) redis node
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -31,6 +31,13 @@ redis:
 	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 \
 	      || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1)) \
 	  || echo "redis-server not installed: the Redis state-store tests will skip"; }
+
+# The Node.js example's test (a gRPC client this project did not write in Python) needs node and npm.
+node:
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null 2>&1 \
+	      || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null 2>&1)) \
+	  || echo "node/npm not installed: the Node.js client test will skip (and fail under CI=true)"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,6 +2,14 @@ import os
 
 import pytest
 
+
+def missing(what: str) -> None:
+    """A dependency that the README's test command installs is not here. Under CI (CI=true) that is a
+    failure, since a skip would hide a missing install step; elsewhere a skip that says what is missing."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what}; under CI the README's test command (make test) installs it, so this is a failure")
+    pytest.skip(what)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 TINY_MODEL = dict(embed_dim=8, num_units=(12, 10), output_dim=16)

@@ -17,6 +17,7 @@ from hmlstm.serving.background import BackgroundServer
 from hmlstm.serving.client import SegmenterClient
 from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.model import DEFAULT_MODEL, load_model
+from tests.conftest import missing
 from tests.serving.durable import free_port, wait_serving
 
 
@@ -176,14 +177,14 @@ def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zer
 
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        pytest.skip("Node.js and npm are not installed")
+        missing("Node.js and npm are not installed (make test installs them with apt-get)")
     modules = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hmlstm-node-example"
     if not (modules / "node_modules" / "@grpc" / "proto-loader").exists():
         modules.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(modules),
                             "@grpc/grpc-js@1", "@grpc/proto-loader@0"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            pytest.skip(f"npm could not install @grpc/grpc-js: {r.stderr.strip()[:200]}")
+            missing(f"npm could not install @grpc/grpc-js: {r.stderr.strip()[:200]}")
     root = Path(__file__).resolve().parents[2]
     model = load_model(None, "cpu")
     with BackgroundServer(model, ServeConfig(port=0, metrics_port=None)) as srv:

@@ -77,6 +77,21 @@ def test_slope_anneals_per_epoch():
     assert [cfg.slope_at(e) for e in (0, 10, 100, 1000)] == [1.0, 1.4, 5.0, 5.0]
 
 
+def test_training_applies_the_slope_schedule(corpus, tmp_path):
+    """The slope the trained network ends with is the schedule's value for the epoch it ended in."""
+    from hmlstm.model.data import StreamBatcher, Vocabulary, split
+
+    cfg = TrainConfig(batch_size=8, seq_len=20, slope_rate=0.5, slope_max=3.0, checkpoint_every=1000)
+    ids = Vocabulary.from_text(corpus.text).encode(corpus.text)
+    per_epoch = len(StreamBatcher(split(ids, corpus.held_out_start(cfg.val_fraction))[0], 8, 20))
+    for epochs, slope in ((1, 1.0), (3, 2.0), (6, 3.0)):  # 1 + 0.5 * epoch, capped at slope_max
+        run = tmp_path / f"e{epochs}"
+        train(corpus, SMALL, TrainConfig(**{**cfg.to_dict(), "max_steps": epochs * per_epoch, "rate_targets": ()}),
+              run, progress=False)
+        net, _ = load_network(run)
+        assert float(net.slope.numpy()) == pytest.approx(slope), epochs
+
+
 def test_rate_penalty_has_gradient_even_when_every_detector_is_saturated_off():
     from hmlstm.model.train import rate_penalty
     cfg = TrainConfig(rate_targets=(0.2, 0.1))

@@ -253,7 +253,8 @@ def main() -> int:
              "Loop body nodes per step: " + ", ".join(f"{k} {v}" for k, v in nodes.items()) + "."
              + (f" `previous dense`: {args.baseline.name}, an earlier dense export of the same weights."
                 if args.baseline else ""), ""]
-    for label, text in texts(strip, args.text).items():
+    corpora = texts(strip, args.text)
+    for label, text in corpora.items():
         ids = np.array(vocab.encode(text), np.int32)
         print(f"{label}: {len(ids):,} characters", flush=True)
         fractions = activity(engines[0], ids, units)
@@ -276,7 +277,7 @@ def main() -> int:
                   + f"; max |sparse - dense| logits {exact['logits']:.2g}, s_z {exact['s_z']:.2g}, "
                   f"final state {exact['state']:.2g}.", ""]
         print("\n".join(lines[-(len(rows) + 5):]), flush=True)
-    ids = np.array(vocab.encode(next(iter(texts(strip, args.text).values()))), np.int32)
+    ids = np.array(vocab.encode(next(iter(corpora.values()))), np.int32)
     ops = profile(sparse_path, ids, units)
     lines += ["### Where the sparse engine's time goes (64 x 16, ORT profiler, kernel time by op, the Loop's "
               "own bookkeeping not included)", "", "| op | share | kernel runs per call |", "|---|---:|---:|"]

@@ -7,3 +7,11 @@ class UserError(Exception):
     The CLI prints ``hmlstm: error: <message>`` and exits with status 2, no
     traceback. The message says what was wrong and what to do.
     """
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name where it has none), at most ``limit``
+    characters: what a one-line error quotes of a library's multi-line one."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line[:limit] if limit else line

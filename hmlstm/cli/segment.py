@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 from pathlib import Path
@@ -84,24 +85,26 @@ class _Original:
     def __init__(self, strip: str):
         self.table = str.maketrans("", "", strip)
         self.strip = set(strip)
-        self.original: list[str] = []
-        self.sent: list[str] = []
+        self.chunks: list[str] = []  # the original text as read
+        self.starts: list[int] = []  # where each chunk starts in it
         self.kept: list[int] = []  # sent index -> original index
         self.length = 0
         self.shown = 0  # original characters printed so far
 
     def add(self, chunk: str) -> str:
-        self.original.append(chunk)
+        self.starts.append(self.length)
+        self.chunks.append(chunk)
         self.kept.extend(self.length + i for i, ch in enumerate(chunk) if ch not in self.strip)
         self.length += len(chunk)
-        sent = chunk.translate(self.table)
-        self.sent.append(sent)
-        return sent
+        return chunk.translate(self.table)
 
-    def text(self) -> str:
-        if len(self.original) > 1:
-            self.original[:] = ["".join(self.original)]
-        return self.original[0] if self.original else ""
+    def slice(self, a: int, b: int) -> str:
+        """Original characters [a, b), joining only the chunks they lie in."""
+        if a >= b:
+            return ""
+        i = bisect.bisect_right(self.starts, a) - 1
+        j = bisect.bisect_left(self.starts, b)
+        return "".join(self.chunks[i:j])[a - self.starts[i] : b - self.starts[i]]
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """Sent characters [start, end) -> the original [first, last + 1)."""
@@ -116,21 +119,22 @@ def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
         for s in r.segments:
             if s.final and s.end > s.start:
                 a, b = orig.span(s.start, s.end)
-                print(json.dumps({"layer": s.layer, "start": a, "end": b, "text": orig.text()[a:b],
+                print(json.dumps({"layer": s.layer, "start": a, "end": b, "text": orig.slice(a, b),
                                   "sent_start": s.start, "sent_end": s.end, "sent_text": s.text},
                                  ensure_ascii=False), flush=True)
         return r.processed_chars
     if r.processed_chars > printed:
         b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
         marks = marker.marks(r.processed_chars - printed, printed, b)
-        text, out = orig.text(), []
+        lo = orig.shown
+        text, out = orig.slice(lo, orig.kept[r.processed_chars - 1] + 1), []  # only what this response prints
         for i, m in enumerate(marks):
             at = orig.kept[printed + i]
-            out += [text[orig.shown : at], m, text[at]]  # the delimiters before it, its mark, the character
+            out += [text[orig.shown - lo : at - lo], m, text[at - lo]]  # the delimiters before it, its mark, it
             orig.shown = at + 1
         sys.stdout.write("".join(out))
     if r.final:
-        sys.stdout.write(orig.text()[orig.shown :] + marker.close())
+        sys.stdout.write(orig.slice(orig.shown, orig.length) + marker.close())
         orig.shown = orig.length
     sys.stdout.flush()
     return max(printed, r.processed_chars)
@@ -194,7 +198,7 @@ def cmd_segment(args) -> int:
                   file=sys.stderr)
         if not orig.kept:
             print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
-        elif not args.jsonl and not orig.text().endswith("\n"):
+        elif not args.jsonl and orig.slice(orig.length - 1, orig.length) != "\n":
             print()
         return 0
 

@@ -26,7 +26,7 @@ from hmlstm.export.inference import inference_function
 from hmlstm.export.passes import loop_body_nodes, optimize
 from hmlstm.export.recover import weight_map
 from hmlstm.export.validate import ValidationReport, check_structure, validate
-from hmlstm.model.checkpoint import atomic_write_text, load_network
+from hmlstm.model.checkpoint import atomic_write_bytes, atomic_write_text, load_network
 from hmlstm.model.config import TrainConfig, dumps
 from hmlstm.model.data import builtin_text, load_corpus
 
@@ -142,16 +142,6 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
             if k.startswith("hmlstm.")}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _check_output_path(out: Path) -> None:
     if out.is_dir():
         raise UserError(f"output path {out} is a directory; give a file name such as {out}/model.onnx")
@@ -227,7 +217,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         fn = stream_function(network)
         spread = tf_float_spread(network, fn, info.model.num_units, config.spread_runs) \
             if config.explain_factor > 0 else None
-        detectors = [f"layer{l}" for l in range(2, info.model.num_layers + (1 if info.model.top_boundary else 0))]
+        detectors = [f"layer{l}" for l in range(2, info.model.num_detectors + 1)]  # layers >= 2 with a detector
         report = validate(model, sessions, tf_reference(fn, info.model.num_units),
                           info.model.num_units, info.model.vocab_size, text_ids, config.times,
                           config.batches, config.tolerance, config.boundary_threshold,
@@ -259,7 +249,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "export_seconds": round(convert_s, 2), "size_bytes": len(data[config.engines[0]]),
     }
     for e in reversed(config.engines):  # the main file last: a reader of it finds its companions there
-        _write_atomic(paths[e], data[e])
+        atomic_write_bytes(paths[e], data[e])
     for e in set(spec.ENGINES) - set(config.engines):  # a companion left by an earlier export is not this model's
         stale = spec.engine_path(out, e)
         if stale != out and stale.is_file():

@@ -31,8 +31,7 @@ def prune_unused_scan_outputs(model: onnx.ModelProto) -> int:
     graph = model.graph
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     dropped = 0
-    for loop in (n for n in graph.node if n.op_type == "Loop"):
-        body = next(a.g for a in loop.attribute if a.name == "body")
+    for loop, body in _loops(graph):
         carried = len(loop.input) - 2  # inputs: trip count, condition, carried values
         pairs = list(zip(loop.output[carried:], body.output[1 + carried :]))
         keep = [(o, b) for o, b in pairs if o in used]
@@ -41,6 +40,18 @@ def prune_unused_scan_outputs(model: onnx.ModelProto) -> int:
         loop.output.extend(o for o, _ in keep)
         body.output.extend(b for _, b in keep)
     return dropped
+
+
+def _loops(graph: onnx.GraphProto):
+    """(Loop node, its body) for each Loop directly in ``graph``."""
+    for node in graph.node:
+        if node.op_type == "Loop":
+            yield node, next(a.g for a in node.attribute if a.name == "body")
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list) -> None:
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -109,18 +120,10 @@ def selects_to_where(model: onnx.ModelProto) -> int:
             nodes.append(node)
         if changed:
             count += changed
-            nodes = _drop_dead_nodes(graph, nodes)
-            del graph.node[:]
-            graph.node.extend(nodes)
+            _replace_nodes(graph, _drop_dead_nodes(graph, nodes))
     return count
 
 
-
-
-def _loops(graph: onnx.GraphProto):
-    for node in graph.node:
-        if node.op_type == "Loop":
-            yield node, next(a.g for a in node.attribute if a.name == "body")
 
 
 def constant_loop_condition(model: onnx.ModelProto) -> int:
@@ -137,9 +140,7 @@ def constant_loop_condition(model: onnx.ModelProto) -> int:
             if not loop.input[0] or body.output[0].name == body.input[1].name:
                 continue
             body.output[0].name = body.input[1].name
-            nodes = _drop_dead_nodes(body, list(body.node))
-            del body.node[:]
-            body.node.extend(nodes)
+            _replace_nodes(body, _drop_dead_nodes(body, list(body.node)))
             count += 1
     return count
 
@@ -183,8 +184,7 @@ def drop_identities(model: onnx.ModelProto) -> int:
                     keep.append(node)
                     continue
                 count += 1
-            del body.node[:]
-            body.node.extend(keep)
+            _replace_nodes(body, keep)
     return count
 
 
@@ -245,9 +245,7 @@ def final_state_from_carried(model: onnx.ModelProto) -> int:
                 done += 1
                 break
     if drop:
-        nodes = [n for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(nodes)
+        _replace_nodes(graph, [n for n in graph.node if id(n) not in drop])
     return done
 
 

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from hmlstm import spec
-from hmlstm.errors import UserError
+from hmlstm.errors import UserError, first_line
 from hmlstm.model.config import ModelConfig, TrainConfig
 from hmlstm.model.data import Vocabulary, source_of
 
@@ -181,7 +181,7 @@ def _slope(model: onnx.ModelProto) -> float:
 def _mapped(network, model: onnx.ModelProto, mapping: dict[str, object]) -> dict[str, np.ndarray]:
     arrays = dict(_initializers(model))
     weights = network_weights(network)
-    places = {k: (v if isinstance(v, dict) else {"axis": 0, "parts": v}) for k, v in mapping.items() if k != "slope"}
+    places = {k: v for k, v in mapping.items() if k != "slope"}
     if set(places) != set(weights) or any(n not in arrays for p in places.values() for n in p["parts"]):
         raise UserError("cannot recover the weights: the file's weight map does not fit its model config "
                         "or names tensors the file lacks")
@@ -211,7 +211,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        first = first_line(e, 120)
         raise UserError(f"{path} is not an ONNX file ({first}); give an .onnx written by `hmlstm export` "
                         "or a training run directory") from None
     meta = {p.key: p.value for p in model.metadata_props}
@@ -229,7 +229,7 @@ def recover_run(model_path: str | Path, run_dir: str | Path, log=print) -> Path:
     try:
         session = make_session(str(path), "cpu").session
     except Exception as e:  # ORT's own error types, for a file whose graph is broken
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         raise UserError(f"cannot recover {path}: ONNX Runtime cannot load it ({first})") from None
     feeds = make_feeds(np.random.default_rng(0), config.num_units, config.vocab_size, 3, 200, None, False, False)
     expected = run_session(session, feeds)

@@ -17,21 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hmlstm.errors import UserError
+from hmlstm.errors import UserError, first_line
 from hmlstm.model.config import ModelConfig, TrainConfig, dumps
 from hmlstm.model.data import Vocabulary
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def load_network(run_dir: str | Path):
         status = ckpt.restore(path).expect_partial()
         status.assert_existing_objects_matched()
     except Exception as e:  # TF raises OpError, AssertionError, IndexError... on bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(
             f"checkpoint {path} cannot be restored into this model config ({first[:200]}); "
             "it is corrupt or from another model"

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmlstm import boundary_scores
-from hmlstm.errors import UserError
+from hmlstm.errors import UserError, first_line
 from hmlstm.model import checkpoint as run_io
 from hmlstm.model.config import ModelConfig, TrainConfig, dumps
 from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, split
@@ -328,7 +328,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 restored = path
                 break
             except Exception as e:  # TF raises OpError, AssertionError, IndexError... on bad files
-                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                first = first_line(e, 160)
                 bad.append((path, first))
         if restored is None:
             raise UserError(f"cannot resume {run_dir}: every checkpoint in {run_dir / 'ckpt'} is corrupt or "

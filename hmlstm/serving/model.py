@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hmlstm import spec
+from hmlstm.errors import first_line
 from hmlstm.runtime import CPU, TENSORRT, Runtime, check_against_cpu, make_session
 from hmlstm.vocabulary import Vocabulary
 
@@ -139,7 +140,7 @@ def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance)
     except RuntimeError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # ORT raises its own types for files that are not ONNX
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if len(first) > 240:  # cut at a word, and say so
             first = first[:240].rsplit(" ", 1)[0] + " ..."
         raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from None

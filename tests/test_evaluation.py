@@ -174,3 +174,15 @@ def test_a_layer_without_a_detector_is_marked_not_scored(tiny_onnx, capsys):
     out = capsys.readouterr().out
     assert "layer2" in out and "no boundary detector" in out
     assert not re.search(r"layer2 +0\.0%", out)
+
+
+def test_a_segmented_file_keeps_its_own_truth_when_the_model_was_trained_without_whitespace(tmp_path, capsys):
+    """`evaluate MODEL units.txt --format lines` (the README's command): the units are the truth; the default
+    removal of what the model never saw is for prose, whose truth is its delimiters."""
+    from hmlstm.cli import main
+
+    units = tmp_path / "units.txt"
+    units.write_text("The\nfor\nstatement\nis\nused\nto\niterate.\n")
+    assert main(["evaluate", "hmlstm/assets/default.onnx", str(units), "--format", "lines"]) == 0
+    out = capsys.readouterr().out
+    assert "31 characters" in out and "words: true ends at 22.6% of characters" in out  # 7 units in 31

@@ -54,7 +54,8 @@ def cmd_evaluate(args) -> int:
     if args.sep is not None and args.format != "auto":
         raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
                         "give one of them")
-    if strip is None and trained_without and not args.keep_delimiters:  # what the model never saw, as segment does
+    segmented = args.sep is not None or args.format == "lines"  # a file that carries its own truth: units
+    if strip is None and trained_without and not args.keep_delimiters and not segmented:  # as segment does
         strip = trained_without
         print(f"[the model was trained on text without {trained_without!r}: removed them, and their positions are "
               "the truth; --keep-delimiters keeps them]", file=sys.stderr)

@@ -52,8 +52,11 @@ def cmd_info(args) -> int:
         print(json.dumps(card, indent=2, ensure_ascii=False))
         return 0
     cfg, prov = card.get("model_config", {}), card.get("provenance") or {}
-    engines = card.get("engines") or {}
-    beside = [e["file"] for name, e in engines.items() if e.get("file") != path.name]
+    from hmlstm import spec
+
+    # the other engines' graphs actually beside this file (the card names the files as exported)
+    beside = [spec.engine_path(path, e).name for e in (card.get("engines") or {})
+              if spec.engine_path(path, e) != path and spec.engine_path(path, e).is_file()]
     lines = [f"{path.name}: {len(cfg.get('num_units', []))} layers x "
              f"{'/'.join(map(str, cfg.get('num_units', [])))} units, embedding {cfg.get('embed_dim')}, "
              f"vocabulary {card.get('vocabulary_size')} characters; {card.get('engine', 'dense')} engine"

@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]' --config-settings editable_mode=compat
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install --quiet -e '.[train,dev]'  # setuptools' notes on editable installs
 	touch $(STAMP)
 
 install: $(STAMP)

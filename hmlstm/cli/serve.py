@@ -43,8 +43,12 @@ def _add_serve(sub) -> None:
                    help="PEM certificate (with --tls-key); default $HMLSTM_TLS_CERT, which `hmlstm health` follows")
     p.add_argument("--tls-key", default=os.environ.get("HMLSTM_TLS_KEY") or None,
                    help="PEM private key; default $HMLSTM_TLS_KEY")
-    p.add_argument("--auth-token-env", default=None, metavar="VAR",
-                   help="require 'authorization: Bearer $VAR' on every call")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--auth-token-env", default=None, metavar="VAR",
+                      help="require 'authorization: Bearer $VAR' on every call")
+    auth.add_argument("--auth-token-file", default=None, metavar="FILE",
+                      help="require 'authorization: Bearer <the file's first line>' on every call (a mounted "
+                           "Kubernetes Secret, say: the token stays out of the environment)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="server processes sharing the port, each with its own ONNX Runtime session and batcher; "
                         "worker i serves metrics on --metrics-port + i; resume across workers needs a shared "
@@ -56,6 +60,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--store-optional", action="store_true",
                    help="start even if --state-store does not answer (streams go on without durability until it "
                         "does); without it an unreachable store is refused at start")
+    p.add_argument("--store-timeout", type=float, default=d.store_timeout_s, metavar="SECONDS",
+                   help="the longest a response waits for its stream's save; it then says durable = false, and a "
+                        "store that keeps missing this is treated as down until a probe gets an answer")
+    p.add_argument("--max-connection-age", type=float, default=d.max_connection_age_s, metavar="SECONDS",
+                   help="send clients GOAWAY on connections older than this, so they reconnect and re-resolve "
+                        "(and reach replicas added since); default: never")
+    p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
+                   metavar="SECONDS", help="how long calls open on such a connection may go on (default %(default)g)")
     p.add_argument("--persist-depth", type=int, default=d.persist_depth,
                    help="how many responses back a stream restored from the state store can resume (its stored "
                         "rewind window; a live stream's is 32)")
@@ -85,6 +97,14 @@ def _serve_config(args):
         token = os.environ.get(args.auth_token_env)
         if not token:
             raise UserError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
+    if args.auth_token_file:
+        try:
+            token = (Path(args.auth_token_file).read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--auth-token-file {args.auth_token_file}: cannot read it "
+                            f"({getattr(e, 'strerror', None) or e})") from None
+        if not token:
+            raise UserError(f"--auth-token-file {args.auth_token_file}: the file is empty")
     for f in (args.tls_cert, args.tls_key):
         if f and not Path(f).is_file():
             raise UserError(f"TLS file {f} does not exist")
@@ -105,7 +125,8 @@ def _serve_config(args):
             auth_token=token, workers=args.workers, call_threads=args.call_threads, batching=not args.no_batching,
             max_batch=args.max_batch,
             max_wait_us=args.max_wait_us, max_wait_fraction=args.max_wait_fraction, state_store=args.state_store,
-            persist_depth=args.persist_depth,
+            persist_depth=args.persist_depth, store_timeout_s=args.store_timeout,
+            max_connection_age_s=args.max_connection_age, max_connection_age_grace_s=args.max_connection_age_grace,
             io_binding=args.io_binding, ort_threads=args.ort_threads, trt_cache=args.trt_cache,
             trt_fp16=args.trt_fp16, device_tolerance=args.device_tolerance, engine=args.engine,
             ort_spinning=args.ort_spinning == "on")
@@ -124,12 +145,12 @@ def cmd_serve(args) -> int:
 
     config = _serve_config(args)
     try:
-        store = open_store(config.state_store)
+        store = open_store(config.state_store, timeout_s=max(1.0, 4 * config.store_timeout_s))
     except (ValueError, StoreUnavailable) as e:
         raise UserError(str(e)) from None
     if store is not None:
         try:
-            store.load("hmlstm-start-up-probe")  # reachable now? (Redis: a 2 s connect timeout)
+            store.ping()  # reachable now? (Redis: bounded by its socket timeout)
         except StoreUnavailable as e:
             if not args.store_optional:
                 raise UserError(f"--state-store is unreachable ({e}); start it, or pass --store-optional to serve "

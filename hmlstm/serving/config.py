@@ -39,6 +39,13 @@ class ServeConfig:
     piece_chars: int = 4096  # longest run through the model in one call (bounds memory)
     state_store: str = "memory"  # memory, sqlite:PATH (one machine), redis://HOST:PORT/DB (replicas)
     persist_depth: int = 8  # a stored stream can rewind this many responses back
+    # The longest a response waits for its stream's save; a store that keeps missing it is treated as down
+    # (saver.py). Responses say whether their save made it (SegmentResponse.durable).
+    store_timeout_s: float = 0.25
+    # Connections older than this are sent GOAWAY, so long-lived clients re-resolve and reach new replicas;
+    # calls open then get max_connection_age_grace_s to finish. None: connections live forever.
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
     batching: bool = True  # run pending pieces of many streams as one call
     max_batch: int = 256  # rows in one batched call; 0: every pending piece (up to max_streams). 256 was
     # 1.2-1.5x as fast as 64 at 256 streams of 16-character chunks in three runs, p99 lower (docs/benchmarks.md)
@@ -60,11 +67,17 @@ class ServeConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         for flag, value, low in (("--idle-timeout", self.idle_timeout_s, "more than 0"),
                                  ("--grace", self.grace_s, "0 or more"),
+                                 ("--store-timeout", self.store_timeout_s, "more than 0"),
+                                 ("--max-connection-age-grace", self.max_connection_age_grace_s, "0 or more"),
                                  ("--device-tolerance", self.device_tolerance, "more than 0")):
             ok = math.isfinite(value) and (value >= 0 if low == "0 or more" else value > 0)
             if not ok:
                 raise ValueError(f"{flag} must be a number of seconds {low}, got {value}"
                                  if flag != "--device-tolerance" else f"{flag} must be more than 0, got {value}")
+        if self.max_connection_age_s is not None and not (math.isfinite(self.max_connection_age_s)
+                                                          and self.max_connection_age_s > 0):
+            raise ValueError(f"--max-connection-age must be a number of seconds more than 0, got "
+                             f"{self.max_connection_age_s}")
         if self.max_wait_us < 0:
             raise ValueError(f"--max-wait-us must be 0 or more, got {self.max_wait_us}")
         if not 0 <= self.max_wait_fraction <= 1:

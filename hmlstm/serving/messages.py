@@ -23,9 +23,9 @@ def _fill(out, boundaries: dict[int, list[int]], segments) -> None:
         add(layer=layer, start=start, end=end, text=text, final=final)
 
 
-def response_pb(r: ChunkResult) -> pb.SegmentResponse:
+def response_pb(r: ChunkResult, durable: bool = False) -> pb.SegmentResponse:
     out = pb.SegmentResponse(chunk_offset=r.chunk_offset, processed_chars=r.processed_chars,
-                             duplicate=r.duplicate, unknown_chars=r.unknown_chars, final=r.final)
+                             duplicate=r.duplicate, unknown_chars=r.unknown_chars, final=r.final, durable=durable)
     _fill(out, r.boundaries, r.segments)
     add = out.next_chars.add
     for c, p in r.next_chars:

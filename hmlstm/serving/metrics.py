@@ -36,6 +36,11 @@ class Metrics:
                               registry=self.registry)
         self.store_errors = Counter("hmlstm_state_store_errors", "State-store reads or writes that failed",
                                     registry=self.registry)
+        self.store_up = Gauge("hmlstm_state_store_up", "1 while the state store answers, 0 while it is down "
+                              "(streams then go on without durability); 1 with no store", registry=self.registry)
+        self.store_up.set(1)
+        self.unsaved_streams = Gauge("hmlstm_unsaved_streams", "Streams whose acknowledged state is not (yet) in "
+                                     "the state store", registry=self.registry)
         self.requests = Counter("hmlstm_requests", "Calls started, by method", ["method"], registry=self.registry)
         self.takeovers = Counter("hmlstm_stream_takeovers", "Resumes that took a stream over from a call still "
                                  "attached to it", registry=self.registry)

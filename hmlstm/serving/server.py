@@ -13,7 +13,6 @@ import asyncio
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -27,6 +26,7 @@ from hmlstm.serving.metrics import Metrics
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.ports import check_port_free
 from hmlstm.serving.runner import Runner
+from hmlstm.serving.saver import Saver
 from hmlstm.serving.store import StoreUnavailable, decode_record, open_store
 from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState
 from hmlstm.v1 import segmenter_pb2 as pb
@@ -78,23 +78,21 @@ def add_servicer(servicer, server) -> None:
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):
     def __init__(self, model: LoadedModel, runner: Runner, registry: StreamRegistry, config: ServeConfig,
-                 metrics: Metrics, store=None):
+                 metrics: Metrics, store=None, on_store_status=None):
         self.model, self.runner, self.registry = model, runner, registry
         self.config, self.metrics = config, metrics
         self.store = store
         # The advertised unary limit is one whose answer always fits the message limit (messages.py).
         self.max_text_chars = min(config.max_text_chars,
                                   messages.max_unary_chars(config.max_message_bytes, len(model.boundary_layers)))
-        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
-        self._store_down = False
-
-    async def _store_io(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+        self.saver = None if store is None else Saver(
+            store, config.idle_timeout_s, config.store_timeout_s, metrics, config.persist_depth,
+            on_status=on_store_status)
 
     async def _load_stored(self, stream_id: str, resume: bool) -> None:
         """Bring a stream from the store into the registry if the store's copy is the newer one."""
         try:
-            record = await self._store_io(self.store.load, stream_id)
+            record = await self.saver.load(stream_id)
         except StoreUnavailable as e:
             if resume and not self.registry.held(stream_id):
                 raise StreamError("UNAVAILABLE", f"the state store is unreachable ({e}); retry the resume") from None
@@ -114,19 +112,6 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             await self.runner.process_chunk(st, offset, text, self.config.piece_chars)
         st.pending = []
         self.registry.adopt(st)
-
-    async def _save(self, st: StreamState) -> None:
-        try:
-            await self._store_io(self.store.save, st.stream_id, st.record(self.config.persist_depth),
-                                 self.config.idle_timeout_s)
-            if self._store_down:
-                log.info("state store reachable again")
-            self._store_down = False
-        except StoreUnavailable as e:
-            self.metrics.store_errors.inc()
-            if not self._store_down:
-                log.warning("state store unreachable, streams go on without durability: %s", e)
-            self._store_down = True
 
     def _layers(self, requested) -> list[int]:
         allowed = self.model.boundary_layers
@@ -222,14 +207,14 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 chunk = req.chunk
                 new = st.accept(chunk.offset, chunk.text, self.config.max_chunk_chars)
                 if not new:
-                    response = messages.response_pb(st.duplicate(chunk.offset))
+                    response = messages.response_pb(st.duplicate(chunk.offset), durable and self.saver.durable(st))
                 else:
                     result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
-                    if durable:
-                        await self._save(st)  # durable before the response acknowledges it
+                    # The response waits for its save at most --store-timeout, and says whether it made it.
+                    saved = await self.saver.save(st) if durable else False
                     self.metrics.chars.inc(len(new))
                     self.metrics.chunk_latency.observe(time.perf_counter() - t0)
-                    response = messages.response_pb(result)
+                    response = messages.response_pb(result, saved)
                 st.wait("write")
                 yield response
                 st.wait("")
@@ -240,10 +225,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             st.wait("")
             finished = not context.cancelled()
             if finished and durable:
-                try:
-                    await self._store_io(self.store.delete, st.stream_id)
-                except StoreUnavailable:
-                    self.metrics.store_errors.inc()
+                self.saver.finished(st.stream_id)
         except StreamError as e:
             await self._fail(context, e.code, str(e))
         except asyncio.CancelledError:
@@ -305,6 +287,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# A health-checking service name (not a gRPC service) that reports the state store: NOT_SERVING while
+# it is down. The server itself stays SERVING then: streams go on, without durability.
+STORE_HEALTH = "hmlstm.v1.StateStore"
 
 
 class Health(health.aio.HealthServicer):
@@ -373,14 +358,19 @@ class SegmenterServer:
             self.runner = Runner(model, config.call_threads, io_binding=bind)
         self.health = Health()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
+        options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             # gRPC shares ports by default (SO_REUSEPORT): only a supervisor's own workers may (workers.py)
             ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-        ])
-        self.store = open_store(config.state_store)
-        self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store)
+        ]
+        if config.max_connection_age_s is not None:  # GOAWAY after this; clients reconnect, re-resolving
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        self.store = open_store(config.state_store, timeout_s=max(1.0, 4 * config.store_timeout_s))
+        self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store,
+                                          on_store_status=self._store_status)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
@@ -423,8 +413,15 @@ class SegmenterServer:
         await self.server.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.store is not None:
+            await self._store_status(self.servicer.saver.up)
         self._expiry = asyncio.create_task(self._expire_loop())
         return self.port
+
+    async def _store_status(self, up: bool) -> None:
+        """The health service name STORE_HEALTH follows the state store; the server's own stays SERVING."""
+        await self.health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _expire_loop(self) -> None:
         """The idle-timeout watchdog: ends calls stalled on their client (waiting for its next message,
@@ -501,6 +498,7 @@ class SegmenterServer:
         self.runner.close()
         self.metrics.close()
         if self.store is not None:
+            await self.servicer.saver.close()
             self.store.close()
 
     async def wait(self) -> None:

@@ -2,7 +2,8 @@
 
 In memory is the default and needs no store: the registry holds the streams.
 With a store, the server saves each stream that has an id after every chunk,
-before the response that acknowledges it goes out; a server that does not
+and the response that acknowledges it waits for that save for a bounded time
+(saver.py; SegmentResponse.durable says whether it made it); a server that does not
 hold a stream (it restarted, or another replica served it) loads it from the
 store when a client resumes. Entries expire after the idle timeout.
 
@@ -36,6 +37,7 @@ class StateStore(Protocol):
     def save(self, stream_id: str, record: bytes, ttl_s: float) -> None: ...
     def load(self, stream_id: str) -> bytes | None: ...
     def delete(self, stream_id: str) -> None: ...
+    def ping(self) -> None: ...  # StoreUnavailable unless the store answers
     def close(self) -> None: ...
 
 
@@ -117,6 +119,12 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise StoreUnavailable(str(e)) from None
 
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1").fetchone()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(str(e)) from None
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -129,11 +137,13 @@ class RedisStore:
 
     PREFIX = "hmlstm:stream:"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout_s: float = 2.0):
         import redis
 
         self.url = url
-        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A socket timeout bounds how long a thread waits on a Redis that hangs (paused, partitioned);
+        # the server's responses wait far less (saver.py), so this only frees the thread.
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._errors = (redis.RedisError, OSError)
 
     def _call(self, fn, *args, **kw):
@@ -151,16 +161,20 @@ class RedisStore:
     def delete(self, stream_id: str) -> None:
         self._call(self._redis.delete, self.PREFIX + stream_id)
 
+    def ping(self) -> None:
+        self._call(self._redis.ping)
+
     def close(self) -> None:
         self._redis.close()
 
 
-def open_store(spec: str | None) -> StateStore | None:
-    """"memory" or None -> None (the registry alone); "sqlite:PATH"; "redis://HOST:PORT/DB"."""
+def open_store(spec: str | None, timeout_s: float = 2.0) -> StateStore | None:
+    """"memory" or None -> None (the registry alone); "sqlite:PATH"; "redis://HOST:PORT/DB".
+    ``timeout_s``: the longest a Redis call may block its thread."""
     if spec in (None, "", "memory"):
         return None
     if spec.startswith("sqlite:"):
         return SQLiteStore(spec[len("sqlite:") :])
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(spec)
+        return RedisStore(spec, timeout_s)
     raise ValueError(f"unknown state store {spec!r}; use memory, sqlite:PATH or redis://HOST:PORT/DB")

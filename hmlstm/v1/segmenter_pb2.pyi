@@ -37,7 +37,7 @@ class TextChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("chunk_offset", "processed_chars", "duplicate", "boundaries", "segments", "next_chars", "unknown_chars", "final")
+    __slots__ = ("chunk_offset", "processed_chars", "duplicate", "boundaries", "segments", "next_chars", "unknown_chars", "final", "durable")
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_CHARS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class SegmentResponse(_message.Message):
     NEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     chunk_offset: int
     processed_chars: int
     duplicate: bool
@@ -54,7 +55,8 @@ class SegmentResponse(_message.Message):
     next_chars: _containers.RepeatedCompositeFieldContainer[CharProbability]
     unknown_chars: int
     final: bool
-    def __init__(self, chunk_offset: _Optional[int] = ..., processed_chars: _Optional[int] = ..., duplicate: _Optional[bool] = ..., boundaries: _Optional[_Iterable[_Union[LayerBoundaries, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_chars: _Optional[_Iterable[_Union[CharProbability, _Mapping]]] = ..., unknown_chars: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    durable: bool
+    def __init__(self, chunk_offset: _Optional[int] = ..., processed_chars: _Optional[int] = ..., duplicate: _Optional[bool] = ..., boundaries: _Optional[_Iterable[_Union[LayerBoundaries, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_chars: _Optional[_Iterable[_Union[CharProbability, _Mapping]]] = ..., unknown_chars: _Optional[int] = ..., final: _Optional[bool] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class LayerBoundaries(_message.Message):
     __slots__ = ("layer", "offsets")

@@ -36,6 +36,26 @@ def wait_serving(target: str, timeout: float = 60) -> None:
     raise TimeoutError(f"no server at {target}")
 
 
+def health(target: str, service: str = "") -> str:
+    """The server's health status for ``service``, by name."""
+    with grpc.insecure_channel(target) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+def store_health(target: str) -> str:
+    return health(target, "hmlstm.v1.StateStore")
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; the deadline is generous (a loaded 2-core machine), never a sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g}s for {what}")
+        time.sleep(0.05)
+
+
 class ServerProcess:
     def __init__(self, *args: str, port: int | None = None):
         self.port = port or free_port()
@@ -78,9 +98,52 @@ class RedisProcess:
                     raise
                 time.sleep(0.05)
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def pause(self) -> None:  # a hung store: connections open, nothing answers
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class OpenStream:
+    """One streaming call held open from asyncio: send a chunk, get its response (closed loop)."""
+
+    def __init__(self, channel, stream_id: str, resume: bool = False, offset: int = 0):
+        self.offset = offset
+        self.responses: list = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            yield pb.SegmentRequest(config=pb.StreamConfig(stream_id=stream_id, resume=resume, resume_offset=offset))
+            while (text := await self._queue.get()) is not None:
+                yield pb.SegmentRequest(chunk=pb.TextChunk(offset=self.offset, text=text))
+                self.offset += len(text)
+
+        self.call = pb_grpc.SegmenterStub(channel).StreamSegment(requests())
+
+    async def send(self, text: str):
+        await self._queue.put(text)
+        r = await self.call.read()
+        if r == grpc.aio.EOF:
+            raise EOFError("the call ended")
+        self.responses.append(r)
+        return r
+
+    async def close(self) -> list:
+        await self._queue.put(None)
+        while (r := await self.call.read()) != grpc.aio.EOF:
+            self.responses.append(r)
+        return self.responses
 
 
 async def stream_until_broken(target: str, stream_id: str, text: str, chunk: int, start: int = 0,

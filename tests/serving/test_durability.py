@@ -12,7 +12,8 @@ from hmlstm.serving.runner import process_chunk_sync
 from hmlstm.serving.store import SQLiteStore, StoreUnavailable, decode_record, open_store
 from hmlstm.serving.stream import StreamState
 from tests.conftest import missing
-from tests.serving.durable import RedisProcess, ServerProcess, fold, stream_until_broken, unary
+from tests.serving.durable import (RedisProcess, ServerProcess, fold, health, store_health, stream_until_broken,
+                                   unary, wait_for)
 
 TEXT = builtin_text()
 def needs_redis(test):
@@ -134,6 +135,10 @@ def test_kill_one_of_two_replicas_and_clients_finish_on_the_other():
 
 @needs_redis
 def test_a_store_that_goes_away_and_comes_back(tiny_model):
+    import threading
+
+    import redis as redis_client
+
     from hmlstm.serving.background import BackgroundServer
     from hmlstm.serving.client import SegmenterClient
     from hmlstm.serving.config import ServeConfig
@@ -142,22 +147,27 @@ def test_a_store_that_goes_away_and_comes_back(tiny_model):
     port = redis.port
     config = ServeConfig(port=0, metrics_port=None, state_store=redis.url)
     with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
-        assert list(c.stream(["abc def"], stream_id="x1"))[-1].final
+        errors = srv.server.metrics.store_errors._value.get
+        rs = list(c.stream(["abc ", "def"], stream_id="x1"))
+        assert [r.durable for r in rs] == [True, True, False]  # the final response: the stream is deleted
+        assert store_health(srv.target) == "SERVING"
         redis.stop()  # the store goes away: streams keep working, without durability
+        before = errors()
         rs = list(c.stream(["abc ", "def"], stream_id="x2"))
         assert rs[-1].final and rs[-1].processed_chars == 7
-        assert srv.server.metrics.store_errors._value.get() >= 1
+        assert not any(r.durable for r in rs)
+        assert errors() - before >= 1
+        assert store_health(srv.target) == "NOT_SERVING" and health(srv.target) == "SERVING"
+        before = errors()
         code = None
         try:
             list(c.stream(["x"], stream_id="gone", resume=True))
         except Exception as e:  # a resume that needs the store says UNAVAILABLE, not UNKNOWN
             code = e.code().name
         assert code == "UNAVAILABLE"
-        redis = RedisProcess(port=port)  # it comes back, empty: saving resumes
-        import threading
-
-        import redis as redis_client
-
+        assert errors() - before == 1  # the failed read is counted
+        redis = RedisProcess(port=port)  # it comes back, empty: the probe finds it, saving resumes
+        wait_for(lambda: store_health(srv.target) == "SERVING", "the store's health to return to SERVING")
         release = threading.Event()
 
         def chunks():
@@ -165,11 +175,14 @@ def test_a_store_that_goes_away_and_comes_back(tiny_model):
             release.wait(20)  # the stream stays open: its state is in the store, not yet deleted as finished
             yield "jkl"
 
-        errors_before = srv.server.metrics.store_errors._value.get()
+        before = errors()
         call = iter(c.stream(chunks(), stream_id="x3"))
-        assert next(call).processed_chars == 4  # acknowledged only once saved
+        first = next(call)
+        assert first.processed_chars == 4 and first.durable  # acknowledged as saved
         assert redis_client.Redis(port=port).exists("hmlstm:stream:x3") == 1
         release.set()
         assert list(call)[-1].final
-        assert srv.server.metrics.store_errors._value.get() == errors_before
+        assert errors() == before
+        wait_for(lambda: redis_client.Redis(port=port).exists("hmlstm:stream:x3") == 0,
+                 "the finished stream to be deleted from the store")
     redis.stop()

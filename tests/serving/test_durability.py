@@ -12,8 +12,16 @@ from hmlstm.serving.runner import process_chunk_sync
 from hmlstm.serving.store import SQLiteStore, StoreUnavailable, decode_record, open_store
 from hmlstm.serving.stream import StreamState
 from tests.conftest import missing
-from tests.serving.durable import (RedisProcess, ServerProcess, fold, health, store_health, stream_until_broken,
-                                   unary, wait_for)
+from tests.serving.durable import (
+    RedisProcess,
+    ServerProcess,
+    fold,
+    health,
+    store_health,
+    stream_until_broken,
+    unary,
+    wait_for,
+)
 
 TEXT = builtin_text()
 def needs_redis(test):

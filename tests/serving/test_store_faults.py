@@ -11,8 +11,7 @@ import redis as redis_client
 
 from hmlstm.model.data import builtin_text
 from hmlstm.serving.store import decode_record
-from tests.serving.durable import (OpenStream, RedisProcess, ServerProcess, fold, health, store_health, unary,
-                                   wait_for)
+from tests.serving.durable import OpenStream, RedisProcess, ServerProcess, fold, health, store_health, unary, wait_for
 from tests.serving.test_durability import needs_redis
 
 TEXT = builtin_text()[20_000:]

@@ -14,7 +14,11 @@ from hmlstm.errors import UserError
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live")
     p.add_argument("file", help="a UTF-8 text file, or - for standard input")
-    p.add_argument("--server", default=None, help="host:port of `hmlstm serve` (default 127.0.0.1:50051)")
+    p.add_argument("--server", default=None, help="host:port of `hmlstm serve` (default 127.0.0.1:50051), or any "
+                   "gRPC target: dns:///hmlstm-headless.NAMESPACE.svc:50051 names every replica")
+    p.add_argument("--lb", default=None, choices=["pick_first", "round_robin"],
+                   help="how calls spread over the addresses --server resolves to: round_robin balances them over "
+                        "every replica (a headless Service); default pick_first (one connection)")
     p.add_argument("--local", action="store_true", help="run the model in this process; no server")
     p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
     p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
@@ -230,7 +234,7 @@ def cmd_segment(args) -> int:
     from hmlstm.serving.client import SegmenterClient
 
     token = os.environ.get(args.token_env) if args.token_env else None
-    with SegmenterClient(args.server, token=token, root_cert=args.tls_ca) as client:
+    with SegmenterClient(args.server, token=token, root_cert=args.tls_ca, lb_policy=args.lb) as client:
         try:
             info = client.describe()
             orig = _Original(_note_stripping(info.trained_without, args.keep_delimiters))

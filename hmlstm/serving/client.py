@@ -14,6 +14,7 @@ duplicated.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def _credentials(root_cert: str | Path | None):
     return grpc.ssl_channel_credentials(root_certificates=Path(root_cert).read_bytes())
 
 
+LB_POLICIES = ("pick_first", "round_robin")
+
+
+def channel_options(server_name: str | None = None, lb_policy: str | None = None) -> list[tuple[str, str]]:
+    """gRPC channel options. ``lb_policy="round_robin"`` spreads calls over every address the target
+    resolves to (``dns:///hmlstm-headless.NAMESPACE.svc:50051``, or ``ipv4:10.0.0.1:50051,10.0.0.2:50051``),
+    one subchannel each; gRPC's default, pick_first, sends every call over one connection."""
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    if lb_policy:
+        if lb_policy not in LB_POLICIES:
+            raise ValueError(f"load-balancing policy {lb_policy!r}: use one of {', '.join(LB_POLICIES)}")
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{lb_policy: {}}]})))
+    return options
+
+
 def _metadata(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -60,12 +76,13 @@ def _config(layers, top_k, stream_id, resume, start_offset) -> pb.StreamConfig:
 
 
 class SegmenterClient:
-    """Blocking client. ``target`` is host:port; TLS if ``root_cert`` is given."""
+    """Blocking client. ``target`` is host:port or any gRPC target (``dns:///name:port``); TLS if ``root_cert``
+    is given; ``lb_policy="round_robin"`` spreads calls over every address the target resolves to."""
 
     def __init__(self, target: str, token: str | None = None, root_cert: str | Path | None = None,
-                 timeout: float | None = None, server_name: str | None = None):
+                 timeout: float | None = None, server_name: str | None = None, lb_policy: str | None = None):
         creds = _credentials(root_cert)
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        options = channel_options(server_name, lb_policy)
         self.channel = (grpc.secure_channel(target, creds, options) if creds
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.SegmenterStub(self.channel)
@@ -100,9 +117,9 @@ class AsyncSegmenterClient:
     """asyncio client; create and use it inside one event loop."""
 
     def __init__(self, target: str, token: str | None = None, root_cert: str | Path | None = None,
-                 timeout: float | None = None, server_name: str | None = None):
+                 timeout: float | None = None, server_name: str | None = None, lb_policy: str | None = None):
         creds = _credentials(root_cert)
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        options = channel_options(server_name, lb_policy)
         self.channel = (grpc.aio.secure_channel(target, creds, options) if creds
                         else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.SegmenterStub(self.channel)

@@ -65,6 +65,7 @@ manifests: $(TOOLS_STAMP)
 	@for v in cpu gpu; do { \
 	  printf '# Rendered from deploy/helm/hmlstm with values-%s.yaml by `make manifests`; do not edit (a test\n' $$v; \
 	  printf '# fails when this file and the chart disagree). Apply: kubectl apply -f deploy/k8s/%s.yaml, after\n' $$v; \
+	  printf '#   kubectl create namespace hmlstm\n'; \
 	  printf '#   kubectl -n hmlstm create secret generic hmlstm-auth --from-literal=token=$$(openssl rand -hex 24)\n'; \
 	  $(TOOLS)/bin/helm template hmlstm deploy/helm/hmlstm -n hmlstm --set createNamespace=true \
 	    -f deploy/helm/hmlstm/values-$$v.yaml; } > deploy/k8s/$$v.yaml; done

@@ -251,3 +251,29 @@ def test_streams_open_when_the_grace_period_ends_get_unavailable_saying_whether_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_token_comes_from_a_file_as_mounted_from_a_secret(tmp_path, capsys):
+    """`serve --auth-token-file` (the manifests mount the Secret's key there): its first line is the token."""
+    token = tmp_path / "token"
+    token.write_text("fr0m-a-file\n")
+    proc, target = _serve("--auth-token-file", str(token))
+    try:
+        with SegmenterClient(target) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.segment("abc")
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with SegmenterClient(target, token="fr0m-a-file") as c:
+            assert c.segment("abc").chars == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    for path, says in ((tmp_path / "absent", "cannot read it"), (empty, "the file is empty")):
+        assert main(["serve", "--auth-token-file", str(path), "--port", "0", "--metrics-port", "-1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and str(path) in err[0], err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--auth-token-file", str(token), "--auth-token-env", "X"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err

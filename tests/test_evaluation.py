@@ -104,10 +104,33 @@ def test_evaluate_runs_on_a_checkpoint_and_its_onnx_export_alike(tiny_run, tiny_
 
 
 def test_evaluate_cli(tiny_onnx, capsys):
+    """The command's numbers are the evaluator's on the same text (the held-out tenth, first 500 characters),
+    and its table prints those numbers."""
+    import json
+
     from hmlstm.cli import main
-    assert main(["evaluate", str(tiny_onnx.path), "synthetic", "--strip-delimiters", " .", "--max-chars", "500"]) == 0
-    out = capsys.readouterr().out
-    assert "entropy_peaks" in out and "layer1" in out and "phrases" in out
+    args = ["evaluate", str(tiny_onnx.path), "synthetic", "--strip-delimiters", " .", "--max-chars", "500"]
+    assert main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    corpus = load_corpus("synthetic", strip=" .")
+    corpus = corpus.part(corpus.held_out_start(0.1), None, "held out").part(0, 500, "first 500")
+    want = evaluate(tiny_onnx.path, corpus)
+    assert got["chars"] == 500 and got["bpc"] == pytest.approx(want["bpc"], abs=1e-6)
+    scored = 0
+    for layer, units in want["layers"].items():
+        for unit in ("words", "phrases"):
+            for align in ("end", "start"):
+                assert got["layers"][layer][unit][align]["f1"] == pytest.approx(units[unit][align]["f1"])
+                scored += 1
+    assert scored == 2 * 2 * len(want["layers"]) > 0
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    words = table[table.index("words:"):table.index("phrases:")]
+    # "layer1  18.3%  start  P  R  F1 ...": F1 of the declared alignment, as printed
+    row = next(ln.split() for ln in words.splitlines() if ln.strip().startswith("layer1"))
+    align = got["layers"]["layer1"]["alignment"]
+    assert row[2] == align and float(row[5]) == pytest.approx(got["layers"]["layer1"]["words"][align]["f1"],
+                                                               abs=0.005)
     assert main(["evaluate", "/nonexistent.onnx", "builtin"]) == 2
 
 

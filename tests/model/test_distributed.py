@@ -42,9 +42,15 @@ def test_two_multiworker_workers_agree_with_one_worker(tmp_path):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
+    scratch = tmp_path / "worker1-tmp"
+    scratch.mkdir()
     for i in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        workers.append(run([*ARGS, "--strategy", "multiworker", "--out", str(tmp_path / "multi")], env=env))
+        if i == 1:
+            env["TMPDIR"] = str(scratch)  # where the non-chief's scratch run directory goes (tempfile)
+        # The non-chief is given an --out of its own: it must never write there (the chief writes the run).
+        out = tmp_path / ("multi" if i == 0 else "multi-worker1")
+        workers.append(run([*ARGS, "--strategy", "multiworker", "--out", str(out)], env=env))
     for w in workers:
         try:
             assert w.wait(timeout=300) == 0, w.stderr.read()
@@ -54,7 +60,8 @@ def test_two_multiworker_workers_agree_with_one_worker(tmp_path):
     assert "training on 2 replica(s)" in workers[0].stderr.read()
     for a, b in zip(weights(tmp_path / "single"), weights(tmp_path / "multi")):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert not (tmp_path / "multi").with_name("multi-worker1").exists()  # only the chief wrote the run
+    assert not (tmp_path / "multi-worker1").exists()  # the non-chief wrote nothing to its --out...
+    assert not any(p.name.startswith("hmlstm-worker-") for p in scratch.iterdir())  # ...and removed its scratch
 
 
 def test_multiworker_without_tf_config_is_a_clear_error(capsys):

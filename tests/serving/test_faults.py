@@ -5,13 +5,14 @@ import gc
 import time
 
 import grpc
-import psutil
 import pytest
 
 from hmlstm.model.data import synthetic_corpus
 from hmlstm.serving.background import BackgroundServer
 from hmlstm.serving.client import AsyncSegmenterClient, SegmenterClient
 from hmlstm.serving.config import ServeConfig
+from hmlstm.serving.stream import StreamState
+from tests.serving.durable import wait_for
 
 TEXT = synthetic_corpus(seed=11, n_chars=2000).text
 
@@ -30,11 +31,6 @@ async def disconnect_mid_stream(client, i):
     call.cancel()
 
 
-def rss_mb() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / 2**20
-
-
 @pytest.mark.slow
 def test_1000_clients_that_disconnect_mid_stream_leave_nothing_behind(tiny_model):
     config = ServeConfig(port=0, metrics_port=None, max_streams=300, idle_timeout_s=0.5)
@@ -49,20 +45,14 @@ def test_1000_clients_that_disconnect_mid_stream_leave_nothing_behind(tiny_model
 
                 await asyncio.gather(*(one(start + i) for i in range(n)))
 
-        asyncio.run(wave(200, 0))  # warm-up: allocators, channels, caches
-        time.sleep(1.5)
-        baseline = rss_mb()
-        t0 = time.monotonic()
-        asyncio.run(wave(1000, 1000))
-        assert time.monotonic() - t0 < 60
-        deadline = time.monotonic() + 10
-        while (srv.server.registry.active or len(srv.server.registry)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        asyncio.run(wave(1000, 0))
         reg, metrics = srv.server.registry, srv.server.metrics
-        assert reg.active == 0 and metrics.active_streams._value.get() == 0
-        assert len(reg) == 0  # the resumable half expired after the idle timeout
-        growth = rss_mb() - baseline
-        assert growth < 40, f"memory grew by {growth:.1f} MiB after 1000 dropped streams"
+        wait_for(lambda: reg.active == 0 and len(reg) == 0, "every dropped stream to be freed or expired")
+        assert metrics.active_streams._value.get() == 0 and metrics.held_streams._value.get() == 0
+        # Nothing behind, counted exactly rather than by a memory bound a loaded machine could break (the
+        # memory a held stream costs is measured in benchmarks/memory.py): no stream's state survives.
+        gc.collect()
+        assert sum(isinstance(o, StreamState) for o in gc.get_objects()) == 0
         with SegmenterClient(srv.target) as c:  # and the server still answers
             assert c.segment("abc").chars == 3
 

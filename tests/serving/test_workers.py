@@ -63,8 +63,8 @@ def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, 
         while len(pids) < 2:  # both workers up and reachable
             pids.add(worker_of(target)[1])
             assert time.monotonic() < deadline, "the second worker never answered"
-        bodies = texts(8, length=200)
-        ids = [f"w{i}" for i in range(8)]
+        bodies = texts(40, length=200)
+        ids: list[str] = []
         served_by: dict[str, int] = {}
         victim: list[int] = []
 
@@ -73,18 +73,28 @@ def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, 
                 return await stream_until_broken(target, sid, body, 10, pause=0.03, options=FRESH,
                                                  on_channel=lambda info: served_by.__setitem__(sid, info.worker_pid))
 
-            async def killer():
+            tasks = []
+
+            def start():
+                ids.append(f"w{len(ids)}")
+                tasks.append(asyncio.create_task(one(ids[-1], bodies[len(ids) - 1])))
+
+            for _ in range(8):
+                start()
+            while True:  # the kernel picks a worker per connection: open more until both serve a stream
                 while len(served_by) < len(ids):
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.25)  # every stream is mid-way
-                victim.append(served_by[ids[0]])
-                os.kill(victim[0], signal.SIGKILL)
-
-            results = await asyncio.gather(*(one(s, b) for s, b in zip(ids, bodies)), killer())
-            return results[:-1]
+                if len(set(served_by.values())) == 2 or len(ids) == len(bodies):
+                    break
+                start()
+            await asyncio.sleep(0.25)  # a fault injected mid-stream (not an assertion on time)
+            victim.append(served_by[ids[0]])
+            os.kill(victim[0], signal.SIGKILL)
+            return await asyncio.gather(*tasks)
 
         first = asyncio.run(run_all())
-        assert len(set(served_by.values())) == 2 or pytest.skip("the kernel put every stream on one worker")
+        bodies = bodies[: len(ids)]
+        assert len(set(served_by.values())) == 2, "40 connections all reached one worker"
         broken = [i for i, (_, broke) in enumerate(first) if broke]
         assert broken and all(served_by[ids[i]] == victim[0] for i in broken)
 

@@ -51,6 +51,7 @@ class TrainResult:
     stopped_by: str = "done"
 
 
+MAX_ROLLBACKS = 3  # rollbacks in a row (no applied step between) before training gives up as diverged
 LOG_EVERY_S = 30.0  # without a terminal (or with --no-progress), a progress line this often and at each validation
 
 
@@ -408,6 +409,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     last_line = time.monotonic()
     chars_since, seconds_since = 0, 0.0
     consecutive_bad = 0
+    rollbacks = 0  # since the last step that was applied: rolling back again and again cannot help
+    pending_save = False  # a checkpoint fell due on a skipped step: the next applied step saves it
     last_val = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     main_thread = threading.current_thread() is threading.main_thread()
     old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
@@ -428,6 +431,14 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 consecutive_bad += 1
                 log(f"step {step}: non-finite loss or gradient; step skipped, state reset")
                 if consecutive_bad >= 3 and manager.latest_checkpoint:
+                    rollbacks += 1
+                    if rollbacks > MAX_ROLLBACKS:
+                        raise UserError(
+                            f"training diverged: {MAX_ROLLBACKS} rollbacks to {Path(manager.latest_checkpoint).name}, "
+                            f"each with the learning rate halved (now "
+                            f"{float(trainer.optimizer.learning_rate.numpy()):.2e}), were followed by 3 non-finite "
+                            "steps again; the run is left at that checkpoint. Lower --lr or --clip-norm, or check "
+                            "the text")
                     lr = float(trainer.optimizer.learning_rate.numpy()) / 2
                     ckpt.restore(manager.latest_checkpoint)
                     trainer.optimizer.learning_rate.assign(lr)
@@ -439,7 +450,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                         bar.n = step
                     continue
             else:
-                consecutive_bad = 0
+                consecutive_bad = rollbacks = 0
             bpc = float(loss) / LN2
             if step % 10 == 0 or step == total:
                 with writer.as_default(step=step):
@@ -462,9 +473,13 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 log(f"step {step:,}/{total:,}: train BPC {bpc:.3f}, validation BPC {val}, "
                     f"{chars_since / max(seconds_since, 1e-9):,.0f} chars/s")
                 last_line, chars_since, seconds_since = time.monotonic(), 0, 0.0
-            if step % cfg.checkpoint_every == 0 or step == total:
-                with _signals_deferred(main_thread, reraise=True):  # an interrupt now stops after the save
-                    manager.save(checkpoint_number=step)
+            # Not after a skipped step: the weights in hand just gave a non-finite loss, and a rollback must find
+            # weights that did not (the next applied step saves instead).
+            if step % cfg.checkpoint_every == 0 or step == total or pending_save:
+                pending_save = consecutive_bad > 0
+                if not pending_save:
+                    with _signals_deferred(main_thread, reraise=True):  # an interrupt now stops after the save
+                        manager.save(checkpoint_number=step)
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}",
                                 val_bpc="-" if math.isnan(last_val) else f"{last_val:.3f}",
@@ -482,8 +497,10 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             bar.close()
         stopped = result.stopped_by in ("interrupted", "terminated")
         how = "terminated (SIGTERM)" if result.stopped_by == "terminated" else "interrupted"
-        unsaved = int(trainer.step.numpy()) > 0 and (manager.latest_checkpoint is None
-                                                     or not manager.latest_checkpoint.endswith(f"-{step}"))
+        # Weights that just gave a non-finite loss are never saved: the last checkpoint stays the run's state.
+        bad_weights = consecutive_bad > 0
+        unsaved = not bad_weights and int(trainer.step.numpy()) > 0 and (
+            manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"))
         if unsaved:  # saved first, with further Ctrl-C and SIGTERM held off until it is on disk
             if stopped:
                 log(f"\n{how} at step {step}; saving a checkpoint (another Ctrl-C waits until it is written)")
@@ -492,9 +509,12 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         if stopped:
             if int(trainer.step.numpy()) == 0:
                 log(f"\n{how} before the first step: nothing was saved")
+            elif manager.latest_checkpoint is None:
+                log(f"\n{how} at step {step}, in a run of non-finite steps: nothing was saved")
             else:
                 name = Path(manager.latest_checkpoint).name
-                log(f"{'' if unsaved else chr(10)}{how} at step {step}; checkpoint {name} saved, run the same "
+                kept = " (kept: the steps after it were non-finite)" if bad_weights else " saved"
+                log(f"{'' if unsaved else chr(10)}{how} at step {step}; checkpoint {name}{kept}, run the same "
                     "command to resume")
         if unsaved and result.stopped_by != "done" and step % eval_every != 0:
             validate(step)  # after the save: an interrupt here loses nothing

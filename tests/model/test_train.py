@@ -198,3 +198,61 @@ def test_an_interrupt_before_the_first_step_says_nothing_was_saved(corpus, tmp_p
     assert any("before the first step: nothing was saved" in line for line in logs), logs
     assert not any("saved, run" in line for line in logs)
     assert not list((tmp_path / "run").glob("ckpt/ckpt-*"))
+
+
+def poison_from(monkeypatch, first: int, last: int):
+    """Fault injection into the real trainer: before calls first..last of its step, the output bias is set
+    to inf, so those steps' loss is non-finite. Returns (trainers made, calls so far)."""
+    import hmlstm.model.train as train_module
+
+    trainers, calls = [], []
+    real_init = train_module.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        trainers.append(self)
+        step = self.train_step
+
+        def poisoned(x, y):
+            calls.append(1)
+            if first <= len(calls) <= last:
+                self.network.logit_bias.assign(tf.fill(self.network.logit_bias.shape, np.inf))
+            return step(x, y)
+
+        self.train_step = poisoned
+
+    monkeypatch.setattr(train_module.Trainer, "__init__", init)
+    return trainers, calls
+
+
+def test_three_non_finite_steps_in_a_row_roll_back_to_the_checkpoint_with_half_the_learning_rate(
+        corpus, tmp_path, monkeypatch):
+    """The README's claim, through train(): at step 11 the output bias is poisoned (inf), so steps 11-13 are
+    non-finite and skipped; the third rolls back to the checkpoint of step 8 (weights finite again) and halves
+    the learning rate, and training then runs to its end. The fault is injected into the real trainer."""
+    trainers, calls = poison_from(monkeypatch, 11, 11)
+    lines = []
+    cfg = TrainConfig(batch_size=8, seq_len=20, max_steps=20, checkpoint_every=4, learning_rate=2e-3)
+    result = train(corpus, SMALL, cfg, tmp_path / "run", progress=False, log=lines.append)
+    (trainer,) = trainers
+    assert result.skipped_steps == 3 and result.step == 20
+    assert [ln for ln in lines if "non-finite" in ln] == [
+        f"step {s}: non-finite loss or gradient; step skipped, state reset" for s in (11, 12, 13)]
+    assert "3 bad steps in a row: back to checkpoint at step 8, learning rate halved to 1.00e-03" in lines
+    assert float(trainer.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
+    assert len(calls) == 20 + 3 + 2  # steps 9-10 ran again after the rollback (to step 8), then 11-20
+    assert np.isfinite(trainer.network.logit_bias.numpy()).all()
+    net, _ = load_network(tmp_path / "run")
+    assert all(np.isfinite(v.numpy()).all() for v in net.trainable_variables)
+
+
+def test_rollbacks_that_keep_failing_stop_training_as_diverged(corpus, tmp_path, monkeypatch):
+    """Steps 11 on are all poisoned: a checkpoint that falls due on a skipped step (12) is not written, so
+    every rollback goes to step 8's good weights; after 3 rollbacks that did not help, one line says the run
+    diverged and where it was left, instead of halving the learning rate forever."""
+    poison_from(monkeypatch, 11, 10_000)
+    cfg = TrainConfig(batch_size=8, seq_len=20, max_steps=40, checkpoint_every=4)
+    with pytest.raises(UserError, match="training diverged: 3 rollbacks to ckpt-8, each with the learning rate "
+                                        r"halved \(now 2.50e-04\)"):
+        train(corpus, SMALL, cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").glob("*.index")) == ["ckpt-4.index", "ckpt-8.index"]

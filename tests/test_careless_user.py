@@ -452,3 +452,44 @@ def test_segment_warns_when_the_text_is_mostly_outside_the_vocabulary(tmp_path):
     ok = tmp_path / "en.txt"
     ok.write_text("The for statement is used to iterate over the elements of a sequence.\n")
     assert "warning" not in run_cli("segment", str(ok), "--local", cwd=ROOT).stderr
+
+
+def test_ctrl_c_exits_130_with_a_checkpoint_that_the_same_command_resumes(corpus, tmp_path):
+    """README: Ctrl-C stops training with exit status 130 and a checkpoint; running the same command again
+    resumes from it (and runs on to its end)."""
+    out = tmp_path / "run"
+    proc = _start_training(corpus, out)
+    _wait_for_steps(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = int(re.search(r"interrupted at step (\d+); checkpoint ckpt-(\d+) saved", err).group(2))
+    r = run_cli("train", str(corpus), "--out", str(out), "--steps", str(step + 3), "--checkpoint-every", str(EVERY),
+                "--no-progress", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {out} from step {step}" in r.stderr
+    assert (out / "ckpt" / f"ckpt-{step + 3}.index").exists()
+
+
+def test_a_different_corpus_in_the_same_out_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", str(corpus), "--out", str(out), "--steps", "2", *TINY).returncode == 0
+    other = tmp_path / "other.txt"
+    other.write_text("a different text altogether. " * 80)
+    r = run_cli("train", str(other), "--out", str(out), "--steps", "2", *TINY)
+    assert r.returncode == 2
+    _ends_in_one_error_line(r.stderr, f"{out} holds a run with a different corpus")
+    assert "choose another --out" in r.stderr
+
+
+def test_serve_on_a_taken_grpc_port_is_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--port", port, "--metrics-port", "-1")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " hmlstm." not in ln]  # log lines aside
+    assert len(lines) == 1 and str(port) in lines[0] and lines[0].startswith("hmlstm: error: "), r.stderr

@@ -497,6 +497,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             bar.close()
         stopped = result.stopped_by in ("interrupted", "terminated")
         how = "terminated (SIGTERM)" if result.stopped_by == "terminated" else "interrupted"
+        # An interrupt can land after a step ran (its counter is in the trainer) and before the loop counted it.
+        step = int(trainer.step.numpy())
         # Weights that just gave a non-finite loss are never saved: the last checkpoint stays the run's state.
         bad_weights = consecutive_bad > 0
         unsaved = not bad_weights and int(trainer.step.numpy()) > 0 and (

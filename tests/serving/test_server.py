@@ -359,9 +359,12 @@ def test_bearer_token_auth(tiny_model):
             assert code_of(lambda: c.segment("abc"))[0] == grpc.StatusCode.UNAUTHENTICATED
         with SegmenterClient(srv.target, token="s3cret") as c:
             assert c.segment("abc").chars == 3 and list(c.stream(["abc"]))[-1].final
-        with grpc.insecure_channel(srv.target) as ch:  # probes need no token
+        with grpc.insecure_channel(srv.target) as ch:  # probes and reflection (grpcurl) need no token
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            assert "hmlstm.v1.Segmenter" in {s.name for s in reply.list_services_response.service}
 
 
 def test_tls(tiny_model, tmp_path):

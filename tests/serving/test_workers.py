@@ -128,3 +128,45 @@ def test_kill_one_of_two_workers_and_its_streams_resume_on_the_other(tiny_onnx, 
             _, err = proc.communicate()
     assert proc.returncode == 0, err[-2000:]
     assert "restarting it" in err  # the supervisor replaced the killed worker
+
+
+def two_adjacent_free_ports() -> int:
+    """P such that P and P + 1 are both free on loopback now."""
+    for _ in range(200):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_workers_with_the_memory_store_are_warned_and_each_serves_its_own_metrics_port(tiny_onnx):
+    """README: with --workers, --state-store memory gets a warning at start-up (a stream resumed on another
+    worker is not found), and worker i serves its metrics on --metrics-port + i: each port counts exactly
+    the calls its own worker answered."""
+    import re
+    import urllib.request
+
+    port = free_port()
+    metrics = two_adjacent_free_ports()
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", str(tiny_onnx.path), "--workers", "2",
+                             "--port", str(port), "--metrics-port", str(metrics)], stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        answered = {0: 0, 1: 0}
+        deadline = time.monotonic() + 120
+        while min(answered.values()) < 3:  # fresh connections until each worker has answered a few calls
+            answered[worker_of(target)[0]] += 1
+            assert time.monotonic() < deadline, answered
+        for i in (0, 1):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics", timeout=10).read().decode()
+            count = re.search(r'^hmlstm_requests_total\{method="DescribeModel"\} (\S+)$', body, re.M)
+            assert count and float(count.group(1)) == answered[i], (i, answered, count)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "--state-store memory with --workers 2: each worker holds only its own streams" in err, err

@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 TINY_MODEL = dict(embed_dim=8, num_units=(12, 10), output_dim=16)
 
 
+# A directory where the tiny run and its export are kept between pytest runs (benchmarks/mutation.py sets it:
+# hundreds of runs need not each train and export). Unset, the default: built afresh in each session.
+CACHE = os.environ.get("HMLSTM_TEST_CACHE")
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny HM-LSTM trained for a few steps on the synthetic corpus."""
@@ -22,16 +29,20 @@ def tiny_run(tmp_path_factory):
     from hmlstm.model.data import synthetic_corpus
     from hmlstm.model.train import train
 
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    train(synthetic_corpus(seed=0, n_chars=8000), TINY_MODEL,
-          TrainConfig(batch_size=8, seq_len=20, max_steps=30, checkpoint_every=30), out, progress=False)
+    out = (Path(CACHE) if CACHE else tmp_path_factory.mktemp("tiny")) / "run"
+    if not (CACHE and (out / "metrics.json").exists()):
+        train(synthetic_corpus(seed=0, n_chars=8000), TINY_MODEL,
+              TrainConfig(batch_size=8, seq_len=20, max_steps=30, checkpoint_every=30), out, progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_run, tmp_path_factory):
     """The tiny run exported and validated on the full grid."""
-    from hmlstm.export.convert import export
+    from hmlstm import spec
+    from hmlstm.export.convert import ExportResult, export
 
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    out = (Path(CACHE) if CACHE else tmp_path_factory.mktemp("onnx")) / "tiny.onnx"
+    if CACHE and spec.card_path(out).exists():
+        return ExportResult(out, spec.card_path(out), json.loads(spec.card_path(out).read_text()))
     return export(tiny_run, out, log=lambda m: None)

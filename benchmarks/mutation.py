@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="at most this many mutants per target (a trial)")
     ap.add_argument("--results", type=Path, default=ROOT / "build" / "mutation.jsonl",
                     help="one JSON line per mutant, appended; a rerun skips mutants already there")
+    ap.add_argument("--retest", action="store_true",
+                    help="run again the mutants that survived last time (after adding tests that should kill them)")
     ap.add_argument("--write-docs", action="store_true", help="write docs/testing.md from the results")
     args = ap.parse_args()
 
@@ -252,7 +254,7 @@ def main() -> None:
             for m in planted:
                 n = seen[(m.line, m.what)] = seen.get((m.line, m.what), -1) + 1
                 key = (t.name, m.line, m.what, n)
-                if key in done:
+                if key in done and not (args.retest and done[key]["status"] == "survived"):
                     continue
                 (work / t.path).write_text(m.source)
                 try:

@@ -31,3 +31,13 @@ def test_all_firing_detector():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         score(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_a_score_is_a_frozen_value_and_its_dict_keeps_four_decimals():
+    import dataclasses
+
+    s = score(np.array([1, 0, 0], bool), np.array([1, 1, 1], bool))  # precision 1, recall 1/3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.f1 = 1.0  # reports and cards hold these: nothing may change one after the fact
+    d = s.to_dict()
+    assert d["recall"] == 0.3333 and d["rate"] == 0.3333 and d["f1"] == 0.5

@@ -32,8 +32,13 @@ def cut(t: int, alignment: str) -> int:
     return t if alignment == "start" else t + 1
 
 
+# A segment that reaches this many characters without a boundary is closed there (final = true) and the next
+# one starts: the server holds at most this much text per layer and stream (segmenter.proto, Segment).
+MAX_SEGMENT_CHARS = 65_536
+
+
 class SegmentTracker:
-    def __init__(self, layers: list[int], max_segment_chars: int = 65_536,
+    def __init__(self, layers: list[int], max_segment_chars: int = MAX_SEGMENT_CHARS,
                  alignment: dict[int, str] | None = None):
         self.layers = list(layers)
         self.max_segment_chars = max_segment_chars

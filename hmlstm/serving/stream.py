@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hmlstm import spec
-from hmlstm.serving.segments import SegmentTracker, Span
+from hmlstm.serving.segments import MAX_SEGMENT_CHARS, SegmentTracker, Span
 
 
 class StreamError(Exception):
@@ -49,11 +49,15 @@ def top_k_chars(logits: np.ndarray, chars: list[str], k: int) -> list[tuple[str,
     return [(chars[i], float(p[i])) for i in idx]
 
 
+REPLAY_DEPTH = 32  # responses a live stream can rewind to (docs/protocol.md: "keeps its last 32 responses")
+
+
 class StreamState:
     """Everything the server holds for one stream between chunks."""
 
     def __init__(self, state: dict[str, np.ndarray], layers: list[int], top_k: int, stream_id: str = "",
-                 max_segment_chars: int = 65_536, replay_depth: int = 32, alignment: dict[int, str] | None = None):
+                 max_segment_chars: int = MAX_SEGMENT_CHARS, replay_depth: int = REPLAY_DEPTH,
+                 alignment: dict[int, str] | None = None):
         self.state = state  # model state inputs, each [1, ...]; replaced, never changed in place
         self.layers = layers
         self.top_k = top_k
@@ -101,7 +105,7 @@ class StreamState:
         return encode_record(self.layers, self.top_k, self.stream_id, base[0], base[1], base[2], texts)
 
     @classmethod
-    def from_record(cls, record: bytes | dict, max_segment_chars: int = 65_536) -> StreamState:
+    def from_record(cls, record: bytes | dict, max_segment_chars: int = MAX_SEGMENT_CHARS) -> StreamState:
         """A stream at its record's base snapshot; ``pending`` holds the chunks to re-run.
 
         ``record``: the stored bytes, or what ``store.decode_record`` made of them.

@@ -10,7 +10,7 @@ import pytest
 from hmlstm.model.data import builtin_text
 from hmlstm.serving.runner import process_chunk_sync
 from hmlstm.serving.store import SQLiteStore, StoreUnavailable, decode_record, open_store
-from hmlstm.serving.stream import StreamState
+from hmlstm.serving.stream import StreamError, StreamState
 from tests.conftest import missing
 from tests.serving.durable import (
     RedisProcess,
@@ -52,8 +52,26 @@ def test_record_round_trip_rebuilds_the_exact_stream(tiny_model):
     assert back.processed == st.processed == 100 and back.tracker.to_dict() == st.tracker.to_dict()
     for k in st.state:
         np.testing.assert_array_equal(back.state[k], st.state[k])
-    back.rewind(80)  # the rebuilt history reaches back as far as the record did
+    back.rewind(80)  # the rebuilt history reaches back as far as the record did...
     assert back.processed == 80
+    back.rewind(70)  # ...to its base snapshot itself...
+    assert back.processed == 70 and back.tracker.to_dict() == decode_record(record)["tracker"].to_dict()
+    with pytest.raises(StreamError, match="held: none"):  # ...and no further (the record holds nothing older)
+        back.rewind(40)
+
+
+def test_a_live_stream_rewinds_to_any_of_its_last_32_responses_and_no_further(tiny_model):
+    def stream_of(n):
+        st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "deep")
+        for off in range(n):
+            process_chunk_sync(tiny_model, st, off, "abcdefghij klmnopqrstuvwxyz "[off % 28], 4096)
+        return st
+
+    st = stream_of(40)
+    st.rewind(40 - 31)  # 32 responses held: those that ended at 9..40
+    assert st.processed == 9
+    with pytest.raises(StreamError, match="cannot resume at offset 8"):
+        stream_of(40).rewind(8)
 
 
 def test_store_specs(tmp_path):

@@ -138,6 +138,15 @@ def test_top_k_chars_are_probabilities_in_order():
     assert [c for c, _ in got] == ["a", "b"]
     p = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
     assert got[0][1] == pytest.approx(p[1]) and got[1][1] == pytest.approx(p[2])
+    assert top_k_chars(np.array([0.0, 2.0, 1.0]), ["?", "a", "b"], 1) == [("a", pytest.approx(p[1]))]
+    assert top_k_chars(np.array([0.0, 2.0, 1.0]), ["?", "a", "b"], 0) == []
+
+
+def test_top_k_chars_stay_finite_for_large_logits():
+    """Softmax subtracts the largest logit first: exp(1000) alone would overflow to inf, and inf / inf is nan."""
+    got = top_k_chars(np.array([1000.0, 999.0, 0.0], np.float32), ["a", "b", "c"], 3)
+    assert [c for c, _ in got] == ["a", "b", "c"] and all(np.isfinite(p) for _, p in got)
+    assert got[0][1] == pytest.approx(1 / (1 + np.exp(-1.0)), rel=1e-5)
 
 
 @pytest.mark.parametrize("sizes", [[6], [3, 3], [1] * 6, [4, 2]])
@@ -153,3 +162,49 @@ def test_marking_in_pieces_prints_the_same_as_marking_the_whole(sizes):
                                                      for l, offs in bounds.items()})
         pos += n
     assert out + m.close() == mark("thecat", 0, bounds, alignment) == "the‖cat"
+
+
+def test_a_copy_is_equal_and_independent():
+    """StreamState snapshots the tracker with copy() after every response; a resume rewinds to one."""
+    tr = SegmentTracker([1, 2], 1000)
+    tr.feed(0, TEXT[:4], Z[:4])
+    snap = tr.copy()
+    assert snap.to_dict() == tr.to_dict()
+    tr.feed(4, TEXT[4:], Z[4:])
+    assert snap.end == 4 and snap.open_start == {1: 3, 2: 0} and snap._text(0, 4) == "abcd"
+    fresh = SegmentTracker([1, 2], 1000)
+    fresh.feed(0, TEXT[:4], Z[:4])
+    assert snap.feed(4, TEXT[4:], Z[4:]) == fresh.feed(4, TEXT[4:], Z[4:])  # the snapshot goes on as the original
+
+
+def test_the_default_segment_limit_is_65536_characters():
+    tr = SegmentTracker([1])
+    _, closed = tr.feed(0, "x" * 65_537, np.zeros((65_537, 1)))
+    assert [(s.start, s.end) for s in closed] == [(0, 65_536)]
+
+
+def test_a_segment_that_reaches_the_limit_exactly_is_closed_at_once():
+    tr = SegmentTracker([1], max_segment_chars=4)
+    _, closed = tr.feed(0, "abcd", np.zeros((4, 1)))
+    assert [(s.start, s.end, s.text, s.final) for s in closed] == [(0, 4, "abcd", True)]
+    assert tr.open_spans() == [] and tr.flush() == []
+
+
+def test_no_empty_segment_is_open_or_flushed_after_a_boundary_on_the_last_character():
+    tr = SegmentTracker([1], 1000)
+    z = np.zeros((4, 1))
+    z[3] = 1  # "abcd" closes at its last character: nothing is open
+    _, closed = tr.feed(0, "abcd", z)
+    assert [s.text for s in closed] == ["abcd"]
+    assert tr.open_spans() == [] and tr.flush() == []
+
+
+def test_flush_reads_the_open_text_after_the_buffer_has_moved_on():
+    """Closed segments drop out of the tracker's buffer, so the open one's text starts past offset 0."""
+    tr = SegmentTracker([1], 1000)
+    z = np.zeros((10, 1))
+    z[5] = 1
+    tr.feed(0, TEXT[:8], z[:8])
+    tr.feed(8, TEXT[8:], z[8:])
+    assert tr._buffer_start == 6
+    assert [(s.start, s.end, s.text) for s in tr.flush()] == [(6, 10, "ghij")]

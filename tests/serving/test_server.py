@@ -639,3 +639,12 @@ def test_streams_held_after_a_disconnect_storm_are_forgotten_and_their_memory_fr
         finally:
             tracemalloc.stop()
     assert holding > 0 and left < 0.1 * holding, (holding, left)
+
+
+def test_only_resent_chunks_are_marked_duplicate(server):
+    """A chunk longer than the server's piece size (its answer merged from several model calls) and the final
+    response are new, not duplicates."""
+    with SegmenterClient(server.target) as c:
+        rs = list(c.stream([TEXT[:200], TEXT[200:230]]))
+    assert [r.processed_chars for r in rs] == [200, 230, 230] and rs[-1].final
+    assert [r.duplicate for r in rs] == [False, False, False]

@@ -95,7 +95,7 @@ class StreamState:
             return
         self._history.append((self.processed, self.state, self.tracker.copy(), text))
 
-    def record(self, depth: int = 8) -> bytes:
+    def record(self, depth: int) -> bytes:
         """The persistent form: the snapshot ``depth`` responses back, and the chunks since."""
         from hmlstm.serving.store import encode_record
 
@@ -122,16 +122,16 @@ class StreamState:
         return st
 
     def rewind(self, offset: int) -> None:
-        """Go back to the state after the response that ended at ``offset``."""
-        while self._history and self._history[-1][0] > offset:
-            self._history.pop()
-        if not self._history or self._history[-1][0] != offset:
-            held = f"{self._history[0][0]}..{self.processed}" if self._history else "none"
-            self._history.clear()
-            self.checkpoint()
+        """Go back to the state after the response that ended at ``offset``. A refused rewind changes nothing:
+        the offsets its message names as held stay resumable."""
+        ends = [h[0] for h in self._history]
+        if offset not in ends:
+            held = f"{ends[0]}..{ends[-1]}" if ends else "none"
             raise StreamError("OUT_OF_RANGE", f"cannot resume at offset {offset}: the stream's responses ended "
                               f"at other offsets or too long ago (held: {held}); resume_offset must be the "
                               "processed_chars of the last response received")
+        while self._history[-1][0] > offset:
+            self._history.pop()
         self.processed, self.state, tracker, _ = self._history[-1]
         self.tracker = tracker.copy()
 

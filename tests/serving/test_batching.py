@@ -210,7 +210,7 @@ def test_unbatched_bound_runner_and_a_stored_record_see_host_state(tiny_model):
     got, reused = asyncio.run(main())
     assert_same(got, alone(tiny_model, text, 9))
     assert reused == len(range(0, len(text), 9)) - 1  # every call after the first reused the last one's state
-    record = decode_record(got[1].record())
+    record = decode_record(got[1].record(8))
     assert all(isinstance(v, np.ndarray) and v.shape[0] == 1 for v in record["state"].values())
 
 

@@ -208,3 +208,35 @@ def test_flush_reads_the_open_text_after_the_buffer_has_moved_on():
     tr.feed(8, TEXT[8:], z[8:])
     assert tr._buffer_start == 6
     assert [(s.start, s.end, s.text) for s in tr.flush()] == [(6, 10, "ghij")]
+
+
+def test_a_refused_rewind_changes_nothing_and_what_it_names_as_held_stays_resumable(tiny_model):
+    from hmlstm.serving.runner import process_chunk_sync
+
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "r")
+    for off in range(0, 20, 2):  # responses end at 2, 4, ..., 20
+        process_chunk_sync(tiny_model, st, off, "ab cd ef gh ij kl mn"[off : off + 2], 4096)
+    at_4 = {k: v.copy() for k, v in st._history[2][1].items()}  # after the start (0), 2 and 4
+    with pytest.raises(StreamError, match=r"offset 5: .*held: 0\.\.20"):
+        st.rewind(5)
+    assert st.processed == 20
+    st.rewind(4)  # named as held: it is
+    assert st.processed == 4 and all(np.array_equal(st.state[k], at_4[k]) for k in at_4)
+
+
+def test_a_resumed_stream_is_attached_and_counts_against_the_limit():
+    reg = StreamRegistry(max_streams=1, idle_timeout_s=60)
+    make = lambda: StreamState({}, [1], 0, "a")  # noqa: E731
+    a = reg.open(make, "a", resume=False)
+    reg.detach(a, finished=False)
+    b = reg.open(lambda: StreamState({}, [1], 0, "b"), "b", resume=False)  # the one slot is taken again
+    with pytest.raises(StreamError) as e:
+        reg.open(make, "a", resume=True)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    reg.detach(b, finished=True)
+    again = reg.open(make, "a", resume=True)
+    assert again is a and a.attached and reg.active == 1
+    assert reg.expire(now=a.last_seen + 3600) == 0  # an attached stream never expires
+    with pytest.raises(StreamError) as e:  # a second call on it: the first has not let go
+        reg.open(make, "a", resume=True)
+    assert e.value.code in ("ABORTED", "RESOURCE_EXHAUSTED")

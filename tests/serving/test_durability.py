@@ -60,6 +60,21 @@ def test_record_round_trip_rebuilds_the_exact_stream(tiny_model):
         back.rewind(40)
 
 
+def test_a_record_of_a_short_stream_starts_at_its_beginning(tiny_model):
+    """Fewer responses than the depth: the record's base is the stream's start, so a restored stream can still
+    rewind to offset 0."""
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "short")
+    for off in (0, 5):
+        process_chunk_sync(tiny_model, st, off, "abcdefghij"[off : off + 5], 4096)
+    r = decode_record(st.record(8))
+    assert r["processed"] == 0 and r["texts"] == [(0, "abcde"), (5, "fghij")]
+    back = StreamState.from_record(r)
+    for off, text in back.pending:
+        process_chunk_sync(tiny_model, back, off, text, 4096)
+    back.rewind(0)
+    assert back.processed == 0
+
+
 def test_a_live_stream_rewinds_to_any_of_its_last_32_responses_and_no_further(tiny_model):
     def stream_of(n):
         st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "deep")

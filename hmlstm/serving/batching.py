@@ -55,11 +55,11 @@ class _Pending:
 
 
 class BatchingRunner(Runner):
-    def __init__(self, model: LoadedModel, max_batch: int = 64, max_wait_us: int = 200, metrics=None,
-                 workers: int = 1, attached=None, io_binding: bool = False, max_wait_fraction: float = 0.5):
+    def __init__(self, model: LoadedModel, max_batch: int, max_wait_us: int, metrics=None, *, attached=None,
+                 io_binding: bool = False, max_wait_fraction: float = 0.5):
         if max_batch < 1 or max_wait_us < 0 or not 0 <= max_wait_fraction <= 1:
             raise ValueError("max_batch must be >= 1, max_wait_us >= 0 and max_wait_fraction in [0, 1]")
-        super().__init__(model, workers, io_binding)
+        super().__init__(model, 1, io_binding)  # one thread: the scheduler awaits each call before the next
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
         self.max_wait_fraction = max_wait_fraction

@@ -64,7 +64,7 @@ def test_batched_streams_equal_each_stream_alone(tiny_model):
 
 
 def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
-    runner = BatchingRunner(tiny_model, max_batch=4)
+    runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200)
     rng = np.random.default_rng(0)
     pieces = [rng.integers(1, len(tiny_model.vocab), n).astype(np.int32) for n in (1, 9, 4)]
     from hmlstm.serving.batching import _Pending
@@ -76,7 +76,10 @@ def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
         np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
         np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
         np.testing.assert_allclose(row["next_state_h1"], ref["next_state_h1"], atol=1e-5)
+    assert runner.binder is None  # state returns to the host unless IO binding is asked for
     runner.close()
+    with pytest.raises(RuntimeError):  # closing shuts its thread down: nothing more can run on it
+        runner.pool.submit(int)
 
 
 def test_no_starvation_under_a_hot_stream(tiny_model):
@@ -139,9 +142,9 @@ def test_unbatched_runner_gives_the_same_answers(tiny_model):
 
 def test_bad_batching_settings(tiny_model):
     with pytest.raises(ValueError):
-        BatchingRunner(tiny_model, max_batch=0)
+        BatchingRunner(tiny_model, max_batch=0, max_wait_us=200)
     with pytest.raises(ValueError):
-        BatchingRunner(tiny_model, max_wait_us=-1)
+        BatchingRunner(tiny_model, max_batch=4, max_wait_us=-1)
 
 
 # ------------------------------------------------ state kept where the model ran (IO binding)
@@ -172,7 +175,7 @@ def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_mod
     from hmlstm.serving.batching import _Pending
     from hmlstm.serving.device_state import RowRef
 
-    runner = BatchingRunner(tiny_model, max_batch=4, io_binding=True)
+    runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, io_binding=True)
     rng = np.random.default_rng(1)
     first = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), tiny_model.zero_state(1),
                       None, 0.0) for n in (3, 7, 5)]
@@ -253,4 +256,4 @@ def test_closed_loop_streams_stay_in_one_batch_with_a_wait_fraction(tiny_model, 
 
 def test_wait_fraction_must_be_a_fraction(tiny_model):
     with pytest.raises(ValueError):
-        BatchingRunner(tiny_model, max_wait_fraction=1.5)
+        BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, max_wait_fraction=1.5)

@@ -80,6 +80,14 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: for k = 0 the slice [:0] of the ranking is empty too",
     ("segments", "fired = z[:, self._columns] > 0.5", "> -> >="):
         "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
+    ("stream", "self._history: deque = deque(maxlen=replay_depth) if stream_id else deque(maxlen=1)", "1 -> 2"):
+        "equivalent in behaviour: a stream without an id is never rewound or stored, so its one snapshot is "
+        "never read; the bound only limits its memory",
+    ("stream", "if st.waiting and now - st.waiting_since > self.idle_timeout_s]", "> -> >="):
+        "equivalent: the two differ only when a monotonic-clock float equals the deadline exactly, at an instant "
+        "the watchdog (which looks every quarter timeout) never samples",
+    ("stream", "if not st.attached and now - st.last_seen > self.idle_timeout_s]", "> -> >="):
+        "equivalent: as above, for a detached stream's deadline",
 }
 
 

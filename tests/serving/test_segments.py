@@ -240,3 +240,25 @@ def test_a_resumed_stream_is_attached_and_counts_against_the_limit():
     with pytest.raises(StreamError) as e:  # a second call on it: the first has not let go
         reg.open(make, "a", resume=True)
     assert e.value.code in ("ABORTED", "RESOURCE_EXHAUSTED")
+
+
+def test_next_chars_are_the_models_prediction_after_the_chunks_last_character(tiny_model):
+    from hmlstm import spec
+    from hmlstm.serving.runner import process_chunk_sync
+
+    text = "abcab cabc"
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 3, "n")
+    got = process_chunk_sync(tiny_model, st, 0, text, 4096).next_chars
+    ids = np.array([[tiny_model.vocab.encode(text)]], np.int32).reshape(1, -1)
+    logits = tiny_model.run(ids, np.array([len(text)], np.int32), tiny_model.zero_state(1))[spec.LOGITS][0, -1]
+    want = top_k_chars(logits, tiny_model.vocab.chars, 3)
+    assert [c for c, _ in got] == [c for c, _ in want]
+    assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
+
+
+def test_a_detached_stream_is_forgotten_only_after_the_idle_timeout():
+    reg = StreamRegistry(max_streams=4, idle_timeout_s=60)
+    st = reg.open(lambda: StreamState({}, [1], 0, "idle"), "idle", resume=False)
+    reg.detach(st, finished=False)
+    assert reg.expire(now=st.last_seen + 30) == 0 and reg.held("idle")
+    assert reg.expire(now=st.last_seen + 61) == 1 and not reg.held("idle")

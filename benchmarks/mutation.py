@@ -80,6 +80,13 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: for k = 0 the slice [:0] of the ranking is empty too",
     ("segments", "fired = z[:, self._columns] > 0.5", "> -> >="):
         "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
+    ("segments", "return self._buffer[start - self._buffer_start : end - self._buffer_start]", "- -> +"):
+        "equivalent for the slice's end (the survivor of the two): its only caller, flush(), reads to the end of "
+        "what was fed, which is the buffer's end, and a slice end past it is clamped to it",
+    ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):
+        "equivalent in every answer: without the clear, the wait for more pieces spins until the batch fills or "
+        "its deadline (max_wait_us) passes, costing CPU time but no result; only a CPU measurement (the serving "
+        "benchmark's) would show it",
     ("stream", "self._history: deque = deque(maxlen=replay_depth) if stream_id else deque(maxlen=1)", "1 -> 2"):
         "equivalent in behaviour: a stream without an id is never rewound or stored, so its one snapshot is "
         "never read; the bound only limits its memory",

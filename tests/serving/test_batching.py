@@ -145,6 +145,25 @@ def test_bad_batching_settings(tiny_model):
         BatchingRunner(tiny_model, max_batch=0, max_wait_us=200)
     with pytest.raises(ValueError):
         BatchingRunner(tiny_model, max_batch=4, max_wait_us=-1)
+    BatchingRunner(tiny_model, max_batch=1, max_wait_us=0).close()  # a batch of one is a valid setting
+
+
+def test_a_full_batch_runs_at_once_counts_its_rows_and_close_leaves_no_task(tiny_model):
+    """With every attached stream's piece queued the batch is full: it runs without waiting out max_wait_us
+    (10 minutes here; the deadline below is 60 s), and rows counts exactly the pieces run."""
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=600_000_000, attached=lambda: 2)
+        sts = [new_stream(tiny_model) for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*(runner.process_chunk(st, 0, "abc", 4096) for st in sts)), 60)
+        counts = runner.batches, runner.rows
+        runner.close()
+        await asyncio.sleep(0)  # let the cancellation land
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return counts, left
+
+    (batches, rows), left = asyncio.run(main())
+    assert (batches, rows) == (1, 2)
+    assert left == []  # the scheduler task ended with close()
 
 
 # ------------------------------------------------ state kept where the model ran (IO binding)

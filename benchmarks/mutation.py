@@ -83,6 +83,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("segments", "return self._buffer[start - self._buffer_start : end - self._buffer_start]", "- -> +"):
         "equivalent for the slice's end (the survivor of the two): its only caller, flush(), reads to the end of "
         "what was fed, which is the buffer's end, and a slice end past it is clamped to it",
+    ("batching", "super().__init__(model, 1, io_binding)", "1 -> 2"):
+        "equivalent: the scheduler awaits each model call before it starts the next, so a second thread in the "
+        "pool would never run anything",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):
         "equivalent in every answer: without the clear, the wait for more pieces spins until the batch fills or "
         "its deadline (max_wait_us) passes, costing CPU time but no result; only a CPU measurement (the serving "
@@ -247,6 +250,7 @@ def main() -> None:
                     help="one JSON line per mutant, appended; a rerun skips mutants already there")
     ap.add_argument("--retest", action="store_true",
                     help="run again the mutants that survived last time (after adding tests that should kill them)")
+    ap.add_argument("--report", action="store_true", help="only format the results already in --results")
     ap.add_argument("--write-docs", action="store_true", help="write docs/testing.md from the results")
     args = ap.parse_args()
 
@@ -263,6 +267,16 @@ def main() -> None:
         for line in args.results.read_text().splitlines():
             r = json.loads(line)
             done[(r["target"], r["line"], r["what"], r["n"])] = r
+    if not args.report:
+        run_all(targets, args, done)
+    report = format_report([r for r in done.values() if any(r["target"] == t.name for t in targets)])
+    print(report)
+    if args.write_docs:
+        (ROOT / "docs" / "testing.md").write_text(report)
+
+
+def run_all(targets, args, done: dict) -> None:
+    """Plant and run every target's mutants not yet in ``done``; each result is appended to --results."""
     work = make_copy()
     cache = work / ".tiny-cache"
     cache.mkdir()
@@ -293,10 +307,6 @@ def main() -> None:
                 print(f"  {t.path}:{m.line} {m.what}: {status} ({secs:.0f} s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = format_report([r for r in done.values() if any(r["target"] == t.name for t in targets)])
-    print(report)
-    if args.write_docs:
-        (ROOT / "docs" / "testing.md").write_text(report)
 
 
 def format_report(results: list[dict]) -> str:
@@ -333,7 +343,8 @@ def format_report(results: list[dict]) -> str:
 
 
 def source_line(t: Target, line: int) -> str:
-    return (ROOT / t.path).read_text().splitlines()[line - 1].strip()
+    """The line as written, without its trailing comment."""
+    return (ROOT / t.path).read_text().splitlines()[line - 1].split("  # ")[0].strip()
 
 
 def explained(t: Target, r: dict) -> str | None:

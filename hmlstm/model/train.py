@@ -59,10 +59,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, Kubernetes, a batch scheduler): stop like Ctrl-C, checkpoint saved."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 class Trainer(tf.Module):
     """Network, optimizer, carried state and counters: everything a checkpoint holds."""
 
@@ -413,9 +409,14 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     pending_save = False  # a checkpoint fell due on a skipped step: the next applied step saves it
     last_val = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     main_thread = threading.current_thread() is threading.main_thread()
-    old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    # Ctrl-C and SIGTERM are held and acted on between steps: raised inside TensorFlow (in its argument binding,
+    # say) one came out as a TypeError, and SIGTERM then exited 1 with a traceback instead of saving.
+    held = _signals_deferred(main_thread)
+    held.__enter__()
     try:
         while step < total:
+            if held.pending is not None:
+                raise Terminated() if held.pending == signal.SIGTERM else KeyboardInterrupt()
             epoch, k = divmod(step, steps_per_epoch)
             if k == 0:
                 reset_state()
@@ -488,11 +489,12 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             if cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes:
                 result.stopped_by = f"time limit ({cfg.max_minutes} min)"
                 break
+        if held.pending is not None:  # one that came during the last step
+            raise Terminated() if held.pending == signal.SIGTERM else KeyboardInterrupt()
     except KeyboardInterrupt as e:
         result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_sigterm)
+        held.__exit__(None, None, None)
         if bar is not None:
             bar.close()
         stopped = result.stopped_by in ("interrupted", "terminated")

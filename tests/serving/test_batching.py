@@ -152,10 +152,19 @@ def test_a_full_batch_runs_at_once_counts_its_rows_and_close_leaves_no_task(tiny
     """With every attached stream's piece queued the batch is full: it runs without waiting out max_wait_us
     (10 minutes here; the deadline below is 60 s), and rows counts exactly the pieces run."""
     async def main():
-        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=600_000_000, attached=lambda: 2)
+        from hmlstm.serving.metrics import Metrics
+
+        metrics = Metrics()
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=600_000_000, attached=lambda: 2,
+                                metrics=metrics)
         sts = [new_stream(tiny_model) for _ in range(2)]
         await asyncio.wait_for(asyncio.gather(*(runner.process_chunk(st, 0, "abc", 4096) for st in sts)), 60)
         counts = runner.batches, runner.rows
+        # the server's histograms: one batch of 2, and each of the 2 pieces' wait in the queue
+        observed = {m.name: {s.name: s.value for s in m.samples} for m in metrics.registry.collect()}
+        assert observed["hmlstm_batch_size"]["hmlstm_batch_size_count"] == 1
+        assert observed["hmlstm_batch_size"]["hmlstm_batch_size_sum"] == 2
+        assert observed["hmlstm_queue_wait_seconds"]["hmlstm_queue_wait_seconds_count"] == 2
         runner.close()
         await asyncio.sleep(0)  # let the cancellation land
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

@@ -86,6 +86,8 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("batching", "super().__init__(model, 1, io_binding)", "1 -> 2"):
         "equivalent: the scheduler awaits each model call before it starts the next, so a second thread in the "
         "pool would never run anything",
+    ("batching", "if remaining <= 0:", "<= -> <"):
+        "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):
         "equivalent in every answer: without the clear, the wait for more pieces spins until the batch fills or "
         "its deadline (max_wait_us) passes, costing CPU time but no result; only a CPU measurement (the serving "

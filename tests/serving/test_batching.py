@@ -285,3 +285,23 @@ def test_closed_loop_streams_stay_in_one_batch_with_a_wait_fraction(tiny_model, 
 def test_wait_fraction_must_be_a_fraction(tiny_model):
     with pytest.raises(ValueError):
         BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, max_wait_fraction=1.5)
+
+
+def test_a_piece_waits_up_to_max_wait_us_for_the_other_attached_streams(tiny_model):
+    """Two attached streams, the second sends a few event-loop turns after the first: with max_wait_us long
+    (60 s; they arrive microseconds apart) and no fraction of a previous call, both run in one batch."""
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=60_000_000, attached=lambda: 2,
+                                max_wait_fraction=0.0)
+        a, b = new_stream(tiny_model), new_stream(tiny_model)
+
+        async def late():
+            for _ in range(5):
+                await asyncio.sleep(0)
+            return await runner.process_chunk(b, 0, "xyz", 4096)
+
+        await asyncio.wait_for(asyncio.gather(runner.process_chunk(a, 0, "abc", 4096), late()), 60)
+        runner.close()
+        return runner.batches, runner.rows
+
+    assert asyncio.run(main()) == (1, 2)

@@ -60,6 +60,23 @@ def test_record_round_trip_rebuilds_the_exact_stream(tiny_model):
         back.rewind(40)
 
 
+def test_records_carry_format_1_and_another_format_is_refused(tiny_model):
+    """Replicas of different versions share one store during a rolling upgrade: the record format is part of
+    the contract, so a change to it must be deliberate (a new number, and a refusal of the old one)."""
+    import json as json_
+
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "fmt")
+    process_chunk_sync(tiny_model, st, 0, "abc", 4096)
+    record = st.record(8)
+    n = int.from_bytes(record[:4], "big")
+    header = json_.loads(record[4 : 4 + n])
+    assert header["format"] == 1
+    header["format"] = 2
+    head = json_.dumps(header).encode()
+    with pytest.raises(ValueError, match="format 2, expected 1"):
+        decode_record(len(head).to_bytes(4, "big") + head + record[4 + n :])
+
+
 def test_a_record_of_a_short_stream_starts_at_its_beginning(tiny_model):
     """Fewer responses than the depth: the record's base is the stream's start, so a restored stream can still
     rewind to offset 0."""

@@ -203,7 +203,9 @@ def test_a_store_that_goes_away_and_comes_back(tiny_model):
 
     redis = RedisProcess()
     port = redis.port
-    config = ServeConfig(port=0, metrics_port=None, state_store=redis.url)
+    # An idle timeout (the records' time to live) far past the test: a finished stream's record must go because
+    # it was deleted, not because it expired.
+    config = ServeConfig(port=0, metrics_port=None, state_store=redis.url, idle_timeout_s=3600)
     with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
         errors = srv.server.metrics.store_errors._value.get
         rs = list(c.stream(["abc ", "def"], stream_id="x1"))
@@ -244,3 +246,26 @@ def test_a_store_that_goes_away_and_comes_back(tiny_model):
         wait_for(lambda: redis_client.Redis(port=port).exists("hmlstm:stream:x3") == 0,
                  "the finished stream to be deleted from the store")
     redis.stop()
+
+
+@needs_redis
+def test_the_redis_store_pings_only_a_live_server_and_closes_its_connections():
+    import redis as redis_client
+
+    from hmlstm.serving.store import RedisStore
+    from tests.serving.durable import free_port, wait_for
+
+    with pytest.raises(StoreUnavailable):  # nothing listens there: the probe must not say it is back
+        RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=1).ping()
+    redis = RedisProcess()
+    try:
+        admin = redis_client.Redis(port=redis.port)
+        clients = lambda: admin.info("clients")["connected_clients"]  # noqa: E731
+        before = clients()
+        store = RedisStore(redis.url)
+        store.ping()
+        assert clients() == before + 1
+        store.close()
+        wait_for(lambda: clients() == before, "the store's connection to close")
+    finally:
+        redis.stop()

@@ -115,6 +115,23 @@ def test_store_specs(tmp_path):
         SQLiteStore(tmp_path / "no" / "such" / "dir" / "s.db")
 
 
+def test_the_sqlite_store_writes_ahead_and_close_checkpoints_its_log(tmp_path):
+    """WAL mode (so a server's worker processes read while one writes), kept in the file itself; close()
+    closes the connection, and SQLite then folds the log back into the database and removes it."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    store.save("a", b"x", ttl_s=60)
+    other = sqlite3.connect(path)
+    assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()
+    assert path.with_name("s.db-wal").exists()
+    store.close()
+    assert not path.with_name("s.db-wal").exists()
+    assert SQLiteStore(path).load("a") == b"x"
+
+
 def test_sqlite_store_expires_entries(tmp_path):
     store = SQLiteStore(tmp_path / "s.db")
     store.save("a", b"x", ttl_s=60)

@@ -86,12 +86,13 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("batching", "super().__init__(model, 1, io_binding)", "1 -> 2"):
         "equivalent: the scheduler awaits each model call before it starts the next, so a second thread in the "
         "pool would never run anything",
-    ("store", "conn.execute('PRAGMA synchronous=NORMAL')", "delete call conn.execute(...)"):
+    ("store", 'conn.execute("PRAGMA synchronous=NORMAL")', "delete call conn.execute(...)"):
         "equivalent in behaviour: without it SQLite syncs at every commit (FULL, slower); with WAL, NORMAL loses "
         "nothing when the process dies, which is what the server needs (the SIGKILL tests pass either way)",
     ("store", "if row is None or row[1] < time.time():", "< -> <="):
         "equivalent: the two differ only when a record's expiry equals the clock's float exactly",
-    ("store", "self._conn().execute('SELECT 1').fetchone()", "delete call self._conn().execute('SELECT 1').fetchone(...)"):
+    ("store", 'self._conn().execute("SELECT 1").fetchone()',
+     "delete call self._conn().execute('SELECT 1').fetchone(...)"):
         "equivalent: SELECT 1 reads no table, so what the SQLite probe checks is that a connection opens, which "
         "_conn() does either way (a weak probe for a local file; Redis's PING is the one outages exercise)",
     ("batching", "if remaining <= 0:", "<= -> <"):

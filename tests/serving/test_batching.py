@@ -165,6 +165,7 @@ def test_a_full_batch_runs_at_once_counts_its_rows_and_close_leaves_no_task(tiny
         assert observed["hmlstm_batch_size"]["hmlstm_batch_size_count"] == 1
         assert observed["hmlstm_batch_size"]["hmlstm_batch_size_sum"] == 2
         assert observed["hmlstm_queue_wait_seconds"]["hmlstm_queue_wait_seconds_count"] == 2
+        assert 0 <= observed["hmlstm_queue_wait_seconds"]["hmlstm_queue_wait_seconds_sum"] < 60  # waits, not times
         runner.close()
         await asyncio.sleep(0)  # let the cancellation land
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -305,3 +306,21 @@ def test_a_piece_waits_up_to_max_wait_us_for_the_other_attached_streams(tiny_mod
         return runner.batches, runner.rows
 
     assert asyncio.run(main()) == (1, 2)
+
+
+def test_a_failed_model_call_fails_every_piece_in_it_and_the_runner_goes_on(tiny_model):
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=60_000_000, attached=lambda: 2)
+        good, bad = new_stream(tiny_model), new_stream(tiny_model)
+        bad.state = {k: v[:, :-1] for k, v in bad.state.items()}  # a state of the wrong width: the call fails
+        results = await asyncio.wait_for(asyncio.gather(runner.process_chunk(good, 0, "abc", 4096),
+                                                        runner.process_chunk(bad, 0, "abc", 4096),
+                                                        return_exceptions=True), 60)
+        runner.attached = lambda: 1
+        again = await asyncio.wait_for(runner.process_chunk(new_stream(tiny_model), 0, "abc", 4096), 60)
+        runner.close()
+        return results, again
+
+    results, again = asyncio.run(main())
+    assert all(isinstance(r, Exception) for r in results), results  # both pieces shared the failed call
+    assert again.processed_chars == 3  # and the scheduler kept going

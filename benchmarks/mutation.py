@@ -91,22 +91,18 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "nothing when the process dies, which is what the server needs (the SIGKILL tests pass either way)",
     ("store", "if row is None or row[1] < time.time():", "< -> <="):
         "equivalent: the two differ only when a record's expiry equals the clock's float exactly",
-    ("store", 'self._conn().execute("SELECT 1").fetchone()',
-     "delete call self._conn().execute('SELECT 1').fetchone(...)"):
-        "equivalent: SELECT 1 reads no table, so what the SQLite probe checks is that a connection opens, which "
-        "_conn() does either way (a weak probe for a local file; Redis's PING is the one outages exercise)",
     ("store", "self._call(self._redis.set, self.PREFIX + stream_id, record, px=max(1, int(ttl_s * 1000)))", "1 -> 2"):
         "equivalent in use: the floor only matters for an idle timeout under 2 ms (a record that expires before "
         "any resume could reach it either way); it exists because Redis refuses a time to live of 0",
-    ("store", "conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)", "5 -> 6"):
-        "equivalent unless another process holds the database's lock for between 5 and 6 s: a tuning value",
-    ("batching", "for name, arr in model.zero_state(1).items()}", "1 -> 2"):
-        "equivalent: the buffers take only the state's shape after the batch axis, the same for a batch of 2",
-    ("store", 'head = json.dumps(header, ensure_ascii=False).encode("utf-8")', "False -> True"):
-        "equivalent: JSON escapes decode to the same text; only the record's size changes",
     ("store", "self._call(self._redis.set, self.PREFIX + stream_id, record, px=max(1, int(ttl_s * 1000)))",
      "1000 -> 1001"):
         "equivalent in use: a time to live 0.1% longer than the idle timeout",
+    ("store", "conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)", "5 -> 6"):
+        "equivalent unless another process holds the database's lock for between 5 and 6 s: a tuning value",
+    ("store", 'head = json.dumps(header, ensure_ascii=False).encode("utf-8")', "False -> True"):
+        "equivalent: JSON escapes decode to the same text; only the record's size changes",
+    ("batching", "for name, arr in model.zero_state(1).items()}", "1 -> 2"):
+        "equivalent: the buffers take only the state's shape after the batch axis, the same for a batch of 2",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):
@@ -360,7 +356,8 @@ def format_report(results: list[dict]) -> str:
     for t in TARGETS:
         for r in sorted(by_target.get(t.name, []), key=lambda r: r["line"]):
             if r["status"] == "survived":
-                why = explained(t, r) or "NOT EXPLAINED: a gap in the tests"
+                why = (explained(t, r) or "NOT EXPLAINED: a gap in the tests") + (
+                    f" ({r['note']})" if r.get("note") else "")
                 out.append(f"- {t.path}:{r['line']} `{source_line(t, r['line'])}`, `{r['what']}`: {why}")
     return "\n".join(out) + "\n"
 

@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,12 +253,17 @@ def run_tests(work: Path, tests, timeout: float, cache: Path) -> tuple[str, floa
     env = dict(os.environ, PYTHONPATH=str(work), HMLSTM_TEST_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONDONTWRITEBYTECODE="1")
     t0 = time.monotonic()
+    # Its own process group, killed whole on a hang: a hung mutant's pytest (and any server it started) must not
+    # outlive its turn (one was found still running an hour later).
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
-                           env=env, capture_output=True, text=True, timeout=timeout)
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "killed (hung)", time.monotonic() - t0
-    return ("survived" if r.returncode == 0 else "killed"), time.monotonic() - t0
+    return ("survived" if code == 0 else "killed"), time.monotonic() - t0
 
 
 def main() -> None:

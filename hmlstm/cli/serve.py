@@ -145,7 +145,7 @@ def cmd_serve(args) -> int:
 
     config = _serve_config(args)
     try:
-        store = open_store(config.state_store, timeout_s=max(1.0, 4 * config.store_timeout_s))
+        store = open_store(config.state_store, timeout_s=config.store_io_timeout_s)
     except (ValueError, StoreUnavailable) as e:
         raise UserError(str(e)) from None
     if store is not None:

@@ -245,12 +245,12 @@ def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab:
 
 
 class _signals_deferred:
-    """Within it, Ctrl-C and SIGTERM wait (a checkpoint being written is never cut short); with
-    ``reraise``, one that came meanwhile is raised when it ends (else it is dropped: the run is ending
-    anyway). Only in the main thread, where Python delivers signals."""
+    """Within it, Ctrl-C and SIGTERM only set ``pending``: the training loop acts on one between steps
+    (``raise_pending``), and a checkpoint being written is never cut short. Only in the main thread, where
+    Python delivers signals."""
 
-    def __init__(self, active: bool = True, reraise: bool = False):
-        self.active, self.reraise = active, reraise
+    def __init__(self, active: bool = True):
+        self.active = active
         self.pending: int | None = None
 
     def _hold(self, signum, frame) -> None:
@@ -266,7 +266,10 @@ class _signals_deferred:
             return
         for s, handler in self.old.items():
             signal.signal(s, handler)
-        if self.reraise and exc[0] is None and self.pending is not None:
+
+    def raise_pending(self) -> None:
+        """Act on a signal that came meanwhile: SIGTERM as Terminated, Ctrl-C as KeyboardInterrupt."""
+        if self.pending is not None:
             raise Terminated() if self.pending == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -415,8 +418,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     held.__enter__()
     try:
         while step < total:
-            if held.pending is not None:
-                raise Terminated() if held.pending == signal.SIGTERM else KeyboardInterrupt()
+            held.raise_pending()
             epoch, k = divmod(step, steps_per_epoch)
             if k == 0:
                 reset_state()
@@ -478,9 +480,8 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             # weights that did not (the next applied step saves instead).
             if step % cfg.checkpoint_every == 0 or step == total or pending_save:
                 pending_save = consecutive_bad > 0
-                if not pending_save:
-                    with _signals_deferred(main_thread, reraise=True):  # an interrupt now stops after the save
-                        manager.save(checkpoint_number=step)
+                if not pending_save:  # an interrupt meanwhile is held (above) and stops the run after the save
+                    manager.save(checkpoint_number=step)
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", bpc=f"{bpc:.3f}",
                                 val_bpc="-" if math.isnan(last_val) else f"{last_val:.3f}",
@@ -489,8 +490,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             if cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes:
                 result.stopped_by = f"time limit ({cfg.max_minutes} min)"
                 break
-        if held.pending is not None:  # one that came during the last step
-            raise Terminated() if held.pending == signal.SIGTERM else KeyboardInterrupt()
+        held.raise_pending()  # one that came during the last step
     except KeyboardInterrupt as e:
         result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
     finally:
@@ -503,7 +503,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         step = int(trainer.step.numpy())
         # Weights that just gave a non-finite loss are never saved: the last checkpoint stays the run's state.
         bad_weights = consecutive_bad > 0
-        unsaved = not bad_weights and int(trainer.step.numpy()) > 0 and (
+        unsaved = not bad_weights and step > 0 and (
             manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"))
         if unsaved:  # saved first, with further Ctrl-C and SIGTERM held off until it is on disk
             if stopped:
@@ -511,7 +511,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             with _signals_deferred(main_thread):
                 manager.save(checkpoint_number=step)
         if stopped:
-            if int(trainer.step.numpy()) == 0:
+            if step == 0:
                 log(f"\n{how} before the first step: nothing was saved")
             elif manager.latest_checkpoint is None:
                 log(f"\n{how} at step {step}, in a run of non-finite steps: nothing was saved")

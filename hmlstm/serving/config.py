@@ -55,6 +55,12 @@ class ServeConfig:
     worker_index: int = 0  # set by the supervisor for each of its workers
     reuse_port: bool = False  # share the port with this server's own workers (SO_REUSEPORT); set by the supervisor
 
+    @property
+    def store_io_timeout_s(self) -> float:
+        """The longest one state-store call may hold its thread (Redis's socket timeout, a read, the probe):
+        4 x --store-timeout, at least 1 s. Responses never wait this long (saver.py)."""
+        return max(1.0, 4 * self.store_timeout_s)
+
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")

@@ -35,8 +35,9 @@ log = logging.getLogger("hmlstm.serve")
 class Saver:
     def __init__(self, store: StateStore, ttl_s: float, timeout_s: float, metrics: Metrics, depth: int,
                  on_status: Callable[[bool], Awaitable[None]] | None = None, threads: int = 8,
-                 down_after: int = 3, probe_s: float = 1.0):
+                 down_after: int = 3, probe_s: float = 1.0, io_timeout_s: float = 1.0):
         self.store, self.ttl_s, self.timeout_s = store, ttl_s, timeout_s
+        self.io_timeout_s = io_timeout_s  # the longest a read, the probe or the writes at close may take
         self.metrics, self.depth, self.on_status = metrics, depth, on_status
         self.down_after, self.probe_s = down_after, probe_s
         self.up = True
@@ -85,11 +86,11 @@ class Saver:
         try:
             if not self.up:
                 raise StoreUnavailable(f"the state store is down; a probe asks it every {self.probe_s:g}s")
-            limit = max(1.0, 4 * self.timeout_s)
             try:
-                return await asyncio.wait_for(self._run(self._pool, self.store.load, stream_id), limit)
+                return await asyncio.wait_for(self._run(self._pool, self.store.load, stream_id), self.io_timeout_s)
             except asyncio.TimeoutError:
-                raise StoreUnavailable(f"the state store did not answer a read within {limit:g}s") from None
+                raise StoreUnavailable(f"the state store did not answer a read within {self.io_timeout_s:g}s") \
+                    from None
             except StoreUnavailable as e:
                 self._go_down(str(e))
                 raise
@@ -116,7 +117,7 @@ class Saver:
             self._probe.cancel()
         writers = [t for t in self._writers.values() if not t.done()]
         if writers:  # let the writes under way finish (bounded: a hung store times out)
-            await asyncio.wait(writers, timeout=max(1.0, 4 * self.timeout_s))
+            await asyncio.wait(writers, timeout=self.io_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._probe_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -197,7 +198,7 @@ class Saver:
         while True:
             await asyncio.sleep(self.probe_s)
             try:
-                await asyncio.wait_for(self._run(self._probe_pool, self.store.ping), max(1.0, 4 * self.timeout_s))
+                await asyncio.wait_for(self._run(self._probe_pool, self.store.ping), self.io_timeout_s)
             except (StoreUnavailable, asyncio.TimeoutError):
                 continue
             break

@@ -78,16 +78,13 @@ def add_servicer(servicer, server) -> None:
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):
     def __init__(self, model: LoadedModel, runner: Runner, registry: StreamRegistry, config: ServeConfig,
-                 metrics: Metrics, store=None, on_store_status=None):
+                 metrics: Metrics, saver: Saver | None = None):
         self.model, self.runner, self.registry = model, runner, registry
         self.config, self.metrics = config, metrics
-        self.store = store
+        self.saver = saver  # None without a state store (--state-store memory)
         # The advertised unary limit is one whose answer always fits the message limit (messages.py).
         self.max_text_chars = min(config.max_text_chars,
                                   messages.max_unary_chars(config.max_message_bytes, len(model.boundary_layers)))
-        self.saver = None if store is None else Saver(
-            store, config.idle_timeout_s, config.store_timeout_s, metrics, config.persist_depth,
-            on_status=on_store_status)
 
     async def _load_stored(self, stream_id: str, resume: bool) -> None:
         """Bring a stream from the store into the registry if the store's copy is the newer one."""
@@ -171,7 +168,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 if cfg.top_k > self.config.max_top_k:
                     raise StreamError("INVALID_ARGUMENT", f"top_k {cfg.top_k} is over the limit of "
                                       f"{self.config.max_top_k}")
-            if self.store is not None and cfg.stream_id:
+            if self.saver is not None and cfg.stream_id:
                 await self._load_stored(cfg.stream_id, cfg.resume)
             if cfg.resume and cfg.stream_id:
                 await self._take_over(cfg.stream_id)
@@ -183,7 +180,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             st.context = context
             self.metrics.active_streams.set(self.registry.active)
             self.metrics.held_streams.set(len(self.registry))
-            durable = self.store is not None and bool(st.stream_id)
+            durable = self.saver is not None and bool(st.stream_id)
             while True:
                 st.wait("read")
                 try:
@@ -368,9 +365,11 @@ class SegmenterServer:
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        self.store = open_store(config.state_store, timeout_s=max(1.0, 4 * config.store_timeout_s))
-        self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.store,
-                                          on_store_status=self._store_status)
+        self.store = open_store(config.state_store, timeout_s=config.store_io_timeout_s)
+        self.saver = None if self.store is None else Saver(
+            self.store, config.idle_timeout_s, config.store_timeout_s, self.metrics, config.persist_depth,
+            on_status=self._store_status, io_timeout_s=config.store_io_timeout_s)
+        self.servicer = SegmenterServicer(model, self.runner, self.registry, config, self.metrics, self.saver)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
@@ -413,8 +412,8 @@ class SegmenterServer:
         await self.server.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.store is not None:
-            await self._store_status(self.servicer.saver.up)
+        if self.saver is not None:
+            await self._store_status(self.saver.up)
         self._expiry = asyncio.create_task(self._expire_loop())
         return self.port
 
@@ -497,8 +496,8 @@ class SegmenterServer:
             task.cancel()
         self.runner.close()
         self.metrics.close()
-        if self.store is not None:
-            await self.servicer.saver.close()
+        if self.saver is not None:
+            await self.saver.close()
             self.store.close()
 
     async def wait(self) -> None:

@@ -1,4 +1,4 @@
-"""The one exception type a user-facing command turns into a clean error line."""
+"""The exceptions a user-facing command turns into a clean line and a conventional exit status."""
 
 
 class UserError(Exception):
@@ -7,6 +7,11 @@ class UserError(Exception):
     The CLI prints ``hmlstm: error: <message>`` and exits with status 2, no
     traceback. The message says what was wrong and what to do.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Kubernetes, a batch scheduler), raised where the process is so that it stops
+    like Ctrl-C and its ``finally`` blocks run; the command exits with status 143."""
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:

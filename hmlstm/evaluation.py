@@ -149,9 +149,11 @@ def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None, 
         raise UserError(f"{corpus.name} has no known boundaries to score against")
     log(f"running the model over {len(corpus.text):,} characters")
     out = run_model(model, corpus.text)
-    log("scoring every layer against words, phrases and sentences, and the entropy baselines")
-    ids = out.vocab.encode(corpus.text)
     truths = corpus.truths()
+    names = list(truths)
+    units = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    log(f"scoring every layer against {units}, and the entropy baselines")
+    ids = out.vocab.encode(corpus.text)
     layers = {}
     for l in range(out.boundaries.shape[1]):
         pred = out.boundaries[:, l] > 0.5

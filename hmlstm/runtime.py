@@ -220,6 +220,12 @@ def _gpu_unavailable(provider: str) -> str:
     return ""
 
 
+def device_unavailable(device: str) -> str:
+    """Why ``device`` (tensorrt or cuda) cannot be used here, or "" if a session may try it: what can be known
+    without building a session (the provider in this build, the driver, TensorRT's libraries)."""
+    return _gpu_unavailable({"tensorrt": TENSORRT, "cuda": CUDA}[device])
+
+
 def make_session(model: str | bytes, device: str = "auto", threads: int | None = None,
                  spinning: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = False) -> Runtime:
     """Build one inference session.

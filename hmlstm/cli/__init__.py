@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
 
 import hmlstm
@@ -22,8 +23,8 @@ from hmlstm.cli.info import _add_info
 from hmlstm.cli.plot import _add_plot
 from hmlstm.cli.segment import _add_segment
 from hmlstm.cli.serve import _add_serve
-from hmlstm.cli.train import PRESETS, _add_train
-from hmlstm.errors import UserError
+from hmlstm.cli.train import PRESETS, _add_train, preset_settings
+from hmlstm.errors import Terminated, UserError
 
 __all__ = ["main", "build_parser", "quiet_tensorflow", "DEMO_TEXT", "PRESETS", "UserError", "_unescape"]
 
@@ -93,14 +94,24 @@ TRAIN_EXTRA = ("tensorflow", "tensorboard", "tf2onnx", "onnx", "tqdm", "matplotl
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("segment", "health", "demo"):  # gRPC's C core logs TLS failures itself: each command says
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # the cause in its own one line instead
     if getattr(args, "preset", None):  # the preset's settings as defaults; the flags given on the line still win
-        parser.commands[args.command].set_defaults(**PRESETS[args.preset])
+        command = parser.commands[args.command]
+        given = _given_settings(parser, command, argv)
+        command.set_defaults(**preset_settings(args.preset, given, args))
         args = parser.parse_args(argv)
+    # SIGTERM (docker stop, kill) unwinds like Ctrl-C, so that what a command cleans up on the way out (temporary
+    # folders, half-written outputs) is cleaned up; train and serve install their own handlers over this one.
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
     except UserError as e:
         print(f"hmlstm: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("hmlstm: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("hmlstm: interrupted", file=sys.stderr)
         return 130
@@ -114,3 +125,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hmlstm: error: `hmlstm {args.command}` needs {e.name.split('.')[0]}, which the server-only install "
               "leaves out; install training, export and plots with: pip install 'hmlstm[train]'", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _given_settings(parser, command, argv) -> set[str]:
+    """The settings (argparse destinations) of ``command`` given explicitly on the command line."""
+    unset = object()
+    defaults = {a.dest: a.default for a in command._actions if a.dest != "help"}
+    command.set_defaults(**dict.fromkeys(defaults, unset))
+    try:
+        probe = parser.parse_args(argv)
+    finally:
+        command.set_defaults(**defaults)
+    return {d for d in defaults if getattr(probe, d, unset) is not unset}

@@ -29,6 +29,44 @@ def quiet_tensorflow():
     return tf
 
 
+def check_output(path: Path, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written: a file where a folder is meant (or
+    the other way round), or a place where nothing can be created (/proc, a read-only mount). A folder
+    (``folder=True``) may not exist yet (it is created with its parents); a file's folder must exist.
+    Writability is tried, not guessed: root passes os.access() even where the kernel refuses a file."""
+    import tempfile
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name, such as {path / 'out'}")
+    place = path if folder else (path.parent if str(path.parent) else Path("."))
+    if not folder and not place.is_dir():
+        raise UserError(f"{flag} {path}: its folder {place} does not exist; create it first")
+    while not place.exists():  # a folder to be made: its nearest existing ancestor must take it
+        place = place.parent
+    if not place.is_dir():
+        raise UserError(f"{flag} {path}: {place} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hmlstm-probe-", dir=place))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: nothing can be written in {place} ({e.strerror or e})") from None
+
+
+def read_token_file(path: str, flag: str) -> str:
+    """A bearer token: the file's first line, stripped (a mounted Kubernetes Secret)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    token = (text.splitlines() or [""])[0].strip()
+    if not token:
+        raise UserError(f"{flag} {path}: the file " + ("is empty" if not text else
+                        "contains only whitespace" if not text.strip() else "starts with an empty line"))
+    return token
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
@@ -105,8 +143,10 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
     from hmlstm.evaluation import text_label
 
     try:
-        evaluations = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))["evaluation"]
-    except (OSError, ValueError, KeyError, TypeError):
+        card = json.loads(spec.card_path(model_path).read_text(encoding="utf-8"))
+        evaluations = card["evaluation"]
+        declared = {f"layer{k}": v for k, v in (card.get("boundary_alignment") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
     lines: dict[int, list[str]] = {}
     for key, where in (("held_out", "held-out text"), ("other_text", "another text")):
@@ -115,7 +155,10 @@ def _held_out_quality(model_path: Path) -> dict[int, list[str]]:
             continue
         for name, e in report.get("layers", {}).items():
             meant = ("words",) if name == "layer1" else ("phrases", "sentences")  # what each layer is taught
-            scores = [(unit, align, s) for unit in meant if unit in e for align, s in e[unit].items()]
+            # scored where the layer says it fires (a unit's first or last character), the other side only for
+            # a card that declares none
+            scores = [(unit, align, s) for unit in meant if unit in e for align, s in e[unit].items()
+                      if declared.get(name) in (None, align)]
             if not scores:
                 continue
             unit, align, s = max(scores, key=lambda x: x[2]["f1"] - x[2]["random_f1"])

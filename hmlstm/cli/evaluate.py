@@ -38,6 +38,15 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     import json
 
+    if args.sep == "":
+        raise UserError("--sep needs at least one character: the symbol between units, e.g. --sep '|'")
+    if args.text not in ("builtin", "synthetic"):
+        for flag, given in (("--all", args.all), ("--seed", args.seed != 0)):
+            if given:
+                raise UserError(f"{flag} applies to the builtin and synthetic texts only (a file is scored as it "
+                                "is, up to --max-chars); drop it")
+    elif args.text == "builtin" and args.seed != 0:
+        raise UserError("--seed chooses the synthetic text; the builtin text has none. Drop it")
     if args.max_chars < 2:
         raise UserError(f"--max-chars must be at least 2 (bits per character need a next character), "
                         f"got {args.max_chars}")

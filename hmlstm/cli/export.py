@@ -49,35 +49,69 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    if not args.tolerance > 0:  # checked before the minutes of conversion, not after
+    # Every check that needs no TensorFlow comes first, so that a mistake is answered at once, not after the
+    # conversion's minutes.
+    from hmlstm import spec
+    from hmlstm.cli.common import check_output
+    from hmlstm.model.data import read_text_file
+
+    if not args.checkpoint.exists():
+        raise UserError(f"{args.checkpoint} does not exist; give a run directory written by `hmlstm train`, or an "
+                        "exported .onnx")
+    if not args.tolerance > 0:
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.triton_max_sequences < 1:
         raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
+    if not 13 <= args.opset <= 18:
+        raise UserError(f"--opset {args.opset} is outside 13-18 (tf2onnx 1.17 supports up to 18); pick one in that "
+                        "range")
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    if not engines or len(set(engines)) != len(engines) or set(engines) - set(spec.ENGINES):
+        raise UserError(f"--engines takes some of {', '.join(spec.ENGINES)}, each once, e.g. --engines sparse,dense; "
+                        f"got {args.engines!r}")
+    if args.no_validate:
+        ignored = [f for f, on in (("--strict", args.strict), ("--quick", args.quick),
+                                   ("--tolerance", args.tolerance != 1e-4), ("--device", args.device != "auto"))
+                   if on]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} how validation runs, and "
+                            "--no-validate skips it; give one or the other")
+    check_output(args.out, "--out")
+    if args.triton is not None:
+        check_output(args.triton, "--triton", folder=True)
+    if args.device == "cuda":
+        from hmlstm.runtime import device_unavailable
+
+        why = device_unavailable("cuda")
+        if why:
+            raise UserError(f"--device cuda: CUDA cannot be used here ({why}); validate with --device cpu, or auto "
+                            "(the CPU, plus CUDA where it works)")
+    if args.eval_text is not None:
+        read_text_file(args.eval_text)  # a missing or unreadable file is refused before the export's work
     quiet_tensorflow()
     from hmlstm.export.convert import ExportConfig, export
     from hmlstm.export.validate import ValidationError
-    from hmlstm.model.data import read_text_file
 
     kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
     if args.strict:
         kw["explain_factor"] = 0.0
-    if args.eval_text is not None:
-        read_text_file(args.eval_text)  # a missing or unreadable file is refused before the export's work
-    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
                        tolerance=args.tolerance, eval_text=args.eval_text, engines=engines, **kw)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:
-        run = args.checkpoint
+    with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:  # removed on Ctrl-C and SIGTERM too
+        run, keep = args.checkpoint, None
         if run.suffix == ".onnx" and run.is_file():
             from hmlstm.export.recover import recover_run
 
             run = recover_run(run, Path(tmp) / run.stem, log=log)
+            keep = _earlier_evaluations(args.checkpoint)
         try:
-            result = export(run, args.out, cfg, log=log)
+            result = export(run, args.out, cfg, log=log, keep_evaluations=keep)
         except ValidationError as e:
             print(f"hmlstm: error: export refused, nothing written: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
+        except RuntimeError as e:  # a provider that loads and then fails (CUDA without a usable device)
+            raise UserError(f"export stopped, nothing written: {e}") from None
     others = [e["file"] for e in result.card["engines"].values() if e["file"] != result.path.name]
     print(f"wrote {result.path} ({result.card['engine']} engine, {result.card['size_bytes'] / 1e6:.2f} MB)"
           + "".join(f", {result.path.with_name(f)}" for f in others) + f" and {result.card_path}")
@@ -88,3 +122,15 @@ def cmd_export(args) -> int:
                                   max_sequences=args.triton_max_sequences)
         print(f"wrote {config} (Triton model repository {args.triton}, {args.triton_instance} instance)")
     return 0
+
+
+def _earlier_evaluations(model: Path) -> dict:
+    """The evaluations of an earlier export's card (texts scored then: --eval-text's among them)."""
+    import json
+
+    from hmlstm import spec
+
+    try:
+        return dict(json.loads(spec.card_path(model).read_text(encoding="utf-8")).get("evaluation") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,16 +31,37 @@ def _add_health(sub) -> None:
     p.set_defaults(func=cmd_health)
 
 
-def _health_reason(error, tls: bool) -> str:
-    """Why a health check failed, in words; the TLS hint only where TLS may be the reason."""
-    details = (error.details() or "").replace("\n", " ")
+def connection_reason(details: str, tls: bool) -> str:
+    """Why a call could not reach a server, in words, from gRPC's status details: an untrusted certificate, a
+    name the certificate does not carry, TLS on one side only, nothing listening, a name that does not
+    resolve; the TLS hint only where TLS may be the reason. "" where none of these is it."""
     low = details.lower()
-    if "wrong_version_number" in low or "wrong version number" in low or (tls and "ssl" in low):
-        return "the TLS handshake failed: the server may not use TLS (drop --tls and --tls-ca)"
+    if tls and ("certificate_verify_failed" in low or "certificate verify failed" in low):
+        return ("the server's TLS certificate is not trusted: it is not signed by the CA given (--tls-ca), or by "
+                "the system's roots when none is given (a self-signed certificate needs --tls-ca naming itself)")
+    if tls and ("peer name" in low or "hostname" in low or "subject alternative name" in low or "san " in low):
+        return ("the server's TLS certificate does not carry the name connected to: connect by a name it "
+                "carries, or give that name (--server-name / $HMLSTM_TLS_SERVER_NAME)")
+    if "wrong_version_number" in low or "wrong version number" in low or (tls and ("ssl" in low or "tsi" in low
+                                                                                  or "handshake" in low)):
+        return "the TLS handshake failed: the server does not seem to use TLS (drop --tls and --tls-ca)"
     if "connection refused" in low:
         return "connection refused: nothing listens at that address"
     if any(w in low for w in ("dns resolution failed", "name or service not known", "errors resolving")):
         return "the host name does not resolve"
+    if not tls and ("socket closed" in low or "connection reset" in low or "end of tcp stream" in low
+                    or "http2 frame" in low or "connection closed" in low):
+        return ("the server closed the connection at once: it probably expects TLS (add --tls-ca with its CA, "
+                "or --tls)")
+    return ""
+
+
+def _health_reason(error, tls: bool) -> str:
+    """Why a health check failed, in words; the TLS hint only where TLS may be the reason."""
+    details = (error.details() or "").replace("\n", " ")
+    reason = connection_reason(details, tls)
+    if reason:
+        return reason
     reason = details[:160] or "no answer"
     return reason if tls else f"{reason} (if the server uses TLS: --tls-ca, or $HMLSTM_TLS_CERT as in its container)"
 
@@ -48,9 +70,14 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 3600):
+        raise UserError(f"--timeout must be a number of seconds more than 0, at most 3600, got {args.timeout}")
     own_cert = os.environ.get("HMLSTM_TLS_CERT") or None
     ca = args.tls_ca or own_cert
     tls = args.tls or bool(ca)
+    if args.server_name and not tls:
+        raise UserError("--server-name is the name the server's TLS certificate must carry, and this check does "
+                        "not use TLS; add --tls (or --tls-ca), or drop --server-name")
     if ca and not Path(ca).is_file():
         raise UserError(f"TLS root certificate {ca} does not exist")
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []

@@ -45,8 +45,11 @@ def cmd_info(args) -> int:
     from hmlstm.serving.model import DEFAULT_MODEL
 
     path = args.model or DEFAULT_MODEL
+    if path.is_dir():
+        run = " (a training run: `hmlstm export` turns it into one)" if (path / "config.json").is_file() else ""
+        raise UserError(f"{path} is a folder{run}; give an .onnx written by `hmlstm export`")
     if not path.is_file():
-        raise UserError(f"{path} is not a file; give an .onnx written by `hmlstm export`")
+        raise UserError(f"model file {path} does not exist; give an .onnx written by `hmlstm export`")
     card = _card_or_metadata(path)
     if args.json:
         print(json.dumps(card, indent=2, ensure_ascii=False))

@@ -11,14 +11,17 @@ from hmlstm.errors import UserError
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="PNG of a text with each layer's boundaries marked",
+    p = sub.add_parser("plot", help="a picture (PNG, PDF or SVG) of a text with each layer's boundaries marked",
+                       description="Draw a text with each layer's boundaries marked, and where the model was "
+                       "trained without delimiters, a row of where they were (the truth).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="run directory written by `hmlstm train`, or an exported .onnx")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="the text to segment (default: a sentence of Python's docs)")
     src.add_argument("--file", type=Path, help="a UTF-8 file whose start is segmented")
     p.add_argument("--chars", type=int, default=320, help="how many characters to show")
-    p.add_argument("--out", type=Path, default=Path("boundaries.png"), help="the PNG to write")
+    p.add_argument("--out", type=Path, default=Path("boundaries.png"),
+                   help="the picture to write: .png, .pdf or .svg, by its extension")
     p.add_argument("--allow-unknown", action="store_true",
                    help="read characters the vocabulary lacks as the unknown character")
     p.add_argument("--keep-delimiters", action="store_true",
@@ -37,10 +40,13 @@ def cmd_plot(args) -> int:
         raise UserError(f"--chars must be at least 1, got {args.chars}")
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory; give a file name such as {args.out / 'boundaries.png'}")
-    if args.out.suffix.lower() not in ("", ".png", ".pdf", ".svg"):
-        raise UserError(f"--out {args.out}: plot writes .png, .pdf or .svg (by the extension), not {args.out.suffix}")
-    if not args.out.parent.exists():
-        raise UserError(f"output folder {args.out.parent} does not exist")
+    if args.out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {args.out}: plot writes .png, .pdf or .svg, chosen by the extension, and "
+                        + (f"not {args.out.suffix}" if args.out.suffix else "this name has none")
+                        + f"; e.g. --out {args.out.with_suffix('.png')}")
+    from hmlstm.cli.common import check_output
+
+    check_output(args.out, "--out")
     if not args.checkpoint.exists():
         raise UserError(f"{args.checkpoint} does not exist; give a training run directory or an exported .onnx")
     vocab, trained_without, _ = _model_vocabulary(args.checkpoint)

@@ -21,11 +21,15 @@ def _add_segment(sub) -> None:
                         "every replica (a headless Service); default pick_first (one connection)")
     p.add_argument("--local", action="store_true", help="run the model in this process; no server")
     p.add_argument("--model", default=None, help="with --local: an .onnx file (default: the shipped model)")
-    p.add_argument("--chunk-chars", type=int, default=64, help="characters per chunk sent")
+    p.add_argument("--chunk-chars", type=int, default=64,
+                   help=f"characters per chunk sent, 1-{MAX_CHUNK_CHARS:,} (and at most the server's limit)")
     p.add_argument("--layers", type=_layer_list, default=[], metavar="L1,L2",
                    help="comma-separated boundary layers to report, e.g. --layers 1,2 (default: all)")
     p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
-    p.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
+    token.add_argument("--token-file", default=None, metavar="FILE",
+                       help="bearer token: the file's first line (as `serve --auth-token-file` reads it)")
     p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
     p.add_argument("--keep-delimiters", action="store_true",
                    help="send the text as is, even the characters the model was trained without "
@@ -46,12 +50,16 @@ def _check_utf8(path: Path, block: int = 1 << 20) -> None:
         raise UserError(f"{path} is not UTF-8 text") from None
 
 
+MAX_CHUNK_CHARS = 1 << 20  # a chunk is held whole in memory, and sent as one message
+
+
 def _read_chunks(path: str, size: int):
-    """Check the source now (before anything connects); return a generator of its text in pieces."""
+    """Check the source now (before anything connects); return a generator of its text in pieces, its line
+    ends read as Python reads text (CRLF and a lone CR as LF), as `evaluate` and `train` read a file."""
     import codecs
 
-    if size < 1:
-        raise UserError("--chunk-chars must be at least 1")
+    if not 1 <= size <= MAX_CHUNK_CHARS:
+        raise UserError(f"--chunk-chars must be 1-{MAX_CHUNK_CHARS:,}, got {size:,}")
     if path != "-":
         p = Path(path)
         if not p.is_file():
@@ -60,24 +68,29 @@ def _read_chunks(path: str, size: int):
     name = "standard input" if path == "-" else path
 
     def pieces():
-        # Bytes, decoded strictly: a non-UTF-8 input is one clean error, never a surrogate printed later.
-        stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        # Bytes from the file descriptor itself, decoded strictly: a non-UTF-8 input is one clean error, never
+        # a surrogate printed later; and no buffered reader whose lock a dying process could be left holding
+        # (sys.stdin read from gRPC's request thread aborted the interpreter at exit).
+        fd = 0 if path == "-" else os.open(path, os.O_RDONLY)
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         pending = ""
         try:
             while True:
-                raw = stream.read(size)
+                raw = os.read(fd, size)
                 pending += decoder.decode(raw, final=not raw)
+                held = "\r" if raw and pending.endswith("\r") else ""  # a CR whose LF may be in the next read
+                pending = pending[: len(pending) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
                 while len(pending) >= size or (not raw and pending):
                     yield pending[:size]
                     pending = pending[size:]
+                pending += held
                 if not raw:
                     return
         except UnicodeDecodeError:
             raise UserError(f"{name} is not UTF-8 text") from None
         finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
+            if fd != 0:
+                os.close(fd)
 
     return pieces()
 
@@ -156,7 +169,8 @@ def _note_stripping(chars: str, keep: bool) -> str:
 def _check_segment_flags(args) -> None:
     """Flags that conflict, or that this way of running would ignore, are refused by name."""
     if args.local:
-        for flag, value in (("--server", args.server), ("--token-env", args.token_env), ("--tls-ca", args.tls_ca)):
+        for flag, value in (("--server", args.server), ("--token-env", args.token_env), ("--tls-ca", args.tls_ca),
+                            ("--lb", args.lb), ("--token-file", args.token_file)):
             if value is not None:
                 raise UserError(f"{flag} and --local: --local runs the model in this process, with no server; "
                                 "give one of them")
@@ -165,13 +179,44 @@ def _check_segment_flags(args) -> None:
         raise UserError("--model works only with --local (a server serves its own model); add --local or drop --model")
     if args.token_env is not None and not os.environ.get(args.token_env):
         raise UserError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    if args.token_file is not None:
+        from hmlstm.cli.common import read_token_file
+
+        args.token = read_token_file(args.token_file, "--token-file")
+    else:
+        args.token = os.environ.get(args.token_env) if args.token_env else None
+    if args.server is not None and not args.server.strip():
+        raise UserError("--server is empty; give host:port, or leave it out for 127.0.0.1:50051")
     args.server = args.server or "127.0.0.1:50051"
     host, sep, port = args.server.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"--server {args.server}: give host:port with a port 1-65535")
 
 
+def _layers_to_report(asked: list[int], available: list[int]) -> list[int]:
+    """The layers asked for (all the model's by default), refused by name before anything is printed."""
+    if not available:
+        print("hmlstm: warning: this model has no boundary detector (trained with one layer and no "
+              "--top-boundary?): it reports no boundaries, and the text comes back unmarked", file=sys.stderr)
+    layers = sorted(set(asked)) or list(available)
+    bad = [l for l in layers if l not in available]
+    if bad:
+        raise UserError(f"--layers {','.join(map(str, bad))}: this model reports boundaries on layer(s) "
+                        f"{','.join(map(str, available)) or 'none'}")
+    return layers
+
+
 def cmd_segment(args) -> int:
+    try:
+        return _segment(args)
+    except KeyboardInterrupt:
+        if sys.stdout.isatty():  # "interrupted" starts a line of its own, not the end of the text's last one
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+
+
+def _segment(args) -> int:
     from hmlstm.serving.render import Marker, legend
 
     _check_segment_flags(args)
@@ -202,8 +247,8 @@ def cmd_segment(args) -> int:
                   file=sys.stderr)
         if not orig.kept:
             print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
-        elif not args.jsonl and orig.slice(orig.length - 1, orig.length) != "\n":
-            print()
+        elif not args.jsonl and sys.stdout.isatty() and orig.slice(orig.length - 1, orig.length) != "\n":
+            print()  # for the prompt's sake on a terminal; a file or a pipe gets only the text's own line ends
         return 0
 
     printed = 0
@@ -214,11 +259,8 @@ def cmd_segment(args) -> int:
 
         model = _load_model(args.model, "auto")
         orig = _Original(_note_stripping(model.provenance.get("strip_delimiters") or "", args.keep_delimiters))
-        layers = sorted(set(args.layers)) or model.boundary_layers
-        bad = [l for l in layers if l not in model.boundary_layers]
-        if bad:
-            raise UserError(f"layer(s) {bad} cannot report boundaries; this model's are {model.boundary_layers}")
-        if not args.jsonl:
+        layers = _layers_to_report(args.layers, model.boundary_layers)
+        if not args.jsonl and layers:
             print(f"[{legend(layers)}]", file=sys.stderr)
         st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment)
         marker = Marker(model.alignment)
@@ -233,14 +275,16 @@ def cmd_segment(args) -> int:
 
     from hmlstm.serving.client import SegmenterClient
 
-    token = os.environ.get(args.token_env) if args.token_env else None
-    with SegmenterClient(args.server, token=token, root_cert=args.tls_ca, lb_policy=args.lb) as client:
+    with SegmenterClient(args.server, token=args.token, root_cert=args.tls_ca, lb_policy=args.lb) as client:
         try:
             info = client.describe()
+            if info.max_chunk_chars and args.chunk_chars > info.max_chunk_chars:
+                raise UserError(f"--chunk-chars {args.chunk_chars:,} is over the server's limit of "
+                                f"{info.max_chunk_chars:,} characters per chunk; send at most that")
+            layers = _layers_to_report(args.layers, list(info.boundary_layers))
             orig = _Original(_note_stripping(info.trained_without, args.keep_delimiters))
             marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
-            layers = sorted(set(args.layers)) or list(info.boundary_layers)
-            if not args.jsonl:
+            if not args.jsonl and layers:
                 print(f"[{legend(layers)}]", file=sys.stderr)
             for r in client.stream(tee(), layers=layers):
                 unknown[0] += r.unknown_chars
@@ -248,5 +292,10 @@ def cmd_segment(args) -> int:
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None
-            raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+            from hmlstm.cli.health import connection_reason
+
+            details = (e.details() or "").replace("\n", " ")
+            reason = connection_reason(details, args.tls_ca is not None) if e.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) else ""
+            raise UserError(f"server {args.server}: {e.code().name}: {reason or details}") from None
     return done()

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from hmlstm.cli.common import _load_model
+from hmlstm.cli.common import _load_model, read_token_file
 from hmlstm.errors import UserError
 
 
@@ -98,13 +98,26 @@ def _serve_config(args):
         if not token:
             raise UserError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
     if args.auth_token_file:
-        try:
-            token = (Path(args.auth_token_file).read_text(encoding="utf-8").splitlines() or [""])[0].strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--auth-token-file {args.auth_token_file}: cannot read it "
-                            f"({getattr(e, 'strerror', None) or e})") from None
-        if not token:
-            raise UserError(f"--auth-token-file {args.auth_token_file}: the file is empty")
+        token = read_token_file(args.auth_token_file, "--auth-token-file")
+    d = ServeConfig()
+    if args.device in ("cpu", "cuda"):  # TensorRT's own settings, which another device would ignore
+        for flag, given in (("--trt-fp16", args.trt_fp16), ("--trt-cache", args.trt_cache is not None)):
+            if given:
+                raise UserError(f"{flag} is a TensorRT setting, and --device {args.device} does not use TensorRT; "
+                                "drop it, or use --device tensorrt (or auto)")
+    if args.device == "cpu" and args.io_binding == "on":
+        raise UserError("--io-binding on keeps the recurrent state on a GPU between calls, and --device cpu has "
+                        "none; drop it (auto binds where CUDA runs)")
+    batching_flags = [f for f, given in (("--max-batch", args.max_batch != d.max_batch),
+                                         ("--max-wait-us", args.max_wait_us != d.max_wait_us),
+                                         ("--max-wait-fraction", args.max_wait_fraction != d.max_wait_fraction))
+                      if given]
+    if args.no_batching and batching_flags:
+        raise UserError(f"{', '.join(batching_flags)} shape{'s' if len(batching_flags) == 1 else ''} batched calls, "
+                        "and --no-batching turns batching off; give one or the other")
+    if not args.no_batching and args.call_threads != d.call_threads:
+        raise UserError("--call-threads sizes the threads of unbatched calls (--no-batching); batched calls run on "
+                        "the batcher's own thread. Add --no-batching or drop --call-threads")
     for f in (args.tls_cert, args.tls_key):
         if f and not Path(f).is_file():
             raise UserError(f"TLS file {f} does not exist")
@@ -181,7 +194,15 @@ def cmd_serve(args) -> int:
             raise UserError(f"cannot serve: {e}") from None
     model = _load_model(args.model, config.device, config.ort_threads, config.ort_spinning, config)
     try:
-        asyncio.run(serve(model, config))
+        received = asyncio.run(serve(model, config))
     except OSError as e:
         raise UserError(f"cannot serve: {e}") from None
-    return 0
+    return exit_status(received)
+
+
+def exit_status(received: int | None) -> int:
+    """As every hmlstm command ends on a signal: 130 after Ctrl-C (SIGINT), 143 after SIGTERM, once the
+    graceful shutdown is done; 0 when the server ended otherwise."""
+    import signal
+
+    return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(received, 0)

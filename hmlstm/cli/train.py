@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,14 +19,16 @@ def _add_train(sub) -> None:
                    help="'builtin' (Python's docs text, default), 'synthetic', or a UTF-8 text file")
     p.add_argument("--format", default="auto", choices=["auto", "text", "ptb"],
                    help="file format: plain text, or Penn Treebank characters ('a _ b')")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<corpus>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default runs/<corpus>, or runs/<corpus>-<preset> with --preset)")
     p.add_argument("--layers", type=int, default=3, help="how many HM-LSTM layers (a count; `segment --layers` picks "
                    "layers to report)")
     p.add_argument("--units", type=int, default=128, help="hidden units per layer")
     p.add_argument("--embed-dim", type=int, default=64, help="character embedding size")
     p.add_argument("--output-dim", type=int, default=256, help="output embedding size before the softmax")
-    p.add_argument("--top-boundary", action="store_true",
-                   help="give the top layer its own boundary detector (default: off)")
+    p.add_argument("--top-boundary", action=argparse.BooleanOptionalAction, default=False,
+                   help="give the top layer its own boundary detector (default: off; --no-top-boundary turns off "
+                        "a preset's)")
     p.add_argument("--layer-norm", action="store_true", help="layer normalisation of the gate pre-activations")
     p.add_argument("--batch-size", type=int, default=32, help="streams of text trained side by side")
     p.add_argument("--seq-len", type=int, default=100, help="characters per step (truncated BPTT window)")
@@ -80,6 +83,37 @@ PRESETS = {
 }
 
 
+# Settings that are one choice between several flags, and settings that mean nothing once another is off:
+# a flag given beside a preset replaces the preset's value of its whole group, and turning the head of a
+# group off (--entropy-target 0) drops the preset's values of the settings that depend on it.
+SAME_SETTING = (("strip_whitespace", "strip_delimiters"),)
+DEPENDS_ON = {"entropy_target": ("peak_fractions", "peak_window")}
+
+
+def preset_settings(name: str, given: set[str], args) -> dict:
+    """The preset's settings that the flags given (argparse destinations, their values in ``args``) leave
+    standing."""
+    settings = dict(PRESETS[name])
+    for group in SAME_SETTING:
+        if given & set(group):
+            for dest in group:
+                settings.pop(dest, None)
+    for head, dependents in DEPENDS_ON.items():
+        if head in given and not getattr(args, head):
+            for dest in dependents:
+                settings.pop(dest, None)
+    for dest in given:
+        settings.pop(dest, None)
+    return settings
+
+
+def default_run_dir(corpus: str, preset: str | None) -> Path:
+    """runs/<corpus> (its file's stem), and runs/<corpus>-<preset> for a preset: a preset's run and the
+    paper's default one never meet in one folder, where the second would be refused."""
+    stem = Path(corpus).stem
+    return Path("runs") / (f"{stem}-{preset}" if preset else stem)
+
+
 def _check_model_fits(args, vocab: int = 256) -> None:
     """Refuse, before any work, a model whose weights and Adam's two moments would not fit in memory."""
     units, layers = args.units, args.layers
@@ -110,17 +144,15 @@ def _check_text_is_text(text: str, name: str) -> None:
 
 
 def cmd_train(args) -> int:
-    quiet_tensorflow()
+    # Every check that needs no TensorFlow comes first: a mistake is answered in a fraction of a second.
+    from hmlstm.cli.common import check_output
     from hmlstm.model.config import TrainConfig
     from hmlstm.model.data import load_corpus
-    from hmlstm.model.train import train
 
     for flag, value in (("--layers", args.layers), ("--units", args.units), ("--embed-dim", args.embed_dim),
                         ("--output-dim", args.output_dim)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; give a directory for the run")
     try:
         cfg = TrainConfig(
             batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
@@ -142,12 +174,20 @@ def cmd_train(args) -> int:
         raise UserError("--peak-fractions says which entropy peaks each layer is taught, which only --entropy-target "
                         "does; add --entropy-target (e.g. 1) or drop --peak-fractions")
     _check_model_fits(args)
+    out = args.out or default_run_dir(args.corpus, args.preset)
+    check_output(out, "--out", folder=True)
     corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
     _check_text_is_text(corpus.text, corpus.name)
-    out = args.out or Path("runs") / Path(args.corpus).stem
+    if detectors == 0:
+        print(f"hmlstm: warning: --layers {args.layers} without --top-boundary has no boundary detector: the model "
+              "will learn the language but report no boundaries (add --top-boundary, or more --layers)",
+              file=sys.stderr)
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
                         layer_norm=args.layer_norm)
+    quiet_tensorflow()
+    from hmlstm.model.train import train
+
     print(f"training on {corpus.name} ({len(corpus.text):,} chars) -> {out}", file=sys.stderr)
     from hmlstm.model.distributed import make_strategy
 

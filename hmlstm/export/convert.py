@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +167,10 @@ def _validation_text(corpus_name: str | None) -> str:
 
 
 def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportConfig(),
-           log=print) -> ExportResult:
+           log=print, keep_evaluations: dict | None = None) -> ExportResult:
+    """Convert, validate, evaluate, then write OUT, its companions and its card, all or nothing.
+    ``keep_evaluations``: an earlier card's evaluations, kept for every text this export does not score
+    again (re-exporting an earlier export)."""
     from hmlstm.runtime import make_session
 
     out = Path(out)
@@ -248,37 +253,60 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "validation": report.to_dict() if config.validate else None,
         "export_seconds": round(convert_s, 2), "size_bytes": len(data[config.engines[0]]),
     }
-    for e in reversed(config.engines):  # the main file last: a reader of it finds its companions there
-        atomic_write_bytes(paths[e], data[e])
+    # Everything is written into a hidden folder beside OUT and evaluated there; the files take their names
+    # only once all of them exist. An interrupt or an error anywhere before leaves nothing under those names.
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = {e: stage / paths[e].name for e in config.engines}
+        for e in config.engines:
+            atomic_write_bytes(staged[e], data[e])
+        log("evaluating for the model card (the held-out text" + (", and --eval-text" if config.eval_text else "")
+            + ")")
+        for key, report in card_evaluations(staged[config.engines[0]], info, config.eval_text, log=log).items():
+            card["evaluation"][key] = report
+            w = report["layers"].get("layer1", {}).get("words", {})
+            if w:
+                log(f"{report['text']} ({report['chars']:,} characters): BPC {report['bpc']:.3f}"
+                    + (f" (unigram {report['unigram_bpc']:.3f})" if "unigram_bpc" in report else "")
+                    + f", layer-1 word F1 {max(w['end']['f1'], w['start']['f1']):.2f} "
+                    f"(random {w['end']['random_f1']:.2f}, "
+                    f"entropy peaks {report['baselines']['entropy_peaks']['words']['f1']:.2f})")
+        for key, report in (keep_evaluations or {}).items():  # an earlier card's, on texts not scored again
+            card["evaluation"].setdefault(key, report)
+        card_path = spec.card_path(out)
+        atomic_write_text(stage / card_path.name, dumps(card))
+        for e in config.engines[1:]:  # the companions and the card first, the main file last: a reader of it
+            os.replace(staged[e], paths[e])  # finds what belongs to it beside it
+        os.replace(stage / card_path.name, card_path)
+        os.replace(staged[config.engines[0]], out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     for e in set(spec.ENGINES) - set(config.engines):  # a companion left by an earlier export is not this model's
         stale = spec.engine_path(out, e)
         if stale != out and stale.is_file():
             stale.unlink()
             log(f"removed {stale}: an earlier export's {e} graph, not this model's")
-    log("evaluating for the model card (the held-out text" + (", and --eval-text" if config.eval_text else "") + ")")
-    for key, report in card_evaluations(out, info, config.eval_text).items():
-        card["evaluation"][key] = report
-        w = report["layers"].get("layer1", {}).get("words", {})
-        if w:
-            log(f"{report['text']} ({report['chars']:,} characters): BPC {report['bpc']:.3f}"
-                + (f" (unigram {report['unigram_bpc']:.3f})" if "unigram_bpc" in report else "")
-                + f", layer-1 word F1 {max(w['end']['f1'], w['start']['f1']):.2f} (random {w['end']['random_f1']:.2f}, "
-                f"entropy peaks {report['baselines']['entropy_peaks']['words']['f1']:.2f})")
-    card_path = spec.card_path(out)
-    atomic_write_text(card_path, dumps(card))
     return ExportResult(out, card_path, card)
 
 
-def card_evaluations(model_path: Path, info, eval_text: str | None = None, max_chars: int = 200_000) -> dict:
+def card_evaluations(model_path: Path, info, eval_text: str | None = None, max_chars: int = 200_000,
+                     log=lambda m: None) -> dict:
     """The evaluator's reports for the card: ``held_out`` (the part of the training text that training
-    held out) where that text can be read again, and ``other_text`` (``eval_text``, a file from another
-    source, its first ``max_chars`` characters once stripped the way the training text was)."""
+    held out) where that very text can be read again (its sha256 is the one training recorded), and
+    ``other_text`` (``eval_text``, a file from another source, its first ``max_chars`` characters once
+    stripped the way the training text was)."""
     from hmlstm.evaluation import evaluate
     from hmlstm.model.data import run_corpus, training_part
 
     meta = {**info.meta, "train_config": info.train.to_dict()}
     corpus = run_corpus(meta)
-    training = training_part(meta, corpus)
+    recorded = meta.get("corpus_sha256")
+    if corpus is not None and recorded and corpus.sha256 and corpus.sha256 != recorded:
+        log(f"not scoring the held-out text: {meta.get('corpus')} reads differently here (sha256 "
+            f"{corpus.sha256[:12]}, training's {recorded[:12]}: another Python's standard library, or the file "
+            "changed), so its last part is not what this model held out")
+        corpus = None
+    training = training_part(meta, corpus) if corpus is not None else None
     reports = {}
     if corpus is not None and corpus.word_ends is not None:
         start = corpus.held_out_start(info.train.val_fraction)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,14 @@ class TrainConfig:
             raise ValueError(f"--steps must be at least 1, got {self.max_steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--minutes must be a positive number, got {self.max_minutes}")
+        if not (math.isfinite(self.slope_max) and self.slope_max >= self.slope_start):
+            raise ValueError(f"--slope-max must be at least the starting slope {self.slope_start:g} (the boundary "
+                             f"detector's slope only grows), got {self.slope_max}")
+        if not (math.isfinite(self.slope_rate) and self.slope_rate >= 0):
+            raise ValueError(f"--slope-rate must be 0 or more (the slope only grows), got {self.slope_rate}")
+        for flag, value in (("--rate-penalty", self.rate_penalty), ("--entropy-target", self.entropy_target)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} is the weight of a loss term, 0 (off) or more, got {value}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         object.__setattr__(self, "rate_targets", tuple(float(r) for r in self.rate_targets))

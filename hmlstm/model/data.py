@@ -170,8 +170,10 @@ def read_text_file(path: str | Path) -> str:
             f"corpus file {p} is not UTF-8 (bad byte at offset {e.start}); "
             "convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
-    if not text.strip():
+    if not text:
         raise UserError(f"corpus file {p} is empty; give it some text")
+    if not text.strip():
+        raise UserError(f"corpus file {p} contains only whitespace; give it some text")
     return text
 
 
@@ -303,6 +305,9 @@ def load_corpus(source: str | None, fmt: str = "auto", seed: int = 0, strip: str
             corpus = read_segmented(source)
         else:
             text = read_text_file(source)
+            if fmt == "ptb" and not looks_like_ptb_chars(text):
+                raise UserError(f"--format ptb: {source} is not in the Penn Treebank character format (one "
+                                "character per token, '_' for a space: 'a _ b'); plain text needs no --format")
             if fmt == "ptb" or (fmt == "auto" and looks_like_ptb_chars(text)):
                 corpus = prose_corpus(f"ptb-chars:{source}", decode_ptb_chars(text))
             else:

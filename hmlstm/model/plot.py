@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +95,16 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
         raise ValueError(f"{path}: the picture formats are {', '.join(FORMATS)}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format=fmt)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # one per character the font lacks: said once below
+            warnings.simplefilter("always")
+            fig.savefig(tmp, dpi=110, format=fmt)
+        missing = sorted({m.group(1) for w in caught
+                          if (m := re.search(r"Glyph \d+ \((.+?)\) missing", str(w.message)))})
+        if missing:
+            print(f"note: the font has no glyph for {len(missing)} character(s) ({''.join(missing)[:20]}); "
+                  "they are drawn as boxes", file=sys.stderr)
         tmp.replace(path)
     finally:
         plt.close(fig)

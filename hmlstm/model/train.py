@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmlstm import boundary_scores
-from hmlstm.errors import UserError, first_line
+from hmlstm.errors import Terminated, UserError, first_line
 from hmlstm.model import checkpoint as run_io
 from hmlstm.model.config import ModelConfig, TrainConfig, dumps
 from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, split
@@ -53,10 +53,6 @@ class TrainResult:
 
 MAX_ROLLBACKS = 3  # rollbacks in a row (no applied step between) before training gives up as diverged
 LOG_EVERY_S = 30.0  # without a terminal (or with --no-progress), a progress line this often and at each validation
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, Kubernetes, a batch scheduler): stop like Ctrl-C, checkpoint saved."""
 
 
 class Trainer(tf.Module):

@@ -7,6 +7,20 @@ import os
 from dataclasses import dataclass
 
 MAX_ORT_THREADS = 256  # ONNX Runtime makes every thread at start-up: 100,000 of them hang the server
+# The documented range of every numeric flag of `hmlstm serve` (docs/protocol.md, `serve --help`):
+MAX_STREAMS = 100_000  # each open stream holds its recurrent state and rewind history
+# A chunk must fit gRPC's 8 MiB message limit at 4 bytes per character (UTF-8's longest), with room to spare.
+MAX_CHUNK_CHARS = 1 << 20
+MAX_SECONDS = 2_000_000  # gRPC takes durations in int32 milliseconds (24.8 days); 2e6 s (23 days) fits
+MAX_WAIT_US = 1_000_000  # a piece waits at most a second for others to join its batch
+MAX_CALL_THREADS = 256
+WORKERS_PER_CORE = 4
+
+
+def max_workers() -> int:
+    """The most ``--workers`` this machine takes: a few per core (more only queue on the same cores)."""
+    return WORKERS_PER_CORE * (os.cpu_count() or 1)
+
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,11 @@ class ServeConfig:
         4 x --store-timeout, at least 1 s. Responses never wait this long (saver.py)."""
         return max(1.0, 4 * self.store_timeout_s)
 
+    @property
+    def batch_rows(self) -> int:
+        """Rows of one batched call: --max-batch (0: every pending piece), never more than --max-streams."""
+        return min(self.max_batch or self.max_streams, self.max_streams)
+
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
@@ -68,24 +87,26 @@ class ServeConfig:
             raise ValueError(f"--engine must be auto, sparse or dense, got {self.engine!r}")
         if self.io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding must be auto, on or off, got {self.io_binding!r}")
-        for flag, value in (("--max-streams", self.max_streams), ("--max-chunk-chars", self.max_chunk_chars)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
+        for flag, value, high in (("--max-streams", self.max_streams, MAX_STREAMS),
+                                  ("--max-chunk-chars", self.max_chunk_chars, MAX_CHUNK_CHARS)):
+            if not 1 <= value <= high:
+                raise ValueError(f"{flag} must be 1-{high:,}, got {value:,}")
         for flag, value, low in (("--idle-timeout", self.idle_timeout_s, "more than 0"),
                                  ("--grace", self.grace_s, "0 or more"),
                                  ("--store-timeout", self.store_timeout_s, "more than 0"),
-                                 ("--max-connection-age-grace", self.max_connection_age_grace_s, "0 or more"),
-                                 ("--device-tolerance", self.device_tolerance, "more than 0")):
-            ok = math.isfinite(value) and (value >= 0 if low == "0 or more" else value > 0)
+                                 ("--max-connection-age-grace", self.max_connection_age_grace_s, "0 or more")):
+            ok = math.isfinite(value) and (value >= 0 if low == "0 or more" else value > 0) and value <= MAX_SECONDS
             if not ok:
-                raise ValueError(f"{flag} must be a number of seconds {low}, got {value}"
-                                 if flag != "--device-tolerance" else f"{flag} must be more than 0, got {value}")
+                raise ValueError(f"{flag} must be a number of seconds {low}, at most {MAX_SECONDS:,} "
+                                 f"(24 days), got {value}")
+        if not (math.isfinite(self.device_tolerance) and self.device_tolerance > 0):
+            raise ValueError(f"--device-tolerance must be more than 0, got {self.device_tolerance}")
         if self.max_connection_age_s is not None and not (math.isfinite(self.max_connection_age_s)
-                                                          and self.max_connection_age_s > 0):
-            raise ValueError(f"--max-connection-age must be a number of seconds more than 0, got "
-                             f"{self.max_connection_age_s}")
-        if self.max_wait_us < 0:
-            raise ValueError(f"--max-wait-us must be 0 or more, got {self.max_wait_us}")
+                                                          and 0 < self.max_connection_age_s <= MAX_SECONDS):
+            raise ValueError(f"--max-connection-age must be a number of seconds more than 0, at most "
+                             f"{MAX_SECONDS:,} (24 days), got {self.max_connection_age_s}")
+        if not 0 <= self.max_wait_us <= MAX_WAIT_US:
+            raise ValueError(f"--max-wait-us must be 0-{MAX_WAIT_US:,}, got {self.max_wait_us:,}")
         if not 0 <= self.max_wait_fraction <= 1:
             raise ValueError(f"--max-wait-fraction must be between 0 and 1, got {self.max_wait_fraction}")
         if self.ort_threads is not None and not 1 <= self.ort_threads <= MAX_ORT_THREADS:
@@ -93,10 +114,23 @@ class ServeConfig:
                              f"got {self.ort_threads}")
         if not 1 <= self.persist_depth <= 32:
             raise ValueError(f"--persist-depth must be 1-32 (a live stream keeps 32), got {self.persist_depth}")
-        if self.max_batch < 0:
-            raise ValueError("--max-batch must be 0 (every pending piece) or more")
-        if self.workers < 1 or self.call_threads < 1:
-            raise ValueError("--workers and --call-threads must be at least 1")
+        if not 0 <= self.max_batch <= MAX_STREAMS:
+            raise ValueError(f"--max-batch must be 0 (every pending piece, up to --max-streams) to {MAX_STREAMS:,}, "
+                             f"got {self.max_batch:,}")
+        if not 1 <= self.call_threads <= MAX_CALL_THREADS:
+            raise ValueError(f"--call-threads must be 1-{MAX_CALL_THREADS}, got {self.call_threads:,}")
+        if not 1 <= self.workers <= max_workers():
+            raise ValueError(f"--workers must be 1-{max_workers()} (at most {WORKERS_PER_CORE} per core on this "
+                             f"machine's {os.cpu_count()}: each worker is a whole server with its own model session), "
+                             f"got {self.workers:,}")
         for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} {port} is not a port number (0-65535)")
+        if self.port and self.metrics_port:  # worker i serves metrics on metrics_port + i
+            if self.metrics_port <= self.port < self.metrics_port + self.workers:
+                same = "both" if self.port == self.metrics_port else "overlapping: worker i's metrics are on " \
+                    "--metrics-port + i, and one of them is"
+                raise ValueError(f"--port and --metrics-port are {same} {self.port}; give them different ports")
+        if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port} with --workers {self.workers}: worker i serves "
+                             f"metrics on --metrics-port + i, past 65535")

@@ -7,6 +7,7 @@ Runtime's own model metadata, so the server starts with onnxruntime alone.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -108,7 +109,7 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
         elif engine != "auto":
             where = f"{other.name} is not beside it" if other != path else "it was exported before the sparse graph"
             raise ModelLoadError(f"--engine {engine}: {path} holds the {held} graph and {where}; "
-                                 f"`hmlstm export {path.name} --out NEW.onnx` writes both")
+                                 f"`hmlstm export {path} --out NEW.onnx` writes both")
     rt = replace(rt, note=f"{rt.note}, {held} engine")
     try:
         vocab = Vocabulary(json.loads(meta[spec.META_VOCAB]))
@@ -122,6 +123,18 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
     detectors = range(1, n + 1 if config.get("top_boundary") else n)
     alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
     return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held)
+
+
+def ort_cause(message: str, limit: int = 240) -> str:
+    """ONNX Runtime's error without its wrapping: "[ONNXRuntimeError] : 1 : FAIL : Load model from X failed:"
+    and the C++ source locations ("/onnxruntime_src/.../model.cc:181 onnxruntime::Model::Model(...)") go; the
+    cause, which comes last ("Unsupported model IR version: 14, ..."), stays, its end kept where it is long."""
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", message.strip())
+    text = re.sub(r"^Load model from .*? failed:\s*", "", text)
+    text = re.sub(r"\S+\.(?:cc|h|cpp):\d+\s+(?:\S+\(.*?\)\s*(?:const\s*)?)?", "", text).strip()
+    if len(text) > limit:  # the cause is at the end: keep that, and say something was left out
+        text = "... " + text[-limit:].split(" ", 1)[-1]
+    return text or message[:limit]
 
 
 def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance) -> tuple[Runtime, dict]:
@@ -140,10 +153,7 @@ def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance)
     except RuntimeError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # ORT raises its own types for files that are not ONNX
-        first = first_line(e)
-        if len(first) > 240:  # cut at a word, and say so
-            first = first[:240].rsplit(" ", 1)[0] + " ..."
-        raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from None
+        raise ModelLoadError(f"{path} is not a loadable ONNX model: {ort_cause(first_line(e))}") from None
     meta = rt.session.get_modelmeta().custom_metadata_map
     if meta.get(spec.META_FORMAT) != spec.FORMAT:
         raise ModelLoadError(

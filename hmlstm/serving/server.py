@@ -348,7 +348,7 @@ class SegmenterServer:
         self.registry = StreamRegistry(config.max_streams, config.idle_timeout_s)
         bind = config.io_binding == "on" or (config.io_binding == "auto" and model.runtime.on_cuda)
         if config.batching:
-            self.runner: Runner = BatchingRunner(model, config.max_batch or config.max_streams, config.max_wait_us,
+            self.runner: Runner = BatchingRunner(model, config.batch_rows, config.max_wait_us,
                                                  self.metrics, attached=lambda: self.registry.active, io_binding=bind,
                                                  max_wait_fraction=config.max_wait_fraction)
         else:
@@ -462,7 +462,7 @@ class SegmenterServer:
         self._late_statuses.add(task)
         task.add_done_callback(self._late_statuses.discard)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let open ones finish within ``grace``; then end each stream
         still open with UNAVAILABLE and a message that names the shutdown and says whether the stream can
         be resumed by its id, instead of leaving it to gRPC's cancellation (a generic status for the
@@ -472,8 +472,11 @@ class SegmenterServer:
         stopping = asyncio.create_task(self.server.stop(grace + 5.0))  # refuses new calls now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.registry.active and loop.time() < deadline and not stopping.done():
+        while self.registry.active and loop.time() < deadline and not stopping.done() \
+                and not (hurry is not None and hurry.is_set()):  # a second Ctrl-C or SIGTERM ends the grace now
             await asyncio.sleep(0.05)
+        if hurry is not None and hurry.is_set():
+            grace = loop.time() - (deadline - grace)  # what the streams actually had
         open_now = [st for st in self.registry.attached_streams() if st.owner is not None and not st.owner.done()]
         for st in open_now:
             if not st.stream_id:
@@ -504,8 +507,9 @@ class SegmenterServer:
         await self.server.wait_for_termination()
 
 
-async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> None:
-    """Run until SIGTERM/SIGINT; then shut down gracefully."""
+async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> int | None:
+    """Run until SIGTERM/SIGINT; then shut down gracefully (a second signal ends the grace period at once).
+    Returns the first signal's number (None if the server ended otherwise)."""
     server = SegmenterServer(model, config)
     port = await server.start()
     tls = "TLS" if config.tls_cert else "plaintext"
@@ -514,22 +518,36 @@ async def serve(model: LoadedModel, config: ServeConfig, ready=None) -> None:
     log.info("serving %s on %s:%d (%s%s)%s, state store: %s", model.path.name, config.host, port, tls, auth,
              metrics, config.state_store)
     bound = server.runner.binder is not None
-    log.info("%s; %s", model.runtime.note, "recurrent state stays on the device between calls (IO binding)"
-             if bound else "recurrent state returns to the host after each call")
+    where = ("recurrent state stays on the device between calls (IO binding)" if bound and model.runtime.on_cuda
+             else "IO binding on, with the model on the CPU: the recurrent state is host memory either way" if bound
+             else "recurrent state returns to the host after each call")
+    log.info("%s; %s", model.runtime.note, where)
     if ready is not None:
         ready(server)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        if stop.is_set():
+            if not hurry.is_set():
+                log.info("second %s: ending the grace period now", signal.Signals(sig).name)
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     waiter = asyncio.create_task(server.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
-        log.info("shutting down: health NOT_SERVING, open streams have %gs to finish", config.grace_s)
-        await server.stop()
+        log.info("shutting down: health NOT_SERVING, open streams have %gs to finish (Ctrl-C again: at once)",
+                 config.grace_s)
+        await server.stop(hurry=hurry)
     waiter.cancel()
     stopper.cancel()
+    return received[0] if received else None

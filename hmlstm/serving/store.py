@@ -174,7 +174,13 @@ def open_store(spec: str | None, timeout_s: float = 2.0) -> StateStore | None:
     if spec in (None, "", "memory"):
         return None
     if spec.startswith("sqlite:"):
-        return SQLiteStore(spec[len("sqlite:") :])
+        path = spec[len("sqlite:") :]
+        if not path.strip() or path == ":memory:":  # SQLite would keep it in this process only: nothing durable
+            raise ValueError(f"--state-store {spec}: name the database file, e.g. sqlite:/var/lib/hmlstm/streams.db "
+                             "(an in-memory SQLite database would make nothing durable; --state-store memory is that)")
+        if Path(path).is_dir():
+            raise ValueError(f"--state-store {spec}: {path} is a folder; name the database file in it")
+        return SQLiteStore(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, timeout_s)
     raise ValueError(f"unknown state store {spec!r}; use memory, sqlite:PATH or redis://HOST:PORT/DB")

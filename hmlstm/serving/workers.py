@@ -68,13 +68,19 @@ def run_workers(model_path, config: ServeConfig) -> int:
                     "resume that reaches another worker fails; use sqlite:PATH or redis://HOST:PORT/DB", n)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC or ORT threads
     stopping = False
+    received: list[int] = []
+    procs: list = [None] * n
 
     def on_signal(signum, frame):
         nonlocal stopping
+        received.append(signum)
+        if stopping:  # a second signal: the workers' grace periods end now (each takes it as its second)
+            for p in procs:
+                if p is not None and p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
         stopping = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    procs: list = [None] * n
     started = [0.0] * n
     crashes = [0] * n
 
@@ -90,6 +96,8 @@ def run_workers(model_path, config: ServeConfig) -> int:
     code = 0
     try:
         for i in range(n):
+            if stopping:  # SIGTERM during start-up: the workers started so far are stopped below
+                break
             start(i)
         while not stopping:
             time.sleep(0.2)
@@ -119,4 +127,6 @@ def run_workers(model_path, config: ServeConfig) -> int:
         guard.close()
         for s, h in old.items():
             signal.signal(s, h)
+    if code == 0 and received:  # as `hmlstm serve` in one process: 130 after Ctrl-C, 143 after SIGTERM
+        code = {signal.SIGINT: 130, signal.SIGTERM: 143}[received[0]]
     return code

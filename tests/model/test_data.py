@@ -91,7 +91,7 @@ def test_batches_continue_each_stream():
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "empty"), (b"  \n", "empty"), (b"caf\xe9\n", "not UTF-8"),
+    (b"", "empty"), (b"  \n", "contains only whitespace"), (b"caf\xe9\n", "not UTF-8"),
 ])
 def test_bad_corpus_files(tmp_path, content, message):
     p = tmp_path / "c.txt"

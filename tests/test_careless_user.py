@@ -129,26 +129,26 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["demo", "--chunk-chars", "-1"], "--chunk-chars must be at least 1"),
     (["evaluate", "hmlstm/assets/default.onnx", "builtin", "--max-chars", "-5"], "--max-chars must be at least 2"),
     (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
-    (["export", "runs/none", "--tolerance", "-1"], "--tolerance must be a positive number"),
-    (["serve", "--max-streams", "0"], "--max-streams must be at least 1, got 0"),
+    (["export", "hmlstm/assets/default.onnx", "--tolerance", "-1"], "--tolerance must be a positive number"),
+    (["serve", "--max-streams", "0"], "--max-streams must be 1-100,000, got 0"),
     (["train", "--units", "100000000"], "--units 100000000 --embed-dim 64 --layers 3: the model would have about"),
     (["train", "--embed-dim", "1000000000"], "GiB with Adam's state, more than this machine's"),
     (["train", "--rate-targets", "0.2,0.1,0.05"], "--rate-targets gives 3 rates, but the model has 2 layer(s)"),
     (["train", "--peak-fractions", "0.7,0.2"], "--peak-fractions says which entropy peaks each layer is taught"),
     (["serve", "--state-store", "redis://127.0.0.1:1/0"], "--state-store is unreachable (Redis redis://127.0.0.1:1/0"),
-    (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, got 0.0"),
-    (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, got -1.0"),
-    (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, got nan"),
-    (["serve", "--grace", "-1"], "--grace must be a number of seconds 0 or more, got -1.0"),
+    (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got 0.0"),
+    (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got -1.0"),
+    (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got nan"),
+    (["serve", "--grace", "-1"], "--grace must be a number of seconds 0 or more, at most 2,000,000 (24 days), got -1.0"),
     (["serve", "--device-tolerance", "-1"], "--device-tolerance must be more than 0, got -1.0"),
-    (["serve", "--max-wait-us", "-1"], "--max-wait-us must be 0 or more, got -1"),
-    (["serve", "--store-timeout", "0"], "--store-timeout must be a number of seconds more than 0, got 0.0"),
+    (["serve", "--max-wait-us", "-1"], "--max-wait-us must be 0-1,000,000, got -1"),
+    (["serve", "--store-timeout", "0"], "--store-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got 0.0"),
     (["serve", "--max-connection-age", "-5"], "--max-connection-age must be a number of seconds more than 0"),
     (["serve", "--max-wait-fraction", "-1"], "--max-wait-fraction must be between 0 and 1, got -1.0"),
     (["serve", "--ort-threads", "-1"], "--ort-threads must be 1-256"),
     (["serve", "--ort-threads", "100000"], "--ort-threads must be 1-256"),
     (["serve", "--engine", "sparse", "hmlstm/assets/default.dense.onnx", "--workers", "0"],
-     "--workers and --call-threads must be at least 1"),
+     "--workers must be 1-"),
 ])
 def test_values_out_of_range_are_refused_before_any_work(args, needle, tmp_path):
     """Refused before any work: the error is the only thing on stderr (no progress note, no model or corpus
@@ -307,7 +307,7 @@ def test_segment_through_a_server_reports_its_own_mistakes_before_connecting(tmp
     dead = "127.0.0.1:1"  # nothing listens: a mistake found first never reaches the network
     for args, needle in ((["segment", str(tmp_path / "missing.txt")], "does not exist"),
                          (["segment", str(binary)], "is not UTF-8 text"),
-                         (["segment", str(binary), "--chunk-chars", "0"], "--chunk-chars must be at least 1")):
+                         (["segment", str(binary), "--chunk-chars", "0"], "--chunk-chars must be 1-1,048,576, got 0")):
         assert main([*args, "--server", dead]) == 2
         err = capsys.readouterr().err
         _ends_in_one_error_line(err, needle)

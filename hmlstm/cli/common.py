@@ -29,6 +29,20 @@ def quiet_tensorflow():
     return tf
 
 
+def need(*modules: str) -> None:
+    """ModuleNotFoundError now, before any other check, for a module of the [train] extra that this install
+    lacks (the entry point turns it into one line naming the extra); nothing is imported."""
+    import importlib.util
+
+    for name in modules:
+        try:
+            absent = name in sys.modules and sys.modules[name] is None or importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            absent = True
+        if absent:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def check_output(path: Path, flag: str, folder: bool = False) -> None:
     """Refuse, before any work, an output that could not be written: a file where a folder is meant (or
     the other way round), or a place where nothing can be created (/proc, a read-only mount). A folder

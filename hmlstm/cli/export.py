@@ -52,8 +52,10 @@ def cmd_export(args) -> int:
     # Every check that needs no TensorFlow comes first, so that a mistake is answered at once, not after the
     # conversion's minutes.
     from hmlstm import spec
-    from hmlstm.cli.common import check_output
+    from hmlstm.cli.common import check_output, need
     from hmlstm.model.data import read_text_file
+
+    need("tensorflow", "tf2onnx", "onnx")
 
     if not args.checkpoint.exists():
         raise UserError(f"{args.checkpoint} does not exist; give a run directory written by `hmlstm train`, or an "

@@ -145,9 +145,11 @@ def _check_text_is_text(text: str, name: str) -> None:
 
 def cmd_train(args) -> int:
     # Every check that needs no TensorFlow comes first: a mistake is answered in a fraction of a second.
-    from hmlstm.cli.common import check_output
+    from hmlstm.cli.common import check_output, need
     from hmlstm.model.config import TrainConfig
     from hmlstm.model.data import load_corpus
+
+    need("tensorflow", "tensorboard", "tqdm")
 
     for flag, value in (("--layers", args.layers), ("--units", args.units), ("--embed-dim", args.embed_dim),
                         ("--output-dim", args.output_dim)):

@@ -90,7 +90,7 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls():
             release.set()
             rest = list(call)
             assert rest[-1].final and rest[-1].processed_chars == 37
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 143  # as every hmlstm command ends on SIGTERM, once the shutdown is done
         err = proc.stderr.read()
         assert "shutting down" in err and "Traceback" not in err
     finally:
@@ -208,7 +208,7 @@ def test_health_says_why_in_one_line_and_hints_tls_only_where_it_may_be_the_reas
     assert rc == 1 and "connection refused" in out and "TLS" not in out and len(out.strip().splitlines()) == 1
     with BackgroundServer(default_model, ServeConfig(port=0, metrics_port=None)) as srv:
         rc, out = health("--target", srv.target, "--tls")  # TLS against a plaintext server
-        assert rc == 1 and "the TLS handshake failed: the server may not use TLS" in out, out
+        assert rc == 1 and "the TLS handshake failed: the server does not seem to use TLS" in out, out
         assert len(out.strip().splitlines()) == 1, out  # gRPC's own SSL log line does not leak
         assert health("--target", srv.target) == (0, f"{srv.target}: SERVING\n")
 
@@ -244,7 +244,7 @@ def test_streams_open_when_the_grace_period_ends_get_unavailable_saying_whether_
         assert "it has no stream_id, so it cannot be resumed" in errors[""].details()
         assert ("the stream can be resumed by its id ('kept')" if store == "sqlite" else
                 "held in this process only (--state-store memory)") in errors["kept"].details()
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 143
         err = proc.stderr.read()
         assert "Traceback" not in err and "Exception not handled" not in err, err
         assert "2 stream(s) still open after 1s ended with UNAVAILABLE" in err
@@ -277,3 +277,36 @@ def test_the_token_comes_from_a_file_as_mounted_from_a_secret(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--auth-token-file", str(token), "--auth-token-env", "X"])
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_ends_the_grace_period_at_once_with_the_named_status_and_exit_130():
+    """`serve --grace 60`: the first Ctrl-C starts the grace period, the second ends it now. The open stream
+    gets the documented UNAVAILABLE that names the shutdown, and the server exits 130 (as every command does
+    after Ctrl-C) within seconds, not a minute later."""
+    proc, target = _serve("--grace", "60")
+    try:
+        release = threading.Event()
+
+        def chunks():
+            yield "The for statement "
+            release.wait(60)
+
+        with SegmenterClient(target) as c:
+            call = iter(c.stream(chunks(), stream_id="kept"))
+            assert next(call).processed_chars == 18
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert "the server is shutting down" in e.value.details()
+            assert proc.wait(timeout=30) == 130
+            assert time.monotonic() - t0 < 20  # not the 60 s grace
+            release.set()
+        err = proc.stderr.read()
+        assert "second SIGINT: ending the grace period now" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -314,19 +314,28 @@ def test_segment_through_a_server_reports_its_own_mistakes_before_connecting(tmp
         assert "UNKNOWN" not in err and "UNAVAILABLE" not in err and "layer 1" not in err  # no legend either
 
 
-def test_an_unreachable_store_is_a_warning_with_store_optional():
-    from tests.serving.durable import free_port, wait_serving
+def test_an_unreachable_store_is_a_warning_with_store_optional_and_the_server_starts_saying_it_is_down():
+    """The start-up check's finding is the server's starting state: the store's health name NOT_SERVING and
+    hmlstm_state_store_up 0 from the first moment, not SERVING / 1 until a stream tries to save."""
+    import urllib.request
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port", "-1",
-                             "--state-store", "redis://127.0.0.1:1/0", "--store-optional"], stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    from tests.serving.durable import free_port, health, store_health, wait_serving
+
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", "--port", str(port), "--metrics-port",
+                             str(metrics), "--state-store", "redis://127.0.0.1:1/0", "--store-optional"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         wait_serving(f"127.0.0.1:{port}")
+        assert (health(f"127.0.0.1:{port}"), store_health(f"127.0.0.1:{port}")) == ("SERVING", "NOT_SERVING")
+        page = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        assert "hmlstm_state_store_up 0.0" in page
         proc.terminate()
         proc.wait(timeout=30)
-        warning = [line for line in proc.stderr.read().splitlines() if "unreachable" in line]
+        lines = proc.stderr.read().splitlines()
+        warning = [line for line in lines if line.startswith("hmlstm: warning:")]
         assert len(warning) == 1 and warning[0].startswith("hmlstm: warning: --state-store is unreachable")
+        assert any("state store unreachable, streams go on without durability" in line for line in lines)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import bisect
 import os
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 from hmlstm.cli.common import _layer_list, _load_model
@@ -193,6 +196,58 @@ def _check_segment_flags(args) -> None:
         raise UserError(f"--server {args.server}: give host:port with a port 1-65535")
 
 
+RESUME_TRIES = 5  # resumes in a row with no response between them, before `segment` gives up
+
+
+class _Sent:
+    """The text sent to the server, from the last offset it acknowledged on: a resumed call sends it again.
+    One thread reads the source (a file or standard input) into it, at most ``ahead`` characters past what
+    the server acknowledged; each call in turn reads from it, so a call that broke leaves nothing
+    half-consumed."""
+
+    def __init__(self, source, ahead: int = 1 << 20):
+        self._cond = threading.Condition()
+        self._chunks: list[tuple[int, str]] = []  # (offset, text), from the first one not acknowledged
+        self._end = self._acked = 0  # the offset after the last chunk read; all before _acked is acknowledged
+        self._done = False
+        self._ahead = ahead
+        threading.Thread(target=self._read, args=(source,), daemon=True, name="segment-reader").start()
+
+    def _read(self, source) -> None:
+        try:
+            for text in source:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._end - self._acked < self._ahead)
+                    self._chunks.append((self._end, text))
+                    self._end += len(text)
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def texts(self, start: int):
+        """The chunks from offset ``start`` (a chunk's start: a response boundary), waiting for the reader."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda s=start: self._done or self._end > s)
+                pending = [t for o, t in self._chunks if o >= start]
+                finished = self._done
+            for text in pending:
+                yield text
+                start += len(text)
+            if finished and not pending:
+                return
+
+    def ack(self, offset: int) -> None:
+        """The server acknowledged everything before ``offset``: those chunks need never be sent again."""
+        with self._cond:
+            self._acked = max(self._acked, offset)
+            while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= offset:
+                self._chunks.pop(0)
+            self._cond.notify_all()
+
+
 def _layers_to_report(asked: list[int], available: list[int]) -> list[int]:
     """The layers asked for (all the model's by default), refused by name before anything is printed."""
     if not available:
@@ -286,9 +341,30 @@ def _segment(args) -> int:
             marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
             if not args.jsonl and layers:
                 print(f"[{legend(layers)}]", file=sys.stderr)
-            for r in client.stream(tee(), layers=layers):
-                unknown[0] += r.unknown_chars
-                printed = _print_result(r, orig, args.jsonl, printed, marker)
+            sent = _Sent(tee(), ahead=max(1 << 20, 4 * args.chunk_chars))
+            stream_id = f"segment-{uuid.uuid4().hex[:16]}"
+            acked, resumable, tries = 0, False, 0
+            while True:
+                call = client.stream(sent.texts(acked), layers=layers, stream_id=stream_id, resume=acked > 0,
+                                     start_offset=acked)
+                try:
+                    for r in call:
+                        unknown[0] += r.unknown_chars
+                        printed = _print_result(r, orig, args.jsonl, printed, marker)
+                        acked, resumable, tries = r.processed_chars, r.durable, 0
+                        sent.ack(acked)
+                    break
+                except grpc.RpcError as e:
+                    said = "can be resumed by its id" in (e.details() or "")
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or not (resumable or said) or tries >= RESUME_TRIES \
+                            or failed:
+                        raise
+                    tries += 1
+                    print(f"[the server went away ({(e.details() or '').splitlines()[0][:120]}); resuming stream "
+                          f"{stream_id} at character {acked:,}, try {tries} of {RESUME_TRIES}]", file=sys.stderr)
+                    time.sleep(min(4.0, 0.5 * 2 ** (tries - 1)))
+                finally:
+                    call.cancel()
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None

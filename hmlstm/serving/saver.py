@@ -14,6 +14,9 @@ on another replica can rely on.
 - When it answers, every stream whose acknowledged state is not saved is saved, streams
   that began during the outage included, and the finished streams whose delete failed are
   deleted.
+- A watch pings the store every ``probe_s`` while it is up, whether or not anything saves,
+  so an idle server's health and ``hmlstm_state_store_up`` notice a store that went away;
+  ``start`` pings it once first, so a server that starts with the store down says so at once.
 - Every failed read or write counts in ``hmlstm_state_store_errors_total``; a write that
   only timed out counts there when it finally fails (a late success counts as a success).
 """
@@ -51,9 +54,29 @@ class Saver:
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
         self._timeouts = 0
         self._probe: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ what the server calls
+    async def start(self) -> None:
+        """Ask the store now (the state the server starts with is the measured one), then keep asking it
+        every ``probe_s`` while it is up."""
+        await self._ping_or_go_down()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _ping_or_go_down(self) -> None:
+        try:
+            await asyncio.wait_for(self._run(self._probe_pool, self.store.ping), self.io_timeout_s)
+        except (StoreUnavailable, asyncio.TimeoutError) as e:
+            self.metrics.store_errors.inc()
+            self._go_down(str(e) or f"the store did not answer a ping within {self.io_timeout_s:g}s")
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_s)
+            if self.up:  # while it is down, the probe (_probe_loop) asks it instead
+                await self._ping_or_go_down()
+
 
     async def save(self, st: StreamState) -> bool:
         """Save the stream's state as it is now; True when it is in the store within the timeout."""
@@ -113,8 +136,9 @@ class Saver:
         return len(self._dirty)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in (self._probe, self._watch):
+            if task is not None:
+                task.cancel()
         writers = [t for t in self._writers.values() if not t.done()]
         if writers:  # let the writes under way finish (bounded: a hung store times out)
             await asyncio.wait(writers, timeout=self.io_timeout_s)

@@ -171,6 +171,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if self.saver is not None and cfg.stream_id:
                 await self._load_stored(cfg.stream_id, cfg.resume)
             if cfg.resume and cfg.stream_id:
+                held = self.registry.get(cfg.stream_id)
+                if held is not None:  # a resume that will be refused changes nothing, not even who is attached
+                    held.check_rewind(cfg.resume_offset)
                 await self._take_over(cfg.stream_id)
             st = self.registry.open(
                 lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id,
@@ -413,6 +416,7 @@ class SegmenterServer:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.saver is not None:
+            await self.saver.start()  # the store's state measured now, and watched from here on
             await self._store_status(self.saver.up)
         self._expiry = asyncio.create_task(self._expire_loop())
         return self.port

@@ -121,15 +121,19 @@ class StreamState:
         st.attached = False
         return st
 
-    def rewind(self, offset: int) -> None:
-        """Go back to the state after the response that ended at ``offset``. A refused rewind changes nothing:
-        the offsets its message names as held stay resumable."""
+    def check_rewind(self, offset: int) -> None:
+        """StreamError if the stream cannot go back to ``offset``; changes nothing either way."""
         ends = [h[0] for h in self._history]
         if offset not in ends:
             held = f"{ends[0]}..{ends[-1]}" if ends else "none"
             raise StreamError("OUT_OF_RANGE", f"cannot resume at offset {offset}: the stream's responses ended "
                               f"at other offsets or too long ago (held: {held}); resume_offset must be the "
                               "processed_chars of the last response received")
+
+    def rewind(self, offset: int) -> None:
+        """Go back to the state after the response that ended at ``offset``. A refused rewind changes nothing:
+        the offsets its message names as held stay resumable."""
+        self.check_rewind(offset)
         while self._history[-1][0] > offset:
             self._history.pop()
         self.processed, self.state, tracker, _ = self._history[-1]

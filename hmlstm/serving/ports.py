@@ -22,11 +22,10 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family, addr = _addresses(host, port)[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        # As gRPC binds: connections of an earlier server still in TIME_WAIT do not block the port (without it
-        # the supervisor of --workers refused a port for a minute after a server stopped with a client attached).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
+        if reuse_port:  # without SO_REUSEADDR: a plain bind (check_port_free) by another server is refused
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:  # as gRPC binds: connections of an earlier server still in TIME_WAIT do not block the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
         sock.close()

@@ -136,13 +136,18 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["train", "--rate-targets", "0.2,0.1,0.05"], "--rate-targets gives 3 rates, but the model has 2 layer(s)"),
     (["train", "--peak-fractions", "0.7,0.2"], "--peak-fractions says which entropy peaks each layer is taught"),
     (["serve", "--state-store", "redis://127.0.0.1:1/0"], "--state-store is unreachable (Redis redis://127.0.0.1:1/0"),
-    (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got 0.0"),
-    (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got -1.0"),
-    (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got nan"),
-    (["serve", "--grace", "-1"], "--grace must be a number of seconds 0 or more, at most 2,000,000 (24 days), got -1.0"),
+    (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, at most "
+     "2,000,000 (24 days), got 0.0"),
+    (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, at most "
+     "2,000,000 (24 days), got -1.0"),
+    (["serve", "--idle-timeout", "nan"], "--idle-timeout must be a number of seconds more than 0, at most "
+     "2,000,000 (24 days), got nan"),
+    (["serve", "--grace", "-1"], "--grace must be a number of seconds 0 or more, at most "
+     "2,000,000 (24 days), got -1.0"),
     (["serve", "--device-tolerance", "-1"], "--device-tolerance must be more than 0, got -1.0"),
     (["serve", "--max-wait-us", "-1"], "--max-wait-us must be 0-1,000,000, got -1"),
-    (["serve", "--store-timeout", "0"], "--store-timeout must be a number of seconds more than 0, at most 2,000,000 (24 days), got 0.0"),
+    (["serve", "--store-timeout", "0"], "--store-timeout must be a number of seconds more than 0, at most "
+     "2,000,000 (24 days), got 0.0"),
     (["serve", "--max-connection-age", "-5"], "--max-connection-age must be a number of seconds more than 0"),
     (["serve", "--max-wait-fraction", "-1"], "--max-wait-fraction must be between 0 and 1, got -1.0"),
     (["serve", "--ort-threads", "-1"], "--ort-threads must be 1-256"),

@@ -26,7 +26,7 @@ from hmlstm.cli.serve import _add_serve
 from hmlstm.cli.train import PRESETS, _add_train, preset_settings
 from hmlstm.errors import Terminated, UserError
 
-__all__ = ["main", "build_parser", "quiet_tensorflow", "DEMO_TEXT", "PRESETS", "UserError", "_unescape"]
+__all__ = ["main", "parse", "build_parser", "quiet_tensorflow", "DEMO_TEXT", "PRESETS", "UserError", "_unescape"]
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,16 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_EXTRA = ("tensorflow", "tensorboard", "tf2onnx", "onnx", "tqdm", "matplotlib")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings, a preset's applied: its settings become the defaults, and a flag given on
+    the line replaces the preset's value of that setting and of the settings that depend on it."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("segment", "health", "demo"):  # gRPC's C core logs TLS failures itself: each command says
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # the cause in its own one line instead
-    if getattr(args, "preset", None):  # the preset's settings as defaults; the flags given on the line still win
+    if getattr(args, "preset", None):
         command = parser.commands[args.command]
         given = _given_settings(parser, command, argv)
         command.set_defaults(**preset_settings(args.preset, given, args))
         args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.command in ("segment", "health", "demo"):  # gRPC's C core logs TLS failures itself: each command says
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # the cause in its own one line instead
     # SIGTERM (docker stop, kill) unwinds like Ctrl-C, so that what a command cleans up on the way out (temporary
     # folders, half-written outputs) is cleaned up; train and serve install their own handlers over this one.
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None

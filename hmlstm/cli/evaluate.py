@@ -64,10 +64,11 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"--sep reads a file segmented by that symbol, so --format {args.format} would be ignored; "
                         "give one of them")
     segmented = args.sep is not None or args.format == "lines"  # a file that carries its own truth: units
+    note = None
     if strip is None and trained_without and not args.keep_delimiters and not segmented:  # as segment does
         strip = trained_without
-        print(f"[the model was trained on text without {trained_without!r}: removed them, and their positions are "
-              "the truth; --keep-delimiters keeps them]", file=sys.stderr)
+        note = (f"[the model was trained on text without {trained_without!r}: removed them, and their positions "
+                "are the truth; --keep-delimiters keeps them]")
     if args.sep is not None:
         corpus = read_segmented(args.text, args.sep)
         if strip:
@@ -75,6 +76,8 @@ def cmd_evaluate(args) -> int:
             corpus = Corpus(corpus.name, text, ends)
     else:
         corpus = load_corpus(args.text, args.format, seed=args.seed, strip=strip)
+    if note:  # once the text is read: a text that cannot be read is refused in one line
+        print(note, file=sys.stderr)
     if args.text in ("builtin", "synthetic") and not args.all:  # what training held out
         corpus = corpus.part(corpus.held_out_start(0.1), None, "held out")
     if len(corpus.text) > args.max_chars:

@@ -607,7 +607,7 @@ def test_streams_held_after_a_disconnect_storm_are_forgotten_and_their_memory_fr
         gc.collect()
         return sum(t.size for t in tracemalloc.take_snapshot().filter_traces(server_side).traces)
 
-    config = ServeConfig(port=0, metrics_port=None, idle_timeout_s=15.0, max_streams=400)
+    config = ServeConfig(port=0, metrics_port=None, idle_timeout_s=8.0, max_streams=400)
     with BackgroundServer(tiny_model, config) as srv, SegmenterClient(srv.target) as c:
         def held():
             async def count():

@@ -8,6 +8,15 @@ class UserError(Exception):
     traceback. The message says what was wrong and what to do.
     """
 
+    status = 2
+
+
+class ServiceError(UserError):
+    """A server that failed the command (unreachable, gone, refusing to resume): one line, exit status 1,
+    as `hmlstm health` ends when the server does not answer SERVING."""
+
+    status = 1
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, Kubernetes, a batch scheduler), raised where the process is so that it stops

@@ -13,11 +13,11 @@ TINY = ["--layers", "2", "--units", "8", "--embed-dim", "4", "--output-dim", "8"
         "--batch-size", "4", "--seq-len", "10", "--no-progress"]
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, input=None):
     env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the command must quiet TensorFlow by itself
     return subprocess.run([sys.executable, "-m", "hmlstm.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+                          text=True, env=env, cwd=cwd, timeout=300, input=input)
 
 
 @pytest.fixture(scope="module")

@@ -334,3 +334,62 @@ def test_a_port_left_by_a_stopped_server_with_a_client_attached_takes_workers_at
         release.set()
         if first.poll() is None:
             first.kill()
+
+
+def _segment_stdin(target: str):
+    """`hmlstm segment - --server TARGET --jsonl` with its standard input held open: we write to it."""
+    return subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "segment", "-", "--server", target, "--jsonl",
+                             "--chunk-chars", "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _feed_until_acknowledged(proc, text: str) -> str:
+    """Write the first part and wait until the server holds it (a segment line came back); returns that line."""
+    proc.stdin.write(text)
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    assert line.startswith("{"), proc.stderr.read()
+    return line
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_segment_from_stdin_across_a_server_killed_mid_stream(tmp_path, store):
+    """32. kill -9 under `segment -`: with a durable store it resumes on the server that replaces it and the
+    output equals an uninterrupted run; without one it ends in one line, exit 1. Never SIGABRT."""
+    from tests.serving.durable import ServerProcess
+
+    body = "Thefirstsentencegoeshere.Thesecondonefollowsit.Andathirdendsthetext." * 4
+    flags = ("--state-store", f"sqlite:{tmp_path / 's.db'}") if store == "sqlite" else ()
+    server = ServerProcess(*flags)
+    try:
+        whole = run_cli("segment", "-", "--server", server.target, "--jsonl", "--chunk-chars", "16", cwd=ROOT,
+                        input=body)
+        assert whole.returncode == 0, whole.stderr
+        proc = _segment_stdin(server.target)
+        try:
+            out = _feed_until_acknowledged(proc, body[:160])
+            server.kill9()
+            server = ServerProcess(*flags, port=server.port)
+            try:
+                proc.stdin.write(body[160:])
+                proc.stdin.close()
+            except BrokenPipeError:  # it gave up already (nothing to resume from)
+                pass
+            out += proc.stdout.read()  # the same reader as the first line's: nothing it buffered is skipped
+            err = proc.stderr.read()
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        server.stop()
+    assert proc.returncode in (0, 1), err  # not -6 (SIGABRT)
+    assert "Fatal Python error" not in err and "Traceback" not in err
+    if store == "sqlite":
+        assert proc.returncode == 0, err
+        assert "resuming stream segment-" in err
+        assert out == whole.stdout
+    else:
+        assert proc.returncode == 1
+        lines = [ln for ln in err.splitlines() if ln.startswith("hmlstm: error:")]
+        assert len(lines) == 1 and "UNAVAILABLE" in lines[0], err

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"hmlstm: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     except Terminated:
         print("hmlstm: terminated (SIGTERM)", file=sys.stderr)
         return 143

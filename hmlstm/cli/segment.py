@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from hmlstm.cli.common import _layer_list, _load_model
-from hmlstm.errors import UserError
+from hmlstm.errors import ServiceError, UserError
 
 
 def _add_segment(sub) -> None:
@@ -373,5 +373,9 @@ def _segment(args) -> int:
             details = (e.details() or "").replace("\n", " ")
             reason = connection_reason(details, args.tls_ca is not None) if e.code() in (
                 grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) else ""
-            raise UserError(f"server {args.server}: {e.code().name}: {reason or details}") from None
+            mistake = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
+                                   grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED)
+            raise (UserError if mistake else ServiceError)(
+                f"server {args.server}: {e.code().name}: {reason or details}") from None
     return done()

@@ -393,3 +393,22 @@ def test_segment_from_stdin_across_a_server_killed_mid_stream(tmp_path, store):
         assert proc.returncode == 1
         lines = [ln for ln in err.splitlines() if ln.startswith("hmlstm: error:")]
         assert len(lines) == 1 and "UNAVAILABLE" in lines[0], err
+
+
+def test_segment_marks_can_be_told_from_the_text(tmp_path):
+    """Friction: a text that holds a mark is warned about once, and --marks chooses others."""
+    f = tmp_path / "pipes.txt"
+    f.write_text("a|b the cat | sat on the mat")
+    r = run_cli("segment", f, "--local", cwd=ROOT)
+    assert r.returncode == 0 and r.stderr.count("which is also layer 1's mark") == 1
+    r = run_cli("segment", f, "--local", "--marks", "/#@", cwd=ROOT)
+    assert r.returncode == 0 and "also layer" not in r.stderr and "[/ layer 1  # layer 2  @ layer 3]" in r.stderr
+    assert r.stdout.count("|") == 2  # only the text's own
+    assert r.stdout.replace("/", "").replace("#", "").replace("@", "") == f.read_text()
+    r = run_cli("segment", f, "--local", "--marks", "//", cwd=ROOT)
+    assert r.returncode == 2 and "--marks takes one distinct, visible character per layer" in r.stderr
+
+
+def test_python_dash_m_hmlstm_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "hmlstm", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("hmlstm ")

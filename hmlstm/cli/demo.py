@@ -16,7 +16,10 @@ DEMO_TEXT = (
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="start a server, stream a built-in text through it, print the segments")
+    p = sub.add_parser("demo", help="start a server, stream a built-in text through it, print the segments",
+                       description="Start a gRPC server on a free loopback port with the shipped model (or "
+                       "--model), stream a paragraph of Python's documentation through it in chunks, and print "
+                       "the boundaries each layer found as they come, then what the model card says they are worth.")
     p.add_argument("--model", default=None, help="an .onnx file (default: the shipped model)")
     p.add_argument("--chunk-chars", type=int, default=24, help="characters per chunk the demo streams")
     p.set_defaults(func=cmd_demo)

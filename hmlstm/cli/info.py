@@ -9,7 +9,10 @@ from hmlstm.errors import UserError
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="what an exported model is: recipe, vocabulary, engines, evaluations (its card)")
+    p = sub.add_parser("info", help="what an exported model is: recipe, vocabulary, engines, evaluations (its card)",
+                       description="Say what an exported model is, from its model card (or its metadata where it "
+                       "has none): its size, the command that trained it, what it was trained without, where each "
+                       "layer fires and what its boundaries scored on held-out text, and its validation.")
     p.add_argument("model", nargs="?", type=Path, default=None,
                    help="an .onnx written by `hmlstm export` (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="print the whole model card as JSON")

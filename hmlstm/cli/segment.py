@@ -15,7 +15,11 @@ from hmlstm.errors import ServiceError, UserError
 
 
 def _add_segment(sub) -> None:
-    p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live")
+    p = sub.add_parser("segment", help="stream a file or stdin to a server and print its segments live",
+                       description="Stream a UTF-8 file (or - for standard input) to `hmlstm serve` in chunks, or "
+                       "run the model here with --local, and print the text as read with each layer's boundary "
+                       "marks between its characters (--jsonl: each closed segment as a JSON line). Against a "
+                       "server the stream has an id, and a server that goes away is resumed where it can be.")
     p.add_argument("file", help="a UTF-8 text file, or - for standard input")
     p.add_argument("--server", default=None, help="host:port of `hmlstm serve` (default 127.0.0.1:50051), or any "
                    "gRPC target: dns:///hmlstm-headless.NAMESPACE.svc:50051 names every replica")
@@ -29,6 +33,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--layers", type=_layer_list, default=[], metavar="L1,L2",
                    help="comma-separated boundary layers to report, e.g. --layers 1,2 (default: all)")
     p.add_argument("--jsonl", action="store_true", help="print closed segments as JSON lines instead")
+    p.add_argument("--marks", default=None, metavar="CHARS",
+                   help="the marks of layers 1, 2, 3... one character each, e.g. --marks '/#@' (default: | ‖ ⦀): "
+                        "choose ones the text does not contain, so that every mark is a boundary")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token-env", default=None, metavar="VAR", help="bearer token from this variable")
     token.add_argument("--token-file", default=None, metavar="FILE",
@@ -261,6 +268,14 @@ def _layers_to_report(asked: list[int], available: list[int]) -> list[int]:
     return layers
 
 
+def _marks(chars: str | None) -> dict[int, str]:
+    if chars is None:
+        return {}
+    if not chars or len(set(chars)) != len(chars) or any(c.isspace() for c in chars):
+        raise UserError(f"--marks takes one distinct, visible character per layer, e.g. --marks '/#@'; got {chars!r}")
+    return {i + 1: c for i, c in enumerate(chars)}
+
+
 def cmd_segment(args) -> int:
     try:
         return _segment(args)
@@ -275,6 +290,7 @@ def _segment(args) -> int:
     from hmlstm.serving.render import Marker, legend
 
     _check_segment_flags(args)
+    marks = _marks(args.marks)
     chunks = _read_chunks(args.file, args.chunk_chars)
     orig = _Original("")
     failed: list[UserError] = []
@@ -282,8 +298,17 @@ def _segment(args) -> int:
     def tee():
         # A mistake found while reading (a non-UTF-8 byte) ends the request stream cleanly and is
         # reported after it, instead of surfacing as the server's "Exception iterating requests".
+        from hmlstm.serving.render import MARKS
+
+        shown = {v: k for k, v in {**MARKS, **marks}.items()}  # mark -> layer
+        warned = args.jsonl  # JSON lines carry offsets, not marks
         try:
             for c in chunks:
+                if not warned and (clash := sorted(set(c) & set(shown))):
+                    warned = True
+                    print(f"hmlstm: warning: the text contains {clash[0]!r}, which is also layer {shown[clash[0]]}'s "
+                          "mark: choose marks it lacks with --marks (e.g. --marks '/#@'), or use --jsonl",
+                          file=sys.stderr)
                 sent = orig.add(c)
                 if sent:  # a chunk of delimiters only sends nothing
                     yield sent
@@ -316,9 +341,9 @@ def _segment(args) -> int:
         orig = _Original(_note_stripping(model.provenance.get("strip_delimiters") or "", args.keep_delimiters))
         layers = _layers_to_report(args.layers, model.boundary_layers)
         if not args.jsonl and layers:
-            print(f"[{legend(layers)}]", file=sys.stderr)
+            print(f"[{legend(layers, marks)}]", file=sys.stderr)
         st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment)
-        marker = Marker(model.alignment)
+        marker = Marker(model.alignment, marks)
         for c in tee():
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
             unknown[0] += r.unknown_chars
@@ -338,9 +363,9 @@ def _segment(args) -> int:
                                 f"{info.max_chunk_chars:,} characters per chunk; send at most that")
             layers = _layers_to_report(args.layers, list(info.boundary_layers))
             orig = _Original(_note_stripping(info.trained_without, args.keep_delimiters))
-            marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)))
+            marker = Marker(dict(zip(info.boundary_layers, info.boundary_alignment)), marks)
             if not args.jsonl and layers:
-                print(f"[{legend(layers)}]", file=sys.stderr)
+                print(f"[{legend(layers, marks)}]", file=sys.stderr)
             sent = _Sent(tee(), ahead=max(1 << 20, 4 * args.chunk_chars))
             stream_id = f"segment-{uuid.uuid4().hex[:16]}"
             acked, resumable, tries = 0, False, 0

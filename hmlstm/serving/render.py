@@ -16,8 +16,9 @@ class Marker:
     chunking prints the same.
     """
 
-    def __init__(self, alignment: dict[int, str] | None = None):
+    def __init__(self, alignment: dict[int, str] | None = None, marks: dict[int, str] | None = None):
         self.alignment = alignment or {}
+        self.chosen = marks or {}  # layer -> its mark, where not MARKS's
         self._cuts: dict[int, int] = {}  # position -> highest layer cutting there, not yet printed
 
     def feed(self, text: str, offset: int, boundaries: dict[int, list[int]]) -> str:
@@ -29,7 +30,7 @@ class Marker:
         for i, ch in enumerate(text):
             layer = self._cuts.pop(offset + i, 0)
             if layer and offset + i > 0:  # no mark before the stream's first character
-                out.append(_mark(layer))
+                out.append(_mark(layer, self.chosen))
             out.append(ch)
         return "".join(out)
 
@@ -43,14 +44,14 @@ class Marker:
         out = []
         for i in range(length):
             layer = self._cuts.pop(offset + i, 0)
-            out.append(_mark(layer) if layer and offset + i > 0 else "")
+            out.append(_mark(layer, self.chosen) if layer and offset + i > 0 else "")
         return out
 
     def close(self) -> str:
         """The marks left at the end of the text fed so far."""
         layer = max(self._cuts.values(), default=0)
         self._cuts.clear()
-        return _mark(layer) if layer else ""
+        return _mark(layer, self.chosen) if layer else ""
 
 
 def mark(text: str, offset: int, boundaries: dict[int, list[int]], alignment: dict[int, str] | None = None) -> str:
@@ -68,9 +69,9 @@ def cut_original(original: str, kept: list[int], cuts: list[int], sep: str = " |
     return sep.join(p for p in pieces if p)
 
 
-def _mark(layer: int) -> str:
-    return MARKS.get(layer, "‖" * layer)
+def _mark(layer: int, marks: dict[int, str] | None = None) -> str:
+    return (marks or {}).get(layer) or MARKS.get(layer, "‖" * layer)
 
 
-def legend(layers: list[int]) -> str:
-    return "  ".join(f"{_mark(l)} layer {l}" for l in layers)
+def legend(layers: list[int], marks: dict[int, str] | None = None) -> str:
+    return "  ".join(f"{_mark(l, marks)} layer {l}" for l in layers)

@@ -16,6 +16,7 @@ Runtime; no TensorFlow needed).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,23 @@ class Outputs:
     alignment: dict[int, str]  # layer with a boundary detector -> "start" or "end" (what the model declares)
 
 
-def _run_onnx(path: Path, text: str) -> Outputs:
+class _Progress:
+    """Says how far a long run over a text has come, at most every ``every_s`` seconds."""
+
+    def __init__(self, log, total: int, every_s: float = 10.0):
+        self.log, self.total, self.every_s = log, total, every_s
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.log is not None and now - self.last >= self.every_s and done < self.total:
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            self.log(f"  {done / self.total:.0%} ({done:,} of {self.total:,} characters, about "
+                     f"{(self.total - done) / max(rate, 1e-9):.0f}s to go)")
+
+
+def _run_onnx(path: Path, text: str, progress=None) -> Outputs:
     from hmlstm import spec
     from hmlstm.serving.model import ModelLoadError, load_model
 
@@ -53,10 +70,12 @@ def _run_onnx(path: Path, text: str) -> Outputs:
         logits.append(out[spec.LOGITS][0])
         z.append(out[spec.BOUNDARIES][0])
         state = {model.state_map[k]: v for k, v in out.items() if k in model.state_map}
+        if progress is not None:
+            progress(i + piece.shape[1])
     return Outputs(np.concatenate(logits), np.concatenate(z), model.vocab, unknown, dict(model.alignment))
 
 
-def _run_checkpoint(path: Path, text: str) -> Outputs:
+def _run_checkpoint(path: Path, text: str, progress=None) -> Outputs:
     import tensorflow as tf
 
     from hmlstm.model.checkpoint import load_network
@@ -75,6 +94,8 @@ def _run_checkpoint(path: Path, text: str) -> Outputs:
         lg, b, state = run(ids[None, i : i + PIECE], state)
         logits.append(lg.numpy()[0])
         z.append(b.numpy()[0])
+        if progress is not None:
+            progress(i + PIECE)
     from hmlstm import spec as io_spec
 
     declared = io_spec.boundary_alignment(info.model.num_layers, info.model.top_boundary,
@@ -83,13 +104,16 @@ def _run_checkpoint(path: Path, text: str) -> Outputs:
                    {int(k): v for k, v in declared.items()})
 
 
-def run_model(path: str | Path, text: str) -> Outputs:
+def run_model(path: str | Path, text: str, log=None) -> Outputs:
+    """The model's logits and boundaries over ``text``; ``log``, if given, hears how far it has come every
+    10 s (a long text takes minutes)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"model {p} does not exist; give a training run directory or an exported .onnx file")
     if not text:
         raise UserError("the text to evaluate is empty")
-    return _run_onnx(p, text) if p.is_file() else _run_checkpoint(p, text)
+    progress = _Progress(log, len(text)) if log is not None else None
+    return _run_onnx(p, text, progress) if p.is_file() else _run_checkpoint(p, text, progress)
 
 
 def next_char_entropy(logits: np.ndarray) -> np.ndarray:
@@ -148,7 +172,7 @@ def evaluate(model: str | Path, corpus: Corpus, training: Corpus | None = None, 
     if corpus.word_ends is None:
         raise UserError(f"{corpus.name} has no known boundaries to score against")
     log(f"running the model over {len(corpus.text):,} characters")
-    out = run_model(model, corpus.text)
+    out = run_model(model, corpus.text, log=log)
     truths = corpus.truths()
     names = list(truths)
     units = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]

@@ -227,7 +227,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
                           info.model.num_units, info.model.vocab_size, text_ids, config.times,
                           config.batches, config.tolerance, config.boundary_threshold,
                           spread=spread, explain_factor=config.explain_factor,
-                          require_extremes=detectors if "sparse" in config.engines else ())
+                          require_extremes=detectors if "sparse" in config.engines else (), log=log)
         log(f"validated in {time.perf_counter() - t0:.1f}s: "
             f"{len(report.cases)} cases, max |diff| logits {report.max_abs_diff.get(spec.LOGITS, 0):.2g}, "
             f"{len(report.boundary_flips_explained)} explained boundary flip(s) in "
@@ -312,10 +312,10 @@ def card_evaluations(model_path: Path, info, eval_text: str | None = None, max_c
         start = corpus.held_out_start(info.train.val_fraction)
         held = corpus.part(start, start + max_chars, "held out" + (f", first {max_chars:,} chars"
                                                                    if len(corpus.text) - start > max_chars else ""))
-        reports["held_out"] = evaluate(model_path, held, training)
+        reports["held_out"] = evaluate(model_path, held, training, log=log)
     if eval_text is not None:
         other = load_corpus(eval_text, strip=info.meta.get("strip_delimiters"))
         if len(other.text) > max_chars:
             other = other.part(0, max_chars, f"first {max_chars:,} chars")
-        reports["other_text"] = evaluate(model_path, other, training)
+        reports["other_text"] = evaluate(model_path, other, training, log=log)
     return reports

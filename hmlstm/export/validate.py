@@ -342,7 +342,7 @@ def validate(model: onnx.ModelProto, sessions: dict[str, object], reference: Ref
              tolerance: float = 1e-4, boundary_threshold: float = 1e-4,
              stream_chunks: Sequence[int] = (1, 3, 64), seed: int = 0,
              spread: Spread | None = None, explain_factor: float = 2.0,
-             require_extremes: Sequence[str] = ()) -> ValidationReport:
+             require_extremes: Sequence[str] = (), log=None) -> ValidationReport:
     """Validate ``model`` run by each of ``sessions`` (label -> ORT session) against ``reference``.
 
     reference(feeds) must return TensorFlow's outputs under the same names.
@@ -370,7 +370,9 @@ def validate(model: onnx.ModelProto, sessions: dict[str, object], reference: Ref
     for l in range(1, len(num_units) + 1):
         flush[spec.state_input("z", l)][:] = 1.0
     cases += [("batch 3 x time 7, no row runs", idle), ("batch 5 x time 9, every row FLUSHes first", flush)]
-    for label_case, feeds in cases:
+    for n, (label_case, feeds) in enumerate(cases, 1):
+        if log is not None:  # the long cases take tens of seconds: say which one runs
+            log(f"  case {n} of {len(cases)}: {label_case}")
         batch, time = feeds[spec.TOKENS].shape
         expected = reference(feeds)
         _count_activity(report, feeds, expected)

@@ -34,6 +34,9 @@ class Metrics:
             registry=self.registry)
         self.errors = Counter("hmlstm_errors", "Calls ended with an error, by gRPC status code", ["code"],
                               registry=self.registry)
+        self.age_cuts = Counter("hmlstm_connection_age_cuts", "Streams ended because their connection outlived "
+                                "--max-connection-age and its grace (expected: the client resumes; not in "
+                                "hmlstm_errors_total)", registry=self.registry)
         self.store_errors = Counter("hmlstm_state_store_errors", "State-store reads or writes that failed",
                                     registry=self.registry)
         self.store_up = Gauge("hmlstm_state_store_up", "1 while the state store answers, 0 while it is down "

@@ -82,6 +82,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.model, self.runner, self.registry = model, runner, registry
         self.config, self.metrics = config, metrics
         self.saver = saver  # None without a state store (--state-store memory)
+        self._peers: dict[str, float] = {}  # peer -> when its first call came (with --max-connection-age)
         # The advertised unary limit is one whose answer always fits the message limit (messages.py).
         self.max_text_chars = min(config.max_text_chars,
                                   messages.max_unary_chars(config.max_message_bytes, len(model.boundary_layers)))
@@ -142,8 +143,33 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             return  # the registry then answers ABORTED: retry
         self.metrics.takeovers.inc()
 
+    def _count_cancel(self, since: float | None) -> None:
+        """A call that ended cancelled: a cut by --max-connection-age (its connection, first seen making a call
+        at ``since``, is older than that: gRPC cuts calls the grace period after its GOAWAY) counts as such,
+        anything else as CANCELLED. The connection's age is bounded below by its first call's: a client that
+        cancels by itself late in an old connection counts as a cut too."""
+        age = self.config.max_connection_age_s
+        if since is not None and age is not None and time.monotonic() - since >= 0.9 * age:  # gRPC jitters +-10%
+            self.metrics.age_cuts.inc()
+        else:
+            self.metrics.errors.labels("CANCELLED").inc()
+
+    def _connection_since(self, context) -> float | None:
+        """When this call's connection (its peer address) first made a call; None without
+        --max-connection-age. Read at the call's start: the call's own objects are gone once it is cut."""
+        if self.config.max_connection_age_s is None:
+            return None
+        peer = context.peer()
+        if peer not in self._peers:
+            if len(self._peers) >= 100_000:  # connections long gone: forget the oldest
+                for old in list(self._peers)[:10_000]:
+                    del self._peers[old]
+            self._peers[peer] = time.monotonic()
+        return self._peers[peer]
+
     async def StreamSegment(self, request_iterator, context):
         self.metrics.requests.labels("StreamSegment").inc()
+        since = self._connection_since(context)
         it = request_iterator.__aiter__()
         idle = self.config.idle_timeout_s
         st: StreamState | None = None
@@ -193,7 +219,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 st.wait("")
                 if req is None:
                     if context.cancelled():  # grpc.aio ends the request stream on a cancel too
-                        self.metrics.errors.labels("CANCELLED").inc()
+                        self._count_cancel(since)
                         return
                     break
                 if isinstance(req, Undecodable):
@@ -238,7 +264,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 resumable = "; the stream can be resumed by its id" if st.stream_id else ""
                 await self._fail(context, "DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout){resumable}")
             if st is None or st.idle_expired != "write":  # the watchdog counted that one
-                self.metrics.errors.labels("CANCELLED").inc()
+                self._count_cancel(since)
             raise
         except GeneratorExit:
             # Closed while waiting to send (gRPC cancelled the call at its await, not in this code): a
@@ -246,7 +272,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if st is not None and st.taken_over:
                 self.metrics.errors.labels("ABORTED").inc()
             elif st is None or st.idle_expired != "write":
-                self.metrics.errors.labels("CANCELLED").inc()
+                self._count_cancel(since)
             raise
         finally:
             if st is not None:

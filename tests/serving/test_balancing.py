@@ -13,7 +13,7 @@ from hmlstm.model.data import builtin_text
 from hmlstm.serving.background import BackgroundServer
 from hmlstm.serving.client import AsyncSegmenterClient, channel_options
 from hmlstm.serving.config import ServeConfig
-from tests.serving.durable import OpenStream, RedisProcess, fold, unary
+from tests.serving.durable import OpenStream, RedisProcess, fold, unary, wait_for
 from tests.serving.test_durability import needs_redis
 
 TEXT = builtin_text()[40_000:]
@@ -107,6 +107,10 @@ def test_a_stream_cut_by_the_maximum_connection_age_resumes_on_another_server(ti
 
             got, code = asyncio.run(first_call())
             assert code == grpc.StatusCode.UNAVAILABLE, code
+            # counted as a cut by the connection's age, which is expected, not as a CANCELLED error (item 35)
+            sample = a.server.metrics.registry.get_sample_value
+            wait_for(lambda: sample("hmlstm_connection_age_cuts_total") == 1.0, "the cut counted")
+            assert not sample("hmlstm_errors_total", {"code": "CANCELLED"})
             last = got[-1].processed_chars
             assert 0 < last < len(text) and got[-1].durable
 

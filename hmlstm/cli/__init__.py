@@ -23,7 +23,7 @@ from hmlstm.cli.info import _add_info
 from hmlstm.cli.plot import _add_plot
 from hmlstm.cli.segment import _add_segment
 from hmlstm.cli.serve import _add_serve
-from hmlstm.cli.train import PRESETS, _add_train, preset_settings
+from hmlstm.cli.train import PRESETS, _add_train, given_settings, preset_settings
 from hmlstm.errors import Terminated, UserError
 
 __all__ = ["main", "parse", "build_parser", "quiet_tensorflow", "DEMO_TEXT", "PRESETS", "UserError", "_unescape"]
@@ -98,7 +98,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):
         command = parser.commands[args.command]
-        given = _given_settings(parser, command, argv)
+        given = given_settings(parser, command, argv)
         command.set_defaults(**preset_settings(args.preset, given, args))
         args = parser.parse_args(argv)
     return args
@@ -145,15 +145,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _given_settings(parser, command, argv) -> set[str]:
-    """The settings (argparse destinations) of ``command`` given explicitly on the command line."""
-    unset = object()
-    defaults = {a.dest: a.default for a in command._actions if a.dest != "help"}
-    command.set_defaults(**dict.fromkeys(defaults, unset))
-    try:
-        probe = parser.parse_args(argv)
-    finally:
-        command.set_defaults(**defaults)
-    return {d for d in defaults if getattr(probe, d, unset) is not unset}

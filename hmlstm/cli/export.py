@@ -57,9 +57,6 @@ def cmd_export(args) -> int:
 
     need("tensorflow", "tf2onnx", "onnx")
 
-    if not args.checkpoint.exists():
-        raise UserError(f"{args.checkpoint} does not exist; give a run directory written by `hmlstm train`, or an "
-                        "exported .onnx")
     if not args.tolerance > 0:
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.triton_max_sequences < 1:
@@ -78,6 +75,9 @@ def cmd_export(args) -> int:
         if ignored:
             raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} how validation runs, and "
                             "--no-validate skips it; give one or the other")
+    if not args.checkpoint.exists():
+        raise UserError(f"{args.checkpoint} does not exist; give a run directory written by `hmlstm train`, or an "
+                        "exported .onnx")
     check_output(args.out, "--out")
     if args.triton is not None:
         check_output(args.triton, "--triton", folder=True)

@@ -107,6 +107,18 @@ def preset_settings(name: str, given: set[str], args) -> dict:
     return settings
 
 
+def given_settings(parser, command, argv) -> set[str]:
+    """The settings (argparse destinations) of ``command`` given explicitly on the command line."""
+    unset = object()
+    defaults = {a.dest: a.default for a in command._actions if a.dest != "help"}
+    command.set_defaults(**dict.fromkeys(defaults, unset))
+    try:
+        probe = parser.parse_args(argv)
+    finally:
+        command.set_defaults(**defaults)
+    return {d for d in defaults if getattr(probe, d, unset) is not unset}
+
+
 def default_run_dir(corpus: str, preset: str | None) -> Path:
     """runs/<corpus> (its file's stem), and runs/<corpus>-<preset> for a preset: a preset's run and the
     paper's default one never meet in one folder, where the second would be refused."""

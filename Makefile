@@ -59,16 +59,19 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
 
+IMAGE_PLACEHOLDER := registry.example.com/hmlstm
 # Render the Helm chart into deploy/k8s/ (plain manifests for kubectl apply -f); tests/test_deploy.py
 # fails if they drift from the chart.
 manifests: $(TOOLS_STAMP)
 	@for v in cpu gpu; do { \
 	  printf '# Rendered from deploy/helm/hmlstm with values-%s.yaml by `make manifests`; do not edit (a test\n' $$v; \
-	  printf '# fails when this file and the chart disagree). Apply: kubectl apply -f deploy/k8s/%s.yaml, after\n' $$v; \
+	  printf '# fails when this file and the chart disagree). This project publishes no image: build and push yours\n'; \
+	  printf '# (Dockerfile, Dockerfile.gpu), then apply with it in place of $(IMAGE_PLACEHOLDER):\n'; \
 	  printf '#   kubectl create namespace hmlstm\n'; \
 	  printf '#   kubectl -n hmlstm create secret generic hmlstm-auth --from-literal=token=$$(openssl rand -hex 24)\n'; \
+	  printf '#   sed s,$(IMAGE_PLACEHOLDER),REGISTRY/hmlstm, deploy/k8s/%s.yaml | kubectl apply -f -\n' $$v; \
 	  $(TOOLS)/bin/helm template hmlstm deploy/helm/hmlstm -n hmlstm --set createNamespace=true \
-	    -f deploy/helm/hmlstm/values-$$v.yaml; } > deploy/k8s/$$v.yaml; done
+	    --set image.repository=$(IMAGE_PLACEHOLDER) -f deploy/helm/hmlstm/values-$$v.yaml; } > deploy/k8s/$$v.yaml; done
 
 # Regenerate the gRPC stubs; tests/serving/test_protos.py fails if they drift.
 protos: $(STAMP)

@@ -84,7 +84,8 @@ def main() -> None:
          f"(serve with --engine {faster}) | | | | | | | |")
     del models
     for w in g["workers"]:
-        proc, target = start_server(DEFAULT_MODEL, ["--device", g["device"], "--engine", faster], workers=w)
+        proc, target = start_server(DEFAULT_MODEL, ["--device", g["device"], "--engine", faster], workers=w,
+                                    log=args.out.with_name("server.log"))
         try:
             for c in g["chunks"]:
                 for n in g["streams"]:

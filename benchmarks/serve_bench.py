@@ -82,8 +82,9 @@ def free_port() -> int:
 
 
 def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 1,
-                 echo: bool = False) -> tuple[subprocess.Popen, str]:
-    """A real `hmlstm serve` process (or the echo floor); its metrics endpoints are in proc.metrics_urls."""
+                 echo: bool = False, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `hmlstm serve` process (or the echo floor); its metrics endpoints are in proc.metrics_urls.
+    ``log``: where its stderr goes (appended), so that a server that does not start says why."""
     port, metrics_port = free_port(), free_port()
     while any(not _port_free(metrics_port + i) for i in range(workers)):
         metrics_port = free_port()
@@ -93,7 +94,17 @@ def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 
         cmd = [sys.executable, "-m", "hmlstm.cli", "serve", str(model_path), "--port", str(port), "--metrics-port",
                str(metrics_port), "--max-streams", "2000", "--idle-timeout", "600", "--workers", str(workers),
                *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    sink = open(log, "a") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the process holds it)
+    proc = subprocess.Popen(cmd, stderr=sink, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if log is not None:
+        sink.close()  # the child has its own copy
+
+    def why() -> str:
+        if log is None:
+            return ""
+        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+        return f"; its log ({log}) ends: {lines[-1][:300]}" if lines else f"; its log ({log}) is empty"
+
     proc.metrics_urls = [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(workers)]
     target = f"127.0.0.1:{port}"
     import grpc
@@ -101,7 +112,7 @@ def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
+            raise RuntimeError(f"server exited with status {proc.returncode}{why()}")
         try:
             with grpc.insecure_channel(target) as ch:
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -111,7 +122,7 @@ def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 
         except (grpc.RpcError, OSError):
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server did not start within 60 s{why()}")
 
 
 def _port_free(port: int) -> bool:

@@ -92,14 +92,14 @@ def nvidia_driver_present() -> bool:
         return False
 
 
-def _capture_fd2(fn):
-    """Run fn() with file descriptor 2 sent to a temp file; return (result, text)."""
-    return capture_fds(fn, (2,))
-
-
 def _reason(log: str) -> str:
-    m = re.search(r"error: ([^\n\x1b]+)", log) or re.search(r"\] ([^\n\x1b]+)", log)
-    return m.group(1).strip()[:160] if m else "the session did not list it"
+    """The cause in what ONNX Runtime printed while a provider failed: CUDA's own failure first (ORT prints
+    "CUDA failure 100: no CUDA-capable device is detected ... cudaSetDevice" on stdout, then falls back to
+    the CPU), else its first error line."""
+    m = re.search(r"(CUDA failure \d+: [^\n\x1b;]+?)(?: ; GPU=| ; hostname=|\n|$)", log) \
+        or re.search(r"(CUDA error[^\n\x1b]*)", log) \
+        or re.search(r"error: ([^\n\x1b]+)", log) or re.search(r"\] ([^\n\x1b]+)", log)
+    return m.group(1).strip()[:200] if m else "the session did not list it"
 
 
 def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
@@ -252,7 +252,7 @@ def make_session(model: str | bytes, device: str = "auto", threads: int | None =
             options = {"trt_fp16_enable": trt_fp16}
             if trt_cache:
                 options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache))
-            sess, log = _capture_fd2(lambda: ort.InferenceSession(
+            sess, log = _capture_fds(lambda: ort.InferenceSession(
                 model, so, providers=[(TENSORRT, options), CUDA, CPU]))
             if sess.get_providers()[0] == TENSORRT:
                 return runtime(sess, "ONNX Runtime on TensorRT" + (" (FP16 allowed)" if trt_fp16 else ""))
@@ -263,7 +263,7 @@ def make_session(model: str | bytes, device: str = "auto", threads: int | None =
     if device in ("auto", "cuda"):
         why = _gpu_unavailable(CUDA)
         if not why:
-            sess, log = _capture_fd2(lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
+            sess, log = _capture_fds(lambda: ort.InferenceSession(model, so, providers=[CUDA, CPU]))
             if sess.get_providers()[0] == CUDA:
                 return runtime(sess, "ONNX Runtime on CUDA" + (f" ({whys[0]})" if whys else ""))
             why = f"CUDA provider failed to load: {_reason(log)}"

@@ -45,12 +45,55 @@ def tool(name: str) -> str:
     return str(exe)
 
 
+IMAGE = "registry.example.com/hmlstm"  # the Makefile's IMAGE_PLACEHOLDER: the rendered files' image
+
+
+def helm_template(overlay: str, *sets: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("helm"), "template", "hmlstm", str(CHART), "-n", "hmlstm", "--set",
+                           "createNamespace=true", *[a for s in sets for a in ("--set", s)],
+                           "-f", str(CHART / f"values-{overlay}.yaml")], capture_output=True, text=True, timeout=120)
+
+
 def render(overlay: str) -> str:
     """`helm template` of the chart with one overlay, as `make manifests` writes deploy/k8s/OVERLAY.yaml."""
-    r = subprocess.run([tool("helm"), "template", "hmlstm", str(CHART), "-n", "hmlstm", "--set", "createNamespace=true",
-                        "-f", str(CHART / f"values-{overlay}.yaml")], capture_output=True, text=True, timeout=120)
+    r = helm_template(overlay, f"image.repository={IMAGE}")
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_chart_refuses_to_render_without_the_image_you_pushed(overlay):
+    """No image is published: an install that names none fails at render time, saying what to build and set,
+    instead of pods that cannot pull ghcr.io/hmlstm/hmlstm."""
+    r = helm_template(overlay)
+    assert r.returncode != 0 and "image.repository is not set" in r.stderr and "Dockerfile.gpu" in r.stderr
+    assert "ghcr.io" not in (CHART / "values.yaml").read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gpu_overlay_reaches_tainted_gpu_nodes_rolls_without_a_spare_gpu_and_waits_for_the_load(overlay):
+    items = list(yaml.safe_load_all(render(overlay)))
+    dep = by_kind([i for i in items if i], "Deployment", "hmlstm")
+    pod, (c,) = dep["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]["containers"]
+    startup = c["startupProbe"]
+    assert startup["grpc"]["port"] == GRPC and "initialDelaySeconds" not in c["livenessProbe"]
+    if overlay == "gpu":
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a TensorRT engine build
+        assert "nvidia.com/gpu.present" in str(pod["affinity"])
+    else:
+        assert "tolerations" not in pod and "strategy" not in dep["spec"] and "affinity" not in pod
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    # the values an operator may set land where Kubernetes reads them
+    r = helm_template(overlay, f"image.repository={IMAGE}", "nodeSelector.pool=gpu-a100")
+    assert r.returncode == 0 and "nodeSelector:\n        pool: gpu-a100" in r.stdout, r.stderr
+
+
+def test_the_gpu_image_appends_to_the_base_images_library_path():
+    """The base image's LD_LIBRARY_PATH holds where the NVIDIA runtime mounts the driver (libcuda.so.1)."""
+    (line,) = [ln for ln in (ROOT / "Dockerfile.gpu").read_text().splitlines() if ln.startswith("ENV LD_LIBRARY_PATH")]
+    assert line.startswith("ENV LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

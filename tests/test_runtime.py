@@ -91,3 +91,32 @@ def test_a_provider_whose_outputs_differ_from_the_cpu_is_refused(tmp_path):
     changed = make_session(model.SerializeToString(), "cpu")
     with pytest.raises(RuntimeError, match=rf"differs from the CPU by up to 0.001.* on {spec.LOGITS}"):
         check_against_cpu(changed, str(DEFAULT_MODEL))
+
+
+def test_cudas_own_failure_printed_on_stdout_is_the_one_line_reason(monkeypatch, tmp_path):
+    """Issue 29, item 4: when the CUDA provider loads but CUDA cannot start, ONNX Runtime prints the cause on
+    stdout ("CUDA failure 100 ... cudaSetDevice") and falls back to the CPU. That text is the reason given,
+    not "the session did not list it"."""
+    import os
+
+    import onnxruntime as ort
+
+    from hmlstm import runtime
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    real = ort.InferenceSession
+
+    def provider_that_fails_on_stdout(model, options=None, providers=None):
+        os.write(1, b"2026-12-01 10:00:00.0 [E:onnxruntime:Default, cuda_call.cc:123 CudaCall] CUDA failure 100: "
+                    b"no CUDA-capable device is detected ; GPU=0 ; hostname=h ; file=cuda_execution_provider.cc ; "
+                    b"line=282 ; expr=cudaSetDevice(info_.device_id);\n")
+        return real(model, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", provider_that_fails_on_stdout)
+    monkeypatch.setattr(runtime, "_gpu_unavailable", lambda provider: "")
+    with pytest.raises(RuntimeError) as e:
+        runtime.make_session(str(DEFAULT_MODEL), "cuda")
+    message = str(e.value)
+    assert "--device cuda asked for, but CUDA provider failed to load: CUDA failure 100: no CUDA-capable device " \
+           "is detected" in message and "\n" not in message
+    assert "did not list it" not in message

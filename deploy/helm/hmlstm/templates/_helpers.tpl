@@ -1,6 +1,7 @@
 {{/* The image reference: pinned by digest when one is given. */}}
 {{- define "hmlstm.image" -}}
-{{- if .digest -}}{{ .repository }}@{{ .digest }}{{- else -}}{{ .repository }}:{{ .tag }}{{- end -}}
+{{- $repo := required "image.repository is not set: build the image (Dockerfile, or Dockerfile.gpu for the GPU overlay), push it to your registry, and pass --set image.repository=REGISTRY/hmlstm (this project publishes no image)" .repository -}}
+{{- if .digest -}}{{ $repo }}@{{ .digest }}{{- else -}}{{ $repo }}:{{ .tag }}{{- end -}}
 {{- end -}}
 
 {{/* Why an image without a digest passes checkov: the digest is the operator's to set (values.yaml). */}}

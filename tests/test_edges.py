@@ -53,6 +53,7 @@ def text(tmp_path_factory):
     (["export", SHIPPED, "--out", "{tmp}/no/such/x.onnx"], "its folder {tmp}/no/such does not exist"),
     # 4. a file where the Triton repository folder goes
     (["export", SHIPPED, "--out", "{tmp}/tri.onnx", "--triton", "{text}"], "--triton {text} is a file; give a folder"),
+    (["export", SHIPPED, "--out", "{tmp}/m.onnx", "--triton", "/proc/tri"], "--triton /proc/tri: nothing can be"),
     # 6. every numeric flag of serve has a range
     (["serve", "--max-batch", "99999999999"], "--max-batch must be 0 (every pending piece, up to --max-streams) to"),
     (["serve", "--max-connection-age", "1e300"], "--max-connection-age must be a number of seconds more than 0, at"),

@@ -86,6 +86,8 @@ def test_the_readmes_re_export_command_works_on_the_shipped_model(tmp_path, caps
     shipped = json.loads(spec.card_path(DEFAULT_MODEL).read_text())
     assert card["provenance"]["command"] == shipped["provenance"]["command"]
     assert card["evaluation"]["held_out"]["bpc"] == pytest.approx(shipped["evaluation"]["held_out"]["bpc"], abs=1e-4)
+    # the earlier card's evaluation of another text is kept, not dropped (nothing here scores it again)
+    assert card["evaluation"]["other_text"] == shipped["evaluation"]["other_text"]
     meta = {p.key: p.value for p in onnx.load(str(DEFAULT_MODEL)).metadata_props}
     corpus = load_corpus("builtin", strip=shipped["provenance"]["strip_delimiters"])
     ids = np.array(Vocabulary(json.loads(meta[spec.META_VOCAB])).encode(corpus.text[-20_000:]), np.int32)
@@ -111,3 +113,22 @@ def test_a_file_that_is_not_onnx_gets_one_line(tmp_path, tiny_onnx, capsys, cont
     assert main(["export", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hmlstm: error:") and "Traceback" not in err[0], err
+
+
+def test_a_card_scores_no_held_out_text_that_is_not_the_one_training_held_out(tmp_path):
+    """Issue 30, item 25: a run whose corpus reads differently now (a changed file, another Python's standard
+    library) is not scored on today's text as if it were the held-out part; the export says why."""
+    from hmlstm.cli import main
+    from hmlstm.export.convert import card_evaluations
+    from hmlstm.model.checkpoint import read_run_info
+    from tests.test_cli import TINY
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. the dog sat on the log. " * 40)
+    assert main(["train", str(text), "--out", str(tmp_path / "run"), "--steps", "2", *TINY]) == 0
+    info = read_run_info(tmp_path / "run")
+    assert info.meta.get("corpus_sha256")
+    text.write_text("another text now, under the same name. " * 40)
+    logs = []
+    assert card_evaluations(tmp_path / "run", info, log=logs.append) == {}
+    assert any("not scoring the held-out text" in m and "reads differently here" in m for m in logs), logs

@@ -83,6 +83,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.config, self.metrics = config, metrics
         self.saver = saver  # None without a state store (--state-store memory)
         self._peers: dict[str, float] = {}  # peer -> when its first call came (with --max-connection-age)
+        self.calls: set[asyncio.Task] = set()  # every StreamSegment handler running, registered or not yet
+        self.shutdown_note: str | None = None  # set when the grace period ends: the status of calls still open
         # The advertised unary limit is one whose answer always fits the message limit (messages.py).
         self.max_text_chars = min(config.max_text_chars,
                                   messages.max_unary_chars(config.max_message_bytes, len(model.boundary_layers)))
@@ -123,6 +125,16 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def _fail(self, context, code: str, message: str):
         self.metrics.errors.labels(code).inc()
         await context.abort(getattr(grpc.StatusCode, code), message)
+
+    async def _fail_cancelled(self, context, code: str, message: str) -> None:
+        """The status of a call being cancelled (a takeover, the end of the grace period, the idle watchdog).
+        Its transport may be gone or busy sending already: then there is no one to tell, and nothing to log."""
+        try:
+            await self._fail(context, code, message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # ExecuteBatchError, UsageError: the call ended under us
+            log.debug("status %s not sent to a call that ended: %s", code, e)
 
     async def _take_over(self, stream_id: str, timeout_s: float = 5.0) -> None:
         """A resume wins over the call still attached to its stream.
@@ -170,6 +182,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def StreamSegment(self, request_iterator, context):
         self.metrics.requests.labels("StreamSegment").inc()
         since = self._connection_since(context)
+        self.calls.add(asyncio.current_task())
         it = request_iterator.__aiter__()
         idle = self.config.idle_timeout_s
         st: StreamState | None = None
@@ -256,13 +269,15 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             await self._fail(context, e.code, str(e))
         except asyncio.CancelledError:
             if st is not None and st.taken_over:  # a newer call resumed this stream
-                self.metrics.errors.labels("ABORTED").inc()
-                await context.abort(grpc.StatusCode.ABORTED, "a newer call resumed this stream and took it over")
+                await self._fail_cancelled(context, "ABORTED", "a newer call resumed this stream and took it over")
             if st is not None and st.shut_down:  # the server's grace period ended with this call open
-                await self._fail(context, "UNAVAILABLE", st.shut_down)
+                await self._fail_cancelled(context, "UNAVAILABLE", st.shut_down)
+            if st is None and self.shutdown_note:  # ...before this call had opened its stream
+                await self._fail_cancelled(context, "UNAVAILABLE", self.shutdown_note)
             if st is not None and st.idle_expired == "read":  # the watchdog ended a silent call
                 resumable = "; the stream can be resumed by its id" if st.stream_id else ""
-                await self._fail(context, "DEADLINE_EXCEEDED", f"no message for {idle:g}s (idle timeout){resumable}")
+                await self._fail_cancelled(context, "DEADLINE_EXCEEDED",
+                                           f"no message for {idle:g}s (idle timeout){resumable}")
             if st is None or st.idle_expired != "write":  # the watchdog counted that one
                 self._count_cancel(since)
             raise
@@ -275,6 +290,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 self._count_cancel(since)
             raise
         finally:
+            self.calls.discard(asyncio.current_task())
             if st is not None:
                 self.registry.detach(st, finished)
                 self.metrics.active_streams.set(self.registry.active)
@@ -520,8 +536,18 @@ class SegmenterServer:
             st.shut_down = f"the server is shutting down and its {grace:g}s grace period ended with this stream " \
                            f"open; {then}"
             st.owner.cancel()
-        if open_now:
-            log.info("shutdown: %d stream(s) still open after %gs ended with UNAVAILABLE", len(open_now), grace)
+        # Calls that had not opened their stream yet (no config read, a resume still loading) are in no
+        # registry: they get the same status now, not gRPC's "Cancelling all calls" when its own grace ends.
+        owners = {st.owner for st in open_now}
+        starting = [t for t in self.servicer.calls if t not in owners and not t.done()]
+        self.servicer.shutdown_note = (f"the server is shutting down and its {grace:g}s grace period ended before "
+                                       "this call had opened its stream; open it again (on another replica, or "
+                                       "once this one is back)")
+        for task in starting:
+            task.cancel()
+        if open_now or starting:
+            log.info("shutdown: %d stream(s) still open after %gs ended with UNAVAILABLE",
+                     len(open_now) + len(starting), grace)
         await stopping
         if self._expiry:
             self._expiry.cancel()

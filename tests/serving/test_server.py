@@ -648,3 +648,47 @@ def test_only_resent_chunks_are_marked_duplicate(server):
         rs = list(c.stream([TEXT[:200], TEXT[200:230]]))
     assert [r.processed_chars for r in rs] == [200, 230, 230] and rs[-1].final
     assert [r.duplicate for r in rs] == [False, False, False]
+
+
+def test_a_call_that_has_not_opened_its_stream_when_the_grace_ends_gets_the_named_status(tiny_model):
+    """Issue 30, item 34: a call in no registry yet (its config not read) when the grace period ends gets the
+    shutdown's UNAVAILABLE at once, not gRPC's "Cancelling all calls" seconds later; the log has no traceback."""
+    import logging
+    import threading
+
+    config = ServeConfig(port=0, metrics_port=None)
+    srv = BackgroundServer(tiny_model, config).start()
+    release = threading.Event()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SegmenterStub(ch)
+
+            def nothing_yet():  # connected, and silent: the server waits for the StreamConfig
+                release.wait(30)
+                yield from ()
+
+            call = stub.StreamSegment(nothing_yet())
+            deadline = time.monotonic() + 30
+            while not srv.call(_count_calls(srv)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            srv.stop(grace=0.2)
+            with pytest.raises(grpc.RpcError) as e:
+                next(call)
+            assert time.monotonic() - t0 < 4.0  # before gRPC's own grace (0.2 + 5 s) could cancel it
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert "grace period ended before this call had opened its stream" in e.value.details()
+    finally:
+        release.set()
+        logging.getLogger().removeHandler(handler)
+        if srv.server is not None:
+            srv.stop(grace=0)
+    assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
+
+
+async def _count_calls(srv) -> int:
+    return len(srv.server.servicer.calls)

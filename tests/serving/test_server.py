@@ -566,6 +566,26 @@ def test_health_checks_a_tls_server_with_its_ca_or_the_containers_own_certificat
         assert health(HMLSTM_TLS_CERT=str(cert), HMLSTM_TLS_SERVER_NAME="hmlstm.internal").returncode == 0
         wrong_name = health("--tls-ca", str(cert), "--server-name", "other.name")
         assert wrong_name.returncode == 1
+        # Issue 30, item 19: the real cause, in one line, and no gRPC core log line (ssl_transport_security.cc)
+        other_key, other = tmp_path / "other-key.pem", tmp_path / "other.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(other_key),
+                        "-out", str(other), "-days", "1", "-subj", "/CN=someone.else"], check=True, capture_output=True)
+        says = {
+            "untrusted": (health("--tls-ca", str(other), "--server-name", "hmlstm.internal"), "is not trusted"),
+            "self-signed": (health("--tls", "--server-name", "hmlstm.internal"), "is not trusted"),
+            "name": (wrong_name, "does not carry the name"),
+            "plaintext": (plain, "it probably expects TLS"),
+        }
+        for what, (r, needle) in says.items():
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and needle in lines[0] and ".cc:" not in r.stderr, (what, r.stderr)
+        text = tmp_path / "t.txt"
+        text.write_text("abc")
+        for flags, needle in ((["--tls-ca", str(other)], "is not trusted"), ([], "it probably expects TLS")):
+            r = subprocess.run([sys.executable, "-m", "hmlstm.cli", "segment", str(text), "--server", target, *flags],
+                               capture_output=True, text=True, timeout=60)
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], r.stderr
 
 
 def test_the_bearer_scheme_is_case_insensitive(tiny_model):

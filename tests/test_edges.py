@@ -413,3 +413,13 @@ def test_segment_marks_can_be_told_from_the_text(tmp_path):
 def test_python_dash_m_hmlstm_is_the_command():
     r = subprocess.run([sys.executable, "-m", "hmlstm", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.startswith("hmlstm ")
+
+
+def test_segment_of_whitespace_only_says_so(tmp_path):
+    """22. Whitespace is not emptiness: the note says what the input held."""
+    f = tmp_path / "blank.txt"
+    f.write_text("  \n\t \n")
+    r = run_cli("segment", f, "--local", cwd=ROOT)
+    assert r.returncode == 0 and "0 characters sent: " + str(f) + " contains only whitespace" in r.stderr
+    f.write_text("")
+    assert "is empty" in run_cli("segment", f, "--local", cwd=ROOT).stderr

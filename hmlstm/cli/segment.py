@@ -326,7 +326,10 @@ def _segment(args) -> int:
                   "outside the model's vocabulary and were read as unknown: its boundaries on this text mean little",
                   file=sys.stderr)
         if not orig.kept:
-            print(f"0 characters: {args.file if args.file != '-' else 'standard input'} is empty", file=sys.stderr)
+            name = args.file if args.file != "-" else "standard input"
+            what = ("is empty" if not orig.length else "contains only whitespace" if not orig.slice(
+                0, orig.length).strip() else "holds only characters the model was trained without")
+            print(f"0 characters sent: {name} {what}", file=sys.stderr)
         elif not args.jsonl and sys.stdout.isatty() and orig.slice(orig.length - 1, orig.length) != "\n":
             print()  # for the prompt's sake on a terminal; a file or a pipe gets only the text's own line ends
         return 0

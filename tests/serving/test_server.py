@@ -422,6 +422,28 @@ def test_a_resume_takes_over_a_stream_whose_old_call_still_looks_attached(server
     assert server.server.metrics.registry.get_sample_value("hmlstm_stream_takeovers_total") >= 1
 
 
+def test_a_refused_resume_changes_nothing_not_even_who_is_attached(server):
+    """Issue 30, item 33: a resume at an offset the stream never answered (past processed_chars, or between
+    responses) is refused OUT_OF_RANGE, and the call attached to the stream goes on, untouched."""
+    import threading
+
+    release = threading.Event()
+    with SegmenterClient(server.target) as c:
+        expected = unary(c, TEXT[:120])
+        live = c.stream(held_open(chunked(TEXT[:120], 20), release), stream_id="refused-resume")
+        it = iter(live)
+        got = [next(it) for _ in range(3)]
+        assert got[-1].processed_chars == 60
+        for bad in (500, 30):  # past what was processed; not a response's end
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.stream(chunked(TEXT[bad:bad + 20], 20), stream_id="refused-resume", resume=True,
+                              start_offset=bad))
+            assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE, e.value.details()
+        release.set()
+        got += list(it)  # the attached call was not taken over: it finishes its text
+    assert got[-1].final and collect(got) == expected
+
+
 def test_a_client_that_stops_reading_is_ended_after_the_idle_timeout_and_frees_its_slot(tiny_model):
     """The client keeps writing and reads nothing: once its unread responses fill the flow-control
     window (kept small here: no BDP probing) the server's write waits, and the watchdog ends the

@@ -170,3 +170,27 @@ def test_workers_with_the_memory_store_are_warned_and_each_serves_its_own_metric
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "--state-store memory with --workers 2: each worker holds only its own streams" in err, err
+
+
+def test_sigterm_during_start_up_stops_every_worker_already_started(tiny_onnx):
+    """Issue 30, item 7: SIGTERM while `--workers` is still starting its workers ends the supervisor and every
+    worker it had started, promptly and without tracebacks."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "serve", str(tiny_onnx.path), "--workers", "4",
+                             "--port", str(free_port()), "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:  # the first worker spawned
+            time.sleep(0.02)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+    assert "Traceback" not in err, err

@@ -51,6 +51,12 @@ def test_shipped_model_streams_like_unary(default_model):
             assert sorted(segs) == sorted((s.layer, s.start, s.end, s.text) for s in whole.segments)
 
 
+def _first_chunk_then_wait(release, seconds: float = 30):
+    """A client's chunks: 18 characters, then nothing until ``release`` (the call stays open)."""
+    yield "The for statement "
+    release.wait(seconds)
+
+
 def _serve(*flags):
     """A real `hmlstm serve` process on a free port (stderr piped), once it answers health checks."""
     port = free_port()
@@ -219,13 +225,8 @@ def test_streams_open_when_the_grace_period_ends_get_unavailable_saying_whether_
     proc, target = _serve("--grace", "1", "--state-store", spec)
     try:
         release = threading.Event()
-
-        def chunks():
-            yield "The for statement "
-            release.wait(30)
-
         with SegmenterClient(target) as c:
-            calls = {sid: iter(c.stream(chunks(), stream_id=sid)) for sid in ("kept", "")}
+            calls = {sid: iter(c.stream(_first_chunk_then_wait(release), stream_id=sid)) for sid in ("kept", "")}
             for call in calls.values():
                 assert next(call).processed_chars == 18
             t0 = time.monotonic()
@@ -286,13 +287,8 @@ def test_a_second_ctrl_c_ends_the_grace_period_at_once_with_the_named_status_and
     proc, target = _serve("--grace", "60")
     try:
         release = threading.Event()
-
-        def chunks():
-            yield "The for statement "
-            release.wait(60)
-
         with SegmenterClient(target) as c:
-            call = iter(c.stream(chunks(), stream_id="kept"))
+            call = iter(c.stream(_first_chunk_then_wait(release, 60), stream_id="kept"))
             assert next(call).processed_chars == 18
             proc.send_signal(signal.SIGINT)
             time.sleep(0.5)

@@ -17,7 +17,6 @@ from hmlstm.runtime import make_session
 from hmlstm.vocabulary import UNK
 
 CHARS = [UNK] + [chr(ord("a") + i) for i in range(22)]
-QUICK = ExportConfig(times=(1, 7), batches=(1, 3))
 
 
 def _colliding_network():
@@ -61,7 +60,9 @@ def test_an_export_with_colliding_shapes_is_exported_again_exactly(tmp_path, eng
     again, _ = load_network(run)
     for key, v in network_weights(again).items():
         np.testing.assert_array_equal(v.numpy(), network_weights(net)[key].numpy(), err_msg=key)
-    out = export(run, tmp_path / "again.onnx", QUICK, log=lambda m: None)
+    # the same engine only, unvalidated: what is claimed is the file again, which _same_outputs checks
+    # (validation against TensorFlow has tests of its own)
+    out = export(run, tmp_path / "again.onnx", ExportConfig(engines=(engine,), validate=False), log=lambda m: None)
     _same_outputs(path, out.path, net.config.num_units, net.config.vocab_size)
 
 

@@ -208,3 +208,16 @@ def test_the_host_check_says_in_one_line_what_the_kit_needs_and_what_it_found(tm
     got, line = host.verdict(host.cuda_majors([str(tmp_path)]), host.driver_version(proc) if driver else None)
     assert got is ok and says in line and "\n" not in line
     assert "the kit needs CUDA 13 libraries" in line
+
+
+def test_the_bench_names_a_server_that_did_not_start_from_its_log(tmp_path):
+    """Issue 29, item 5: the server's stderr is kept, and its last line is the failure the bench reports."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serve_bench import start_server
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError) as e:
+        start_server(DEFAULT_MODEL, ["--max-batch", "-1"], log=log)
+    assert "server exited with status 2" in str(e.value) and "--max-batch must be 0" in str(e.value)
+    assert "--max-batch must be 0" in log.read_text()

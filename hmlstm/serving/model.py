@@ -16,7 +16,8 @@ import numpy as np
 
 from hmlstm import spec
 from hmlstm.errors import first_line
-from hmlstm.runtime import CPU, TENSORRT, Runtime, check_against_cpu, make_session
+from hmlstm.runtime import CPU, TENSORRT, Runtime, check_against_cpu, device_unavailable, make_session
+from hmlstm.serving.metadata import read_metadata
 from hmlstm.vocabulary import Vocabulary
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -95,16 +96,18 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
         raise ModelLoadError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     path = Path(path) if path else DEFAULT_MODEL
     session_args = (device, threads, spinning, trt_cache, trt_fp16, tolerance)
+    named = path
+    path = _graph_to_open(path, engine, device)  # decided from the files' metadata: one session, not two
     rt, meta = _open(path, *session_args)
+    if path != named:  # the companion is the same model as the file named (its engine checked below)
+        _check_companion(named, read_metadata(named), path, meta)
     held = meta.get(spec.META_ENGINE, "dense")  # files written before the sparse graph are dense
     want = engine if engine != "auto" else "sparse" if rt.providers[0] == CPU else GPU_AUTO_ENGINE
-    if want != held:
-        other = spec.engine_path(path, want)
+    if want != held:  # the guess was wrong (a GPU provider that fell back to the CPU): the other graph after all
+        other = spec.engine_path(named, want)
         if other != path and other.is_file():
             rt2, meta2 = _open(other, *session_args)
-            same = all(meta2.get(k) == meta.get(k) for k in (spec.META_CONFIG, spec.META_VOCAB, spec.META_PROVENANCE))
-            if meta2.get(spec.META_ENGINE, "dense") != want or not same:
-                raise ModelLoadError(f"{other} is not the {want} graph of {path.name} (another export or engine)")
+            _check_companion(path, meta, other, meta2, want)
             path, rt, meta, held = other, rt2, meta2, want
         elif engine != "auto":
             where = f"{other.name} is not beside it" if other != path else "it was exported before the sparse graph"
@@ -123,6 +126,36 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
     detectors = range(1, n + 1 if config.get("top_boundary") else n)
     alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
     return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held)
+
+
+def _graph_to_open(path: Path, engine: str, device: str) -> Path:
+    """The file whose graph will run: ``path``, or its companion holding the engine wanted (for "auto", the
+    engine of the device the session will most likely land on). Read from metadata, without a session;
+    anything unreadable here is left to _open to name."""
+    try:
+        held = read_metadata(path).get(spec.META_ENGINE, "dense")
+    except (OSError, ValueError):
+        return path
+    if engine == "auto":
+        on_cpu = device == "cpu" or all(device_unavailable(d) for d in ("tensorrt", "cuda"))
+        engine = "sparse" if on_cpu else GPU_AUTO_ENGINE
+    other = spec.engine_path(path, engine)
+    if engine == held or other == path or not other.is_file():
+        return path
+    try:
+        if read_metadata(other).get(spec.META_ENGINE, "dense") == engine:
+            return other
+    except (OSError, ValueError):
+        pass
+    return path
+
+
+def _check_companion(path: Path, meta: dict, other: Path, meta2: dict, want: str | None = None) -> None:
+    """``other`` must be the same model as ``path`` (config, vocabulary, provenance), holding ``want``."""
+    same = all(meta2.get(k) == meta.get(k) for k in (spec.META_CONFIG, spec.META_VOCAB, spec.META_PROVENANCE))
+    want = want or meta2.get(spec.META_ENGINE, "dense")
+    if meta2.get(spec.META_ENGINE, "dense") != want or not same:
+        raise ModelLoadError(f"{other} is not the {want} graph of {path.name} (another export or engine)")
 
 
 def ort_cause(message: str, limit: int = 240) -> str:

@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,29 @@ def test_serve_engine_flag_from_the_command_line(engine):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_engine_is_chosen_before_any_session_is_opened(tiny_onnx, monkeypatch):
+    """Issue 28, item 4: the graph to run is decided from the files' metadata, read without a session, so
+    that load_model opens one session (on CUDA a session costs seconds, on TensorRT an engine build)."""
+    import onnxruntime as ort
+
+    from hmlstm import spec
+    from hmlstm.serving import model as model_module
+    from hmlstm.serving.metadata import read_metadata
+
+    for f in (tiny_onnx.path, spec.engine_path(tiny_onnx.path, "dense"), model_module.DEFAULT_MODEL):
+        assert read_metadata(f) == ort.InferenceSession(str(f)).get_modelmeta().custom_metadata_map
+    opened = []
+    real = model_module.make_session
+
+    def counting(path, *args, **kw):
+        opened.append(Path(path).name)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(model_module, "make_session", counting)
+    dense = load_model(tiny_onnx.path, "cpu", engine="dense")
+    assert dense.engine == "dense" and opened == [spec.engine_path(tiny_onnx.path, "dense").name]
+    opened.clear()
+    sparse = load_model(spec.engine_path(tiny_onnx.path, "dense"), "auto")  # the CPU here: auto is sparse
+    assert sparse.engine == "sparse" and opened == [tiny_onnx.path.name]

@@ -423,3 +423,17 @@ def test_segment_of_whitespace_only_says_so(tmp_path):
     assert r.returncode == 0 and "0 characters sent: " + str(f) + " contains only whitespace" in r.stderr
     f.write_text("")
     assert "is empty" in run_cli("segment", f, "--local", cwd=ROOT).stderr
+
+
+def test_info_on_a_training_run_says_what_it_is_without_tensorflow(tmp_path):
+    """Friction: `hmlstm info RUN_DIR` describes the run from its files, and says how to export it."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log. " * 40)
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), "--steps", "3", *TINY]) == 0
+    code = ("import sys; from hmlstm.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'tensorflow' not in sys.modules; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "info", str(tmp_path / "run")], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "training run, 2 layers x 8/8 units" in r.stdout and "trained: 3 steps" in r.stdout
+    assert "layer2: no boundary detector" in r.stdout and f"hmlstm export {tmp_path / 'run'}" in r.stdout

@@ -49,8 +49,10 @@ def cmd_info(args) -> int:
 
     path = args.model or DEFAULT_MODEL
     if path.is_dir():
-        run = " (a training run: `hmlstm export` turns it into one)" if (path / "config.json").is_file() else ""
-        raise UserError(f"{path} is a folder{run}; give an .onnx written by `hmlstm export`")
+        if (path / "config.json").is_file():
+            return _run_info(path, args.json)
+        raise UserError(f"{path} is a folder, not a training run (no config.json); give an .onnx written by "
+                        "`hmlstm export`, or a run directory written by `hmlstm train`")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; give an .onnx written by `hmlstm export`")
     card = _card_or_metadata(path)
@@ -89,5 +91,46 @@ def cmd_info(args) -> int:
         lines.append(f"validated against TensorFlow: {len(v.get('cases', []))} cases, max |diff| logits "
                      f"{v.get('max_abs_diff', {}).get('logits')}, {flips} explained boundary flips in "
                      f"{v.get('boundaries_compared', 0):,}")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_info(path: Path, as_json: bool) -> int:
+    """What a training run is, from its files (no TensorFlow): settings, corpus, progress, boundaries."""
+    import json
+
+    from hmlstm.model.checkpoint import read_run_info
+
+    info = read_run_info(path)
+    try:
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    steps = sorted(int(f.name.split("-")[1].split(".")[0]) for f in (path / "ckpt").glob("ckpt-*.index")) \
+        if (path / "ckpt").is_dir() else []
+    if as_json:
+        print(json.dumps({"model_config": info.model.to_dict(), "train_config": info.train.to_dict(),
+                          "provenance": info.meta, "vocabulary_size": len(info.vocab), "checkpoints": steps,
+                          "metrics": metrics}, indent=2, ensure_ascii=False))
+        return 0
+    m = info.model
+    bpc = (metrics.get("val_bpc") or [[None, None]])[-1][1]
+    lines = [f"{path.name}: training run, {m.num_layers} layers x {'/'.join(map(str, m.num_units))} units, embedding "
+             f"{m.embed_dim}, vocabulary {len(info.vocab)} characters"
+             + (", top layer with a boundary detector" if m.top_boundary else ""),
+             f"corpus: {info.meta.get('corpus', '?')}" + (f" (preset {info.meta['preset']})"
+                                                          if info.meta.get("preset") else "")]
+    if info.meta.get("command"):
+        lines.append(f"recipe: {info.meta['command']}")
+    lines.append(f"trained: {metrics.get('step', 0):,} steps" + (f", validation BPC {bpc:.3f}" if bpc else "")
+                 + (f"; checkpoints at steps {', '.join(map(str, steps[-3:]))}" if steps else "; no checkpoint yet"))
+    for name, e in (metrics.get("boundary") or {}).items():
+        w = e.get("word_starts") or e.get("word_ends")
+        if name == f"layer{m.num_layers}" and not m.top_boundary:
+            lines.append(f"{name}: no boundary detector (the top layer; --top-boundary gives it one)")
+        elif w and "rate" in e:
+            lines.append(f"{name}: fires at {e['rate']:.1%} of characters; word F1 {w['f1']:.2f} "
+                         f"(random at that rate {w['random_f1']:.2f})")
+    lines.append(f"export it: hmlstm export {path} --out model.onnx")
     print("\n".join(lines))
     return 0

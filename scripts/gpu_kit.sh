@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the offline kit for a GPU host that has no package index (see docs/benchmarks.md, "GPU").
 #   scripts/gpu_kit.sh DIR [--python 3.12] [--cpu]
+# (scripts/gpu_visit.py kit runs it and packs the result into the visit's parts.)
 # Downloads, for that Python on manylinux x86_64, the wheels the server needs that such a host
-# lacks: onnxruntime-gpu (with --cpu: the CPU onnxruntime, for trying the kit on a CPU machine),
-# the exact grpcio / protobuf / health-checking / reflection versions this project's generated
-# stubs were built against, numpy at the tested version, what these need (typing_extensions for
-# grpcio), pytest with its own needs (pygments, pluggy, iniconfig), and this project as a wheel:
-# everything, so that the kit installs with --no-index into an empty folder under a bare Python. Files over 60 MB (the most one
-# transfer to such a host carries; HMLSTM_KIT_PART_MB overrides) are split into numbered parts.
+# lacks: onnxruntime-gpu (with --cpu: the CPU onnxruntime, for trying the kit on a CPU machine) and
+# what it requires (flatbuffers, packaging; not its optional extras: sympy is for its symbolic tools,
+# and its 7 MB would cost the visit a sixth call), the exact grpcio / protobuf / health-checking /
+# reflection versions this project's generated stubs were built against, numpy at the tested version,
+# typing_extensions for grpcio, pytest with its own needs (pygments, pluggy, iniconfig), and this
+# project as a wheel: everything, so that the kit installs with --no-index into an empty folder under
+# a bare Python. Files over HMLSTM_KIT_PART_MB (default 60 MB) are split into numbered parts.
 # MANIFEST lists every file's sha256 and its parts; scripts/gpu_check.sh verifies and reassembles.
 set -euo pipefail
 dir=${1:?usage: scripts/gpu_kit.sh DIR [--python X.Y] [--cpu]}
@@ -38,7 +40,7 @@ echo "kit for CPython $pyver: $ort $pins -> $dir" >&2
   --python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$work" \
-  "$ort" flatbuffers packaging coloredlogs humanfriendly sympy mpmath $pins typing_extensions \
+  "$ort" flatbuffers packaging $pins typing_extensions \
   pytest pluggy iniconfig pygments \
   2> >(grep -v "^WARNING: Location" >&2)
 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$work" . \

@@ -11,7 +11,17 @@ from hmlstm.errors import UserError
 
 
 def _add_serve(sub) -> None:
-    from hmlstm.serving.config import ServeConfig
+    from hmlstm.serving.config import (
+        MAX_CALL_THREADS,
+        MAX_CHUNK_CHARS,
+        MAX_ORT_THREADS,
+        MAX_SECONDS,
+        MAX_STREAMS,
+        MAX_WAIT_US,
+        WORKERS_PER_CORE,
+        ServeConfig,
+        max_workers,
+    )
 
     d = ServeConfig()
     p = sub.add_parser("serve", help="serve streaming segmentation over gRPC",
@@ -35,10 +45,15 @@ def _add_serve(sub) -> None:
                    help="largest |TensorRT - CPU| accepted at start-up; a model beyond it is refused "
                         "(FP16 usually needs more)")
     p.add_argument("--max-streams", type=int, default=d.max_streams,
-                   help="concurrent streams per process; more get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars, help="longest chunk a client may send")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
-    p.add_argument("--grace", type=float, default=d.grace_s, help="seconds open streams get on SIGTERM")
+                   help=f"concurrent streams per process, 1-{MAX_STREAMS:,}; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars,
+                   help=f"longest chunk a client may send, 1-{MAX_CHUNK_CHARS:,} characters")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help=f"seconds a call may stay silent before it is closed (and a detached stream forgotten), "
+                        f"more than 0, at most {MAX_SECONDS:,}")
+    p.add_argument("--grace", type=float, default=d.grace_s,
+                   help=f"seconds open streams get on SIGTERM or Ctrl-C (a second one ends it at once), "
+                        f"0-{MAX_SECONDS:,}")
     p.add_argument("--tls-cert", default=os.environ.get("HMLSTM_TLS_CERT") or None,
                    help="PEM certificate (with --tls-key); default $HMLSTM_TLS_CERT, which `hmlstm health` follows")
     p.add_argument("--tls-key", default=os.environ.get("HMLSTM_TLS_KEY") or None,
@@ -52,20 +67,21 @@ def _add_serve(sub) -> None:
     p.add_argument("--workers", type=int, default=d.workers,
                    help="server processes sharing the port, each with its own ONNX Runtime session and batcher; "
                         "worker i serves metrics on --metrics-port + i; resume across workers needs a shared "
-                        "--state-store")
+                        f"--state-store; 1-{max_workers()} here ({WORKERS_PER_CORE} per core)")
     p.add_argument("--call-threads", type=int, default=d.call_threads,
-                   help="threads for unbatched model calls (--no-batching)")
+                   help=f"threads for unbatched model calls (--no-batching), 1-{MAX_CALL_THREADS}")
     p.add_argument("--state-store", default=d.state_store,
                    help="where resumable streams live: memory, sqlite:PATH, or redis://HOST:PORT/DB")
     p.add_argument("--store-optional", action="store_true",
                    help="start even if --state-store does not answer (streams go on without durability until it "
                         "does); without it an unreachable store is refused at start")
     p.add_argument("--store-timeout", type=float, default=d.store_timeout_s, metavar="SECONDS",
-                   help="the longest a response waits for its stream's save; it then says durable = false, and a "
-                        "store that keeps missing this is treated as down until a probe gets an answer")
+                   help=f"the longest a response waits for its stream's save (more than 0, at most "
+                        f"{MAX_SECONDS:,}); it then says durable = false, and a store that keeps missing this is "
+                        "treated as down until a probe gets an answer")
     p.add_argument("--max-connection-age", type=float, default=d.max_connection_age_s, metavar="SECONDS",
-                   help="send clients GOAWAY on connections older than this, so they reconnect and re-resolve "
-                        "(and reach replicas added since); default: never")
+                   help=f"send clients GOAWAY on connections older than this (at most {MAX_SECONDS:,}), so they "
+                        "reconnect and re-resolve (and reach replicas added since); default: never")
     p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
                    metavar="SECONDS", help="how long calls open on such a connection may go on (default %(default)g)")
     p.add_argument("--persist-depth", type=int, default=d.persist_depth,
@@ -73,14 +89,15 @@ def _add_serve(sub) -> None:
                         "rewind window; a live stream's is 32)")
     p.add_argument("--no-batching", action="store_true", help="one model call per stream piece")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help="streams' pieces per batched call (0: every pending piece, up to --max-streams)")
+                   help=f"streams' pieces per batched call, 0-{MAX_STREAMS:,} (0: every pending piece; never more than "
+                        "--max-streams)")
     p.add_argument("--max-wait-us", type=int, default=d.max_wait_us,
-                   help="how long a piece may wait for others to join its batch")
+                   help=f"microseconds a piece may wait for others to join its batch, 0-{MAX_WAIT_US:,}")
     p.add_argument("--max-wait-fraction", type=float, default=d.max_wait_fraction,
                    help="...or, if longer, this fraction of the previous batched call's time (keeps busy "
                         "closed-loop streams in one batch; 0 turns it off)")
     p.add_argument("--ort-threads", type=int, default=d.ort_threads,
-                   help="ONNX Runtime intra-op threads (default: one per core)")
+                   help=f"ONNX Runtime intra-op threads, 1-{MAX_ORT_THREADS} (default: one per core)")
     p.add_argument("--ort-spinning", choices=["on", "off"], default="on" if d.ort_spinning else "off",
                    help="whether ONNX Runtime's idle threads spin between the Loop's steps (default off: as fast "
                         "at 64 streams on half the model's CPU; on lowers one stream's latency a little)")

@@ -437,3 +437,12 @@ def test_info_on_a_training_run_says_what_it_is_without_tensorflow(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "training run, 2 layers x 8/8 units" in r.stdout and "trained: 3 steps" in r.stdout
     assert "layer2: no boundary detector" in r.stdout and f"hmlstm export {tmp_path / 'run'}" in r.stdout
+
+
+def test_plot_says_once_that_characters_its_font_lacks_are_boxes(tmp_path):
+    """Friction: matplotlib's warning per missing glyph becomes one note."""
+    r = run_cli("plot", SHIPPED, "--text", "漢字かな the cat sat", "--allow-unknown", "--out", tmp_path / "x.png",
+                cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("drawn as boxes") == 1 and "Glyph" not in r.stderr, r.stderr
+    assert (tmp_path / "x.png").stat().st_size > 0

@@ -88,7 +88,6 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
         handles.append(Patch(color="0.6", label="truth: a removed delimiter was there"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
               frameon=False)
-    fig.tight_layout()
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "png"
     if fmt not in FORMATS:
@@ -97,16 +96,29 @@ def plot_boundaries(text: str, z: np.ndarray, path: str | Path, width: int = 64,
     try:
         import warnings
 
-        with warnings.catch_warnings(record=True) as caught:  # one per character the font lacks: said once below
+        with warnings.catch_warnings(record=True) as seen:  # one per character the font lacks: said once below
             warnings.simplefilter("always")
+            fig.tight_layout()
             fig.savefig(tmp, dpi=110, format=fmt)
-        missing = sorted({m.group(1) for w in caught
-                          if (m := re.search(r"Glyph \d+ \((.+?)\) missing", str(w.message)))})
-        if missing:
-            print(f"note: the font has no glyph for {len(missing)} character(s) ({''.join(missing)[:20]}); "
-                  "they are drawn as boxes", file=sys.stderr)
+        _say_missing_glyphs(seen)
         tmp.replace(path)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)  # nothing half-written is left behind
     return path
+
+
+def _say_missing_glyphs(seen) -> None:
+    """matplotlib warns once per character its font lacks: one note instead; other warnings as they were."""
+    import warnings
+
+    missing = set()
+    for w in seen:
+        m = re.search(r"Glyph (\d+) .* missing from font", str(w.message))
+        if m:
+            missing.add(chr(int(m.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        print(f"note: the font has no glyph for {len(missing)} character(s) ({''.join(sorted(missing))[:20]}); "
+              "they are drawn as boxes", file=sys.stderr)

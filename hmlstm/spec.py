@@ -56,6 +56,18 @@ META_ENGINE = "hmlstm.engine"
 
 
 ENGINES = ("sparse", "dense")
+MIN_OPSET, MAX_OPSET = 13, 18  # what tf2onnx 1.17 converts the loop to
+
+
+def export_choice_error(engines: tuple[str, ...], opset: int) -> str:
+    """Why an export cannot write these engines at this opset ("" if it can): checked by ExportConfig and,
+    before TensorFlow is imported, by `hmlstm export`."""
+    if not engines or len(set(engines)) != len(engines) or set(engines) - set(ENGINES):
+        return f"engines must be some of {', '.join(ENGINES)}, each once, e.g. sparse,dense; got {engines}"
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        return (f"opset {opset} is outside {MIN_OPSET}-{MAX_OPSET} (tf2onnx 1.17 supports up to {MAX_OPSET}); "
+                "pick one in that range")
+    return ""
 
 
 def _base(model_path):

@@ -81,6 +81,31 @@ def read_token_file(path: str, flag: str) -> str:
     return token
 
 
+def connection_reason(details: str, tls: bool) -> str:
+    """Why a call could not reach a server, in words, from gRPC's status details: an untrusted certificate, a
+    name the certificate does not carry, TLS on one side only, nothing listening, a name that does not
+    resolve; the TLS hint only where TLS may be the reason. "" where none of these is it."""
+    low = details.lower()
+    if tls and ("certificate_verify_failed" in low or "certificate verify failed" in low):
+        return ("the server's TLS certificate is not trusted: it is not signed by the CA given (--tls-ca), or by "
+                "the system's roots when none is given (a self-signed certificate needs --tls-ca naming itself)")
+    if tls and ("peer name" in low or "hostname" in low or "subject alternative name" in low or "san " in low):
+        return ("the server's TLS certificate does not carry the name connected to: connect by a name it "
+                "carries, or give that name (--server-name / $HMLSTM_TLS_SERVER_NAME)")
+    if "wrong_version_number" in low or "wrong version number" in low or (tls and ("ssl" in low or "tsi" in low
+                                                                                  or "handshake" in low)):
+        return "the TLS handshake failed: the server does not seem to use TLS (drop --tls and --tls-ca)"
+    if "connection refused" in low:
+        return "connection refused: nothing listens at that address"
+    if any(w in low for w in ("dns resolution failed", "name or service not known", "errors resolving")):
+        return "the host name does not resolve"
+    if not tls and ("socket closed" in low or "connection reset" in low or "end of tcp stream" in low
+                    or "http2 frame" in low or "connection closed" in low):
+        return ("the server closed the connection at once: it probably expects TLS (add --tls-ca with its CA, "
+                "or --tls)")
+    return ""
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]

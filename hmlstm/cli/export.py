@@ -61,13 +61,10 @@ def cmd_export(args) -> int:
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.triton_max_sequences < 1:
         raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
-    if not 13 <= args.opset <= 18:
-        raise UserError(f"--opset {args.opset} is outside 13-18 (tf2onnx 1.17 supports up to 18); pick one in that "
-                        "range")
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    if not engines or len(set(engines)) != len(engines) or set(engines) - set(spec.ENGINES):
-        raise UserError(f"--engines takes some of {', '.join(spec.ENGINES)}, each once, e.g. --engines sparse,dense; "
-                        f"got {args.engines!r}")
+    why = spec.export_choice_error(engines, args.opset)
+    if why:
+        raise UserError(f"--{why}")  # "--engines ...", "--opset ...": the flag's own name
     if args.no_validate:
         ignored = [f for f, on in (("--strict", args.strict), ("--quick", args.quick),
                                    ("--tolerance", args.tolerance != 1e-4), ("--device", args.device != "auto"))

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hmlstm.cli.common import _layer_list, _load_model
+from hmlstm.cli.common import _layer_list, _load_model, connection_reason
 from hmlstm.errors import ServiceError, UserError
 
 
@@ -396,8 +396,6 @@ def _segment(args) -> int:
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None
-            from hmlstm.cli.health import connection_reason
-
             details = (e.details() or "").replace("\n", " ")
             reason = connection_reason(details, args.tls_ca is not None) if e.code() in (
                 grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) else ""

@@ -32,8 +32,6 @@ from hmlstm.model.checkpoint import atomic_write_bytes, atomic_write_text, load_
 from hmlstm.model.config import TrainConfig, dumps
 from hmlstm.model.data import builtin_text, load_corpus
 
-MIN_OPSET, MAX_OPSET = 13, 18
-
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -53,11 +51,9 @@ class ExportConfig:
     eval_text: str | None = None  # a text file from another source, evaluated for the card beside the held-out part
 
     def __post_init__(self) -> None:
-        if not self.engines or len(set(self.engines)) != len(self.engines) or set(self.engines) - set(spec.ENGINES):
-            raise UserError(f"engines must be some of {', '.join(spec.ENGINES)}, each once; got {self.engines}")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise UserError(f"opset {self.opset} is outside {MIN_OPSET}-{MAX_OPSET} "
-                            f"(tf2onnx 1.17 supports up to {MAX_OPSET}); pick one in that range")
+        why = spec.export_choice_error(self.engines, self.opset)
+        if why:
+            raise UserError(why)
 
 
 @dataclass(frozen=True)

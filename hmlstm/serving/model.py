@@ -97,10 +97,10 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
     path = Path(path) if path else DEFAULT_MODEL
     session_args = (device, threads, spinning, trt_cache, trt_fp16, tolerance)
     named = path
-    path = _graph_to_open(path, engine, device)  # decided from the files' metadata: one session, not two
+    path, named_meta = _graph_to_open(path, engine, device)  # from the files' metadata: one session, not two
     rt, meta = _open(path, *session_args)
     if path != named:  # the companion is the same model as the file named (its engine checked below)
-        _check_companion(named, read_metadata(named), path, meta)
+        _check_companion(named, named_meta, path, meta)
     held = meta.get(spec.META_ENGINE, "dense")  # files written before the sparse graph are dense
     want = engine if engine != "auto" else "sparse" if rt.providers[0] == CPU else GPU_AUTO_ENGINE
     if want != held:  # the guess was wrong (a GPU provider that fell back to the CPU): the other graph after all
@@ -128,26 +128,27 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
     return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held)
 
 
-def _graph_to_open(path: Path, engine: str, device: str) -> Path:
-    """The file whose graph will run: ``path``, or its companion holding the engine wanted (for "auto", the
-    engine of the device the session will most likely land on). Read from metadata, without a session;
-    anything unreadable here is left to _open to name."""
+def _graph_to_open(path: Path, engine: str, device: str) -> tuple[Path, dict]:
+    """The file whose graph will run, ``path`` or its companion holding the engine wanted (for "auto", the
+    engine of the device the session will most likely land on), and ``path``'s metadata. Read from the
+    files, without a session; anything unreadable here is left to _open to name."""
     try:
-        held = read_metadata(path).get(spec.META_ENGINE, "dense")
+        meta = read_metadata(path)
     except (OSError, ValueError):
-        return path
+        return path, {}
+    held = meta.get(spec.META_ENGINE, "dense")
     if engine == "auto":
         on_cpu = device == "cpu" or all(device_unavailable(d) for d in ("tensorrt", "cuda"))
         engine = "sparse" if on_cpu else GPU_AUTO_ENGINE
     other = spec.engine_path(path, engine)
     if engine == held or other == path or not other.is_file():
-        return path
+        return path, meta
     try:
         if read_metadata(other).get(spec.META_ENGINE, "dense") == engine:
-            return other
+            return other, meta
     except (OSError, ValueError):
         pass
-    return path
+    return path, meta
 
 
 def _check_companion(path: Path, meta: dict, other: Path, meta2: dict, want: str | None = None) -> None:

@@ -69,21 +69,93 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 MIN_DOCSTRING = 20  # shorter docstrings ("Return self.") carry no English worth learning
 
 
+def _stdlib_sources() -> tuple[Path, list[Path]]:
+    """(the standard library's folder, its own .py files in a fixed order; tests and site-packages not)."""
+    import os
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return root, sorted(files)
+
+
+def cache_dir() -> Path:
+    """Where hmlstm keeps what it can compute again: $HMLSTM_CACHE_DIR, else $XDG_CACHE_HOME/hmlstm, else
+    ~/.cache/hmlstm."""
+    import os
+
+    if os.environ.get("HMLSTM_CACHE_DIR"):
+        return Path(os.environ["HMLSTM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmlstm"
+
+
+def _read_cached(path: Path) -> tuple[tuple[str, str], ...] | None:
+    import json
+
+    try:
+        docs = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(x, str) for x in d)
+                                          for d in docs):
+            return tuple((k, t) for k, t in docs)
+    except (OSError, ValueError):
+        pass
+    return None  # absent, unreadable or damaged: read the documents again
+
+
+def _write_cached(path: Path, docs: tuple[tuple[str, str], ...]) -> None:
+    """Atomically, and silently not at all where the folder cannot be written (a read-only home)."""
+    import json
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".builtin-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(docs, f, ensure_ascii=False)
+        os.replace(tmp, path)
+        for old in path.parent.glob("builtin-*.json"):  # another Python's (or an edited stdlib's) text
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 @functools.cache
 def builtin_documents() -> tuple[tuple[str, str], ...]:
     """(key, text) of every built-in document, in a fixed order, exact duplicates dropped.
 
     Keys: ``topic:NAME`` for each ``pydoc_data.topics`` entry, ``doc:MODULE[.QUALNAME]``
     for each docstring of the standard library's own modules (tests excluded),
-    read with ``ast``: nothing is imported. About 2.2 MB; 2 s to read.
+    read with ``ast``: nothing is imported. About 2.2 MB; 4 s to read, so the result is kept in
+    ``cache_dir()``, under a name that the Python version and every source file's path, size and
+    modification time decide: any change to them reads the documents again.
     """
+    import sys
+    from pydoc_data import topics as topics_module
+
+    root, files = _stdlib_sources()
+    fingerprint = hashlib.sha256(f"{sys.version}\0{root}\0{MIN_DOCSTRING}\0{sorted(_SKIP_DIRS)}".encode())
+    for f in [Path(topics_module.__file__), *files]:
+        st = f.stat()
+        fingerprint.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    cached_path = cache_dir() / f"builtin-{fingerprint.hexdigest()[:24]}.json"
+    docs = _read_cached(cached_path)
+    if docs is None:
+        docs = _read_documents(root, files, topics_module.topics)
+        _write_cached(cached_path, docs)
+    return docs
+
+
+def _read_documents(root: Path, files: list[Path], topics: dict[str, str]) -> tuple[tuple[str, str], ...]:
     import ast
-    import sysconfig
-    from pydoc_data.topics import topics
 
     docs = [(f"topic:{k}", topics[k].strip()) for k in sorted(topics)]
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts))
     for f in files:
         try:
             tree = ast.parse(f.read_bytes())

@@ -30,6 +30,41 @@ def test_builtin_corpus_is_pythons_documentation():
     assert len(set(texts)) == len(texts)  # deduplicated
 
 
+def test_the_builtin_documents_are_kept_in_a_cache_that_a_damaged_or_unwritable_one_never_changes(tmp_path,
+                                                                                                     monkeypatch):
+    """Reading the standard library's docstrings takes seconds, so their text is kept in the cache folder; a
+    damaged cache file is read again from the sources, and an unwritable folder only means no cache."""
+    from hmlstm.model import data
+
+    expected = builtin_documents()
+    monkeypatch.setenv("HMLSTM_CACHE_DIR", str(tmp_path / "cache"))
+    data.builtin_documents.cache_clear()
+    reads = []
+    real = data._read_documents
+    monkeypatch.setattr(data, "_read_documents", lambda *a: reads.append(1) or real(*a))
+
+    def documents():
+        data.builtin_documents.cache_clear()  # as a new process would
+        return data.builtin_documents()
+
+    try:
+        assert documents() == expected and len(reads) == 1  # read from the sources, then kept
+        (kept,) = (tmp_path / "cache").glob("builtin-*.json")
+        assert documents() == expected and len(reads) == 1  # read from the cache
+        kept.write_text('[["topic:x", "a forged document"]]')
+        assert documents() == (("topic:x", "a forged document"),)  # (what a second process reads is the cache)
+        monkeypatch.setattr(data, "_read_documents", lambda *a: reads.append(1) or expected)
+        for damage in ('[["topic:x"', '{"a": 1}', "\udcff"):
+            kept.write_text(damage, errors="surrogateescape")
+            assert documents() == expected, damage  # a damaged cache is read again and replaced
+            assert data._read_cached(kept) == expected
+        assert len(reads) == 4
+        monkeypatch.setenv("HMLSTM_CACHE_DIR", str(kept))  # a file where the folder should be
+        assert documents() == expected and len(reads) == 5
+    finally:
+        data.builtin_documents.cache_clear()
+
+
 def test_builtin_held_out_part_is_fixed_whole_documents_that_training_never_sees():
     train_text, held = builtin_parts()
     assert 0.08 < len(held) / len(builtin_text()) < 0.12

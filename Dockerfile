@@ -6,11 +6,14 @@ FROM python:3.11-slim
 RUN groupadd --gid 10001 hmlstm && useradd --create-home --uid 10001 --gid 10001 hmlstm
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY scripts/cpu_requirements.py ./scripts/
 COPY hmlstm ./hmlstm
-# The core install pulls onnxruntime-gpu on Linux x86_64; the CPU image takes the smaller CPU wheel.
-RUN pip install --no-cache-dir . \
- && pip uninstall -y onnxruntime-gpu \
- && pip install --no-cache-dir "onnxruntime>=1.31.1,<1.32"
+# The core install pulls onnxruntime-gpu on Linux x86_64; the CPU image takes the CPU wheel instead: the
+# dependencies of pyproject.toml with onnxruntime for onnxruntime-gpu, then the package without them.
+RUN python scripts/cpu_requirements.py /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir --no-deps . \
+ && rm /tmp/requirements.txt
 
 # /data: where --state-store sqlite:/data/state.db lives (a volume owned by the service user).
 RUN mkdir -p /data && chown hmlstm /data

@@ -244,11 +244,11 @@ def test_dockerfiles(name, base):
 
 
 def _run_commands(name: str) -> list[str]:
-    """The shell commands of a Dockerfile's RUN lines that install the package."""
+    """The shell commands of a Dockerfile's RUN lines that install the package (pip, and the scripts they read)."""
     text = (ROOT / name).read_text().replace("\\\n", " ")
     runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
     cmds = [c.strip() for r in runs for c in r.split("&&")]
-    return [c for c in cmds if c.startswith("pip ")]
+    return [c for c in cmds if c.startswith(("pip ", "python scripts/", "rm /tmp/"))]
 
 
 @pytest.mark.slow
@@ -259,13 +259,20 @@ def test_image_install_and_start_commands_work_in_a_fresh_virtualenv(tmp_path):
     env = dict(os.environ, PATH=f"{venv}/bin:{os.environ['PATH']}", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
-    for cmd in _run_commands("Dockerfile"):
-        subprocess.run(shlex.split(cmd.replace("pip ", f"{venv}/bin/pip ", 1)) + ["-q"], check=True, cwd=ROOT,
-                       env=env, timeout=600)
+    commands = _run_commands("Dockerfile")
+    assert [c.split()[0] for c in commands] == ["python", "pip", "pip", "rm"], commands
+    for cmd in commands:
+        cmd = cmd.replace("/tmp/", f"{tmp_path}/")
+        if not cmd.startswith("rm "):
+            cmd = f"{venv}/bin/{cmd}" + (" -q" if cmd.startswith("pip ") else "")
+        r = subprocess.run(shlex.split(cmd), cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
     py = str(venv / "bin" / "python")
     probe = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is None)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert probe.stdout.strip() == "True", "the server image must not carry TensorFlow"
+    freeze = subprocess.run([py, "-m", "pip", "freeze"], capture_output=True, text=True, env=env).stdout
+    assert "onnxruntime==1.31" in freeze and "onnxruntime-gpu" not in freeze, freeze
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

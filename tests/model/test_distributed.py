@@ -37,8 +37,8 @@ def weights(path):
 
 @pytest.mark.slow
 def test_two_multiworker_workers_agree_with_one_worker(tmp_path):
-    single = run([*ARGS, "--out", str(tmp_path / "single")])
-    assert single.wait(timeout=300) == 0, single.stderr.read()
+    from hmlstm.cli import main
+
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
@@ -51,10 +51,12 @@ def test_two_multiworker_workers_agree_with_one_worker(tmp_path):
         # The non-chief is given an --out of its own: it must never write there (the chief writes the run).
         out = tmp_path / ("multi" if i == 0 else "multi-worker1")
         workers.append(run([*ARGS, "--strategy", "multiworker", "--out", str(out)], env=env))
-    for w in workers:
-        try:
+    try:
+        assert main([*ARGS, "--out", str(tmp_path / "single")]) == 0  # in this process, while the workers start
+        for w in workers:
             assert w.wait(timeout=300) == 0, w.stderr.read()
-        finally:
+    finally:
+        for w in workers:
             if w.poll() is None:
                 w.kill()
     assert "training on 2 replica(s)" in workers[0].stderr.read()

@@ -77,7 +77,7 @@ def test_multiworker_without_tf_config_is_a_clear_error(capsys):
     assert "TF_CONFIG" in capsys.readouterr().err
 
 
-def test_batch_must_split_evenly_over_replicas():
+def test_batch_must_split_evenly_over_replicas(tmp_path):
     script = (
         "import tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
@@ -85,6 +85,6 @@ def test_batch_must_split_evenly_over_replicas():
         "from hmlstm.cli import main\n"
         "import sys; sys.exit(main(['train', 'synthetic', '--strategy', 'mirrored', '--batch-size', '7',"
         " '--steps', '1', '--out', sys.argv[1]]))\n")
-    r = subprocess.run([sys.executable, "-c", script, "/tmp/hmlstm-odd-batch"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "multiple of the 2 replicas" in r.stderr

@@ -205,7 +205,8 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         sessions = {}
         for e in config.engines:
             check_structure(models[e])
-            sessions[f"CPUExecutionProvider {e}"] = make_session(data[e], "cpu").session
+            # small cases: one thread, not spinning, spends the least CPU (see evaluation._run_onnx)
+            sessions[f"CPUExecutionProvider {e}"] = make_session(data[e], "cpu", threads=1, spinning=False).session
             if config.device != "cpu":
                 rt = make_session(data[e], config.device)
                 if rt.on_cuda:

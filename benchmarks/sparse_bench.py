@@ -83,8 +83,13 @@ class Engine:
         self.name, self.run = name, run
 
 
-def ort_engine(name: str, path: Path) -> Engine:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def ort_engine(name: str, path: Path, threads: int | None = None) -> Engine:
+    """threads: ONNX Runtime's intra-op threads (None: its default, one per core, spinning); 1: one thread
+    that never spins, what a check that measures no speed wants beside other work."""
+    from hmlstm.runtime import session_options
+
+    options = session_options(threads, spinning=False if threads == 1 else None)
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return Engine(name, lambda feeds: dict(zip(names, sess.run(names, feeds))))
 

@@ -66,18 +66,15 @@ def test_an_export_with_colliding_shapes_is_exported_again_exactly(tmp_path, eng
     _same_outputs(path, out.path, net.config.num_units, net.config.vocab_size)
 
 
-def test_the_readmes_re_export_command_works_on_the_shipped_model(tmp_path, capsys):
+def test_the_readmes_re_export_command_works_on_the_shipped_model(shipped_reexport):
     """`hmlstm export hmlstm/assets/default.onnx --out x.onnx`: the shipped file's weights recovered (its
     weight map, or by shape for a file written before it), both graphs written and validated, and the new
     sparse graph gives the shipped one's boundaries on real text."""
-    from hmlstm.cli import main
     from hmlstm.model.data import load_corpus
     from hmlstm.serving.model import DEFAULT_MODEL
     from hmlstm.vocabulary import Vocabulary
 
-    out = tmp_path / "x.onnx"
-    assert main(["export", str(DEFAULT_MODEL), "--out", str(out), "--quick"]) == 0
-    err = capsys.readouterr().err
+    out, err = shipped_reexport
     assert "recovered the weights of default.onnx" in err and "validated" in err
     for stage in ("loading ", "converting the sparse and dense graphs with tf2onnx", "validating against TensorFlow",
                   "evaluating for the model card"):  # the export says what it is doing as it goes

@@ -172,8 +172,8 @@ def test_the_shipped_sparse_and_dense_graphs_give_the_same_boundaries_on_held_ou
     corpus = load_corpus("builtin", strip=card["provenance"]["strip_delimiters"])
     ids = np.array(Vocabulary(json.loads(meta[spec.META_VOCAB])).encode(corpus.text[corpus.held_out_start(0.1):]))
     assert len(ids) > 170_000
-    sparse = ort_engine("sparse", DEFAULT_MODEL)
-    dense = ort_engine("dense", spec.engine_path(DEFAULT_MODEL, "dense"))
+    sparse = ort_engine("sparse", DEFAULT_MODEL, threads=1)
+    dense = ort_engine("dense", spec.engine_path(DEFAULT_MODEL, "dense"), threads=1)
     assert isinstance(sparse, Engine)
     result = exactness(sparse, dense, ids, card["model_config"]["num_units"])
     assert result["differences"] == 0, result

@@ -100,7 +100,7 @@ def _run_checkpoint(path: Path, text: str, progress=None) -> Outputs:
     from hmlstm import spec as io_spec
 
     declared = io_spec.boundary_alignment(info.model.num_layers, info.model.top_boundary,
-                                          len(info.train.target_fractions))
+                                          info.train.start_aligned)
     return Outputs(np.concatenate(logits), np.concatenate(z), info.vocab, unknown,
                    {int(k): v for k, v in declared.items()})
 

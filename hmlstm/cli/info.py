@@ -82,6 +82,9 @@ def cmd_info(args) -> int:
     if card.get("boundary_alignment"):
         lines.append("boundaries: " + ", ".join(f"layer {l} fires on a unit's {'first' if a == 'start' else 'last'} "
                                                 "character" for l, a in card["boundary_alignment"].items()))
+    learning = card.get("boundary_learning") or _learning(prov.get("train_config"), cfg)
+    if learning:
+        lines.append("learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items()))
     for layer, quality in sorted(_held_out_quality(path).items()):
         for q in quality:
             lines.append(f"layer {layer}, {q}")
@@ -93,6 +96,16 @@ def cmd_info(args) -> int:
                      f"{v.get('boundaries_compared', 0):,}")
     print("\n".join(lines))
     return 0
+
+
+def _learning(train_config: dict | None, model_config: dict) -> dict[str, str]:
+    """A card written before it said so: how each detector learned, from its recipe's training settings."""
+    from hmlstm.model.config import ModelConfig, TrainConfig
+
+    try:
+        return TrainConfig(**train_config).boundary_learning(ModelConfig.from_dict(model_config).num_detectors)
+    except (TypeError, ValueError):
+        return {}
 
 
 def _run_info(path: Path, as_json: bool) -> int:
@@ -122,6 +135,9 @@ def _run_info(path: Path, as_json: bool) -> int:
                                                           if info.meta.get("preset") else "")]
     if info.meta.get("command"):
         lines.append(f"recipe: {info.meta['command']}")
+    learning = info.train.boundary_learning(m.num_detectors)
+    if learning:
+        lines.append("learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items()))
     lines.append(f"trained: {metrics.get('step', 0):,} steps" + (f", validation BPC {bpc:.3f}" if bpc else "")
                  + (f"; checkpoints at steps {', '.join(map(str, steps[-3:]))}" if steps else "; no checkpoint yet"))
     for name, e in (metrics.get("boundary") or {}).items():

@@ -56,6 +56,12 @@ def _add_train(sub) -> None:
     p.add_argument("--peak-window", type=int, default=0, metavar="CHARS",
                    help="rank layer 1's peaks by their height above the mean entropy of this many characters "
                         "around them (0: by height)")
+    p.add_argument("--boundary-targets", default="", metavar="UNITS",
+                   help="teach the detectors where the stripped delimiters were, per layer bottom first: words, "
+                        "phrases (punctuation then whitespace), sentences or none, e.g. words,phrases; needs "
+                        "--strip-whitespace or --strip-delimiters (default: none, boundaries learned without labels)")
+    p.add_argument("--boundary-weight", type=float, default=1.0,
+                   help="weight of the --boundary-targets loss beside the language model's")
     p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
                    help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
                         "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
@@ -177,6 +183,8 @@ def cmd_train(args) -> int:
             rate_targets=_floats(args.rate_targets), rate_penalty=args.rate_penalty,
             entropy_target=args.entropy_target, peak_fractions=_floats(args.peak_fractions),
             peak_window=args.peak_window,
+            boundary_targets=tuple(t.strip() for t in args.boundary_targets.split(",") if t.strip()),
+            boundary_weight=args.boundary_weight,
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
@@ -187,11 +195,19 @@ def cmd_train(args) -> int:
     if cfg.peak_fractions and not cfg.entropy_target:
         raise UserError("--peak-fractions says which entropy peaks each layer is taught, which only --entropy-target "
                         "does; add --entropy-target (e.g. 1) or drop --peak-fractions")
+    if cfg.supervised_layers and cfg.supervised_layers[-1][0] >= detectors:
+        raise UserError(f"--boundary-targets gives layer {cfg.supervised_layers[-1][0] + 1} a target, but the model "
+                        f"has {detectors} layer(s) with a boundary detector; give fewer (--top-boundary gives the "
+                        "top layer one)")
+    if args.boundary_weight != 1.0 and not cfg.supervised_layers:
+        raise UserError("--boundary-weight weighs the --boundary-targets loss; add --boundary-targets or drop it")
     _check_model_fits(args)
     out = args.out or default_run_dir(args.corpus, args.preset)
     check_output(out, "--out", folder=True)
     corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
     _check_text_is_text(corpus.text, corpus.name)
+    if cfg.supervised_layers:  # refused here, before TensorFlow loads: a text that keeps its delimiters, say
+        corpus.unit_starts(tuple(u for _, u in cfg.supervised_layers))
     if detectors == 0:
         print(f"hmlstm: warning: --layers {args.layers} without --top-boundary has no boundary detector: the model "
               "will learn the language but report no boundaries (add --top-boundary, or more --layers)",

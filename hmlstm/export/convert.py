@@ -113,7 +113,7 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
         spec.META_PROVENANCE: json.dumps(provenance, ensure_ascii=False),
         spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(
             cfg.num_layers, cfg.top_boundary,
-            len(TrainConfig(**provenance.get("train_config") or {}).target_fractions))),
+            TrainConfig(**provenance.get("train_config") or {}).start_aligned)),
         spec.META_ENGINE: engine if optimized else "dense",
     }
     weights = weight_map(network, model)
@@ -242,6 +242,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "io": meta[spec.META_IO],
         "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
         "boundary_alignment": meta[spec.META_ALIGNMENT],
+        "boundary_learning": info.train.boundary_learning(info.model.num_detectors),
         "engine": config.engines[0],
         "engines": {e: {"file": paths[e].name, "loop_body_nodes": loop_body_nodes(m), "size_bytes": len(data[e])}
                     for e, m in models.items()},

@@ -65,6 +65,9 @@ class ModelConfig:
         return cls(**d)
 
 
+BOUNDARY_UNITS = ("words", "phrases", "sentences")  # what --boundary-targets can teach a layer
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How one training run goes.
@@ -95,6 +98,10 @@ class TrainConfig:
     # (1.0: every peak). Empty: layer 1 alone, every peak.
     peak_fractions: tuple[float, ...] = ()
     peak_window: int = 0  # > 0: rank layer 1's peaks by height above the mean entropy of this many characters around
+    # Per detector layer, bottom first: the unit whose starts it is taught from the delimiters the corpus had
+    # ("words", "phrases", "sentences"), or "none" (left to the self-supervised targets). Empty: none.
+    boundary_targets: tuple[str, ...] = ()
+    boundary_weight: float = 1.0  # weight of the supervised boundary loss
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -131,6 +138,15 @@ class TrainConfig:
             raise ValueError(f"--peak-window is a number of characters, at least 0, got {self.peak_window}")
         if any(not 0.0 < r <= 1.0 for r in self.peak_fractions):
             raise ValueError(f"peak fractions are shares of the entropy peaks in (0, 1], got {self.peak_fractions}")
+        object.__setattr__(self, "boundary_targets", tuple(str(t) for t in self.boundary_targets))
+        bad = [t for t in self.boundary_targets if t not in BOUNDARY_UNITS + ("none",)]
+        if bad:
+            raise ValueError(f"--boundary-targets takes, per layer, one of {', '.join(BOUNDARY_UNITS)} or none; "
+                             f"got {', '.join(map(repr, bad))}")
+        if self.boundary_targets and all(t == "none" for t in self.boundary_targets):
+            raise ValueError("--boundary-targets names no unit to learn; give words, phrases or sentences")
+        if not (math.isfinite(self.boundary_weight) and self.boundary_weight > 0):
+            raise ValueError(f"--boundary-weight is the weight of a loss term, more than 0, got {self.boundary_weight}")
 
     @property
     def target_fractions(self) -> tuple[float, ...]:
@@ -139,6 +155,32 @@ class TrainConfig:
             return ()
         return self.peak_fractions or (1.0,)
 
+    @property
+    def supervised_layers(self) -> tuple[tuple[int, str], ...]:
+        """(layer index from 0, unit) of each layer taught from the corpus's delimiters."""
+        return tuple((l, u) for l, u in enumerate(self.boundary_targets) if u != "none")
+
+    @property
+    def start_aligned(self) -> int:
+        """How many bottom layers are taught to fire on a unit's first character (the start alignment):
+        those with a self-supervised or a supervised target; the layers above fire on its last (the paper's)."""
+        return max(len(self.target_fractions), max((l + 1 for l, _ in self.supervised_layers), default=0))
+
+    def boundary_learning(self, detectors: int) -> dict[str, str]:
+        """How each layer with a detector learned its boundaries, by layer number (from 1): "supervised: word
+        starts" (from the delimiters the text had), "self-supervised: entropy peaks", or "unsupervised" (the
+        language-model loss alone, with the firing-rate penalty where set)."""
+        taught = dict(self.supervised_layers)
+        out = {}
+        for l in range(detectors):
+            if l in taught:
+                out[str(l + 1)] = f"supervised: {taught[l][:-1]} starts"
+            elif l < len(self.target_fractions):
+                out[str(l + 1)] = "self-supervised: entropy peaks"
+            else:
+                out[str(l + 1)] = "unsupervised"
+        return out
+
     def slope_at(self, epoch: float) -> float:
         return min(self.slope_max, self.slope_start + self.slope_rate * epoch)
 
@@ -146,6 +188,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["rate_targets"] = list(self.rate_targets)
         d["peak_fractions"] = list(self.peak_fractions)
+        d["boundary_targets"] = list(self.boundary_targets)
         return d
 
 

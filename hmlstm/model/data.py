@@ -50,6 +50,26 @@ class Corpus:
         named = {"words": self.word_ends, "phrases": self.phrase_ends, "sentences": self.sentence_ends}
         return {k: v for k, v in named.items() if v is not None}
 
+    def unit_starts(self, units: tuple[str, ...]) -> np.ndarray:
+        """float32 [len(text), len(units)]: 1 on the first character of each unit named (words, phrases,
+        sentences), the targets of --boundary-targets. UserError where the corpus does not know a unit, or
+        where its text still holds the delimiters that mark it (a model would learn to read them, nothing
+        more): a prose text must be trained with its delimiters stripped."""
+        known = self.truths()
+        missing = [u for u in units if u not in known]
+        if missing:
+            raise UserError(f"--boundary-targets {','.join(missing)}: {self.name} does not mark where its "
+                            f"{' or '.join(missing)} are (it knows: {', '.join(known) or 'none'})")
+        if not self.strip and not self.name.startswith("segmented:"):
+            raise UserError("--boundary-targets teaches where the removed delimiters were, but this text keeps them: "
+                            "the model would only learn to fire after a space. Add --strip-whitespace (or "
+                            "--strip-delimiters CHARS)")
+        out = np.zeros((len(self.text), len(units)), np.float32)
+        for j, u in enumerate(units):
+            out[0, j] = 1.0  # the text's first character starts its first unit
+            out[1:, j] = known[u][:-1]
+        return out
+
     def held_out_start(self, val_fraction: float) -> int:
         """Index of the first held-out character: fixed by the corpus, else the last val_fraction."""
         n_val = self.held_out or int(len(self.text) * val_fraction)
@@ -435,7 +455,7 @@ def strip_corpus(corpus: Corpus, strip: str) -> Corpus:
         raise UserError(f"the corpus is empty once {strip!r} is stripped")
     it = iter(mapped[1:])
     phrase, sentence = (None if e is None else next(it) for e in extra)
-    return dataclasses.replace(corpus, name=f"{corpus.name} stripped of {strip!r}", text=text, word_ends=ends,
+    return dataclasses.replace(corpus, name=f"{corpus.name} stripped of {strip!r}", text=text, word_ends=ends, strip=strip,
                                phrase_ends=phrase, sentence_ends=sentence,
                                held_out=int(mapped[0].sum()) if corpus.held_out else 0)
 
@@ -452,7 +472,7 @@ class StreamBatcher:
     the end of batch k is the right start for batch k+1 (truncated BPTT).
     """
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int):
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, labels: np.ndarray | None = None):
         per_stream = len(ids) // batch_size
         self.steps = (per_stream - 1) // seq_len
         if self.steps < 1:
@@ -462,6 +482,9 @@ class StreamBatcher:
             )
         self.data = ids[: per_stream * batch_size].reshape(batch_size, per_stream)
         self.seq_len = seq_len
+        n = 0 if labels is None else labels.shape[1]  # per character: one target per supervised layer
+        labels = np.zeros((len(ids), 0), np.float32) if labels is None else labels
+        self.labels = labels[: per_stream * batch_size].reshape(batch_size, per_stream, n)
 
     def __len__(self) -> int:
         return self.steps
@@ -471,3 +494,8 @@ class StreamBatcher:
         t = self.seq_len
         chunk = self.data[:, k * t : (k + 1) * t + 1]
         return chunk[:, :-1], chunk[:, 1:]
+
+    def targets(self, k: int) -> np.ndarray:
+        """The boundary targets of batch k's inputs: float32 [B, T, supervised layers]."""
+        t = self.seq_len
+        return self.labels[:, k * t : (k + 1) * t]

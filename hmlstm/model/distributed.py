@@ -65,7 +65,7 @@ class DistributedStep:
         self.state = None
         self.reset_state()
         # The whole strategy.run inside one tf.function (tf.distribute requires it for the all-reduce).
-        self._step = tf.function(lambda x, y, s: strategy.run(self._replica_step, args=(x, y, s)))
+        self._step = tf.function(lambda x, y, b, s: strategy.run(self._replica_step, args=(x, y, b, s)))
 
     def reset_state(self) -> None:
         net = self.trainer.network
@@ -77,11 +77,11 @@ class DistributedStep:
         return self.strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * n : (ctx.replica_id_in_sync_group + 1) * n]))
 
-    def _replica_step(self, x, y, state):
+    def _replica_step(self, x, y, targets, state):
         tr = self.trainer
         ctx = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            out, loss, total = tr.loss(x, y, state)
+            out, loss, total = tr.loss(x, y, targets, state)
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, tr.variables_to_train)]
         replicas = tf.cast(ctx.num_replicas_in_sync, tf.float32)
         grads = [g / replicas for g in ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)]
@@ -94,7 +94,8 @@ class DistributedStep:
         rate = tf.reduce_mean(out.boundaries, axis=[0, 1])
         return loss, gnorm, ok, rate, new_state
 
-    def train_step(self, x, y):
-        loss, gnorm, ok, rate, self.state = self._step(self._shard(x), self._shard(y), self.state)
+    def train_step(self, x, y, targets):
+        loss, gnorm, ok, rate, self.state = self._step(self._shard(x), self._shard(y), self._shard(targets),
+                                                       self.state)
         first = self.strategy.experimental_local_results
         return first(loss)[0], first(gnorm)[0], first(ok)[0], first(rate)[0]

@@ -69,33 +69,41 @@ class Trainer(tf.Module):
         self.carried = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), zero)
         b, t = cfg.batch_size, cfg.seq_len
         spec = tf.TensorSpec([b, t], tf.int32)
-        self.train_step = tf.function(self._train_step, input_signature=[spec, spec])
+        targets = tf.TensorSpec([b, t, len(cfg.supervised_layers)], tf.float32)
+        self.train_step = tf.function(self._train_step, input_signature=[spec, spec, targets])
 
     def reset_state(self) -> None:
         for v in tf.nest.flatten(self.carried):
             v.assign(tf.zeros_like(v))
 
-    def loss(self, x, y, state):
+    def loss(self, x, y, targets, state):
         """(network output, mean cross-entropy, the loss that is optimized).
 
-        The optimized loss adds the configured firing-rate penalty and the
-        entropy-peak target to the cross-entropy. Shared by the single-device
-        step and the tf.distribute replica step.
+        The optimized loss adds the configured firing-rate penalty, the
+        entropy-peak targets and the supervised boundary targets (``targets``
+        [B, T, supervised layers], from the delimiters the corpus had) to the
+        cross-entropy. Shared by the single-device step and the tf.distribute
+        replica step.
         """
         out = self.network(x, state)
         ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out.logits))
         total = ce
         if self.cfg.rate_targets:
             total += rate_penalty(out.boundaries, out.boundary_logits, self.network.slope, self.cfg)
+        supervised = [l for l, _ in self.cfg.supervised_layers]
         if self.cfg.entropy_target:
             total += self.cfg.entropy_target * entropy_peak_loss(out.logits, out.boundary_logits, self.network.slope,
-                                                                 self.cfg.target_fractions, self.cfg.peak_window)
+                                                                 self.cfg.target_fractions, self.cfg.peak_window,
+                                                                 skip=supervised)
+        if supervised:
+            total += self.cfg.boundary_weight * supervised_boundary_loss(out.boundary_logits, self.network.slope,
+                                                                         targets, supervised)
         return out, ce, total
 
-    def _train_step(self, x, y):
+    def _train_step(self, x, y, targets):
         state = tf.nest.map_structure(tf.identity, self.carried)
         with tf.GradientTape() as tape:
-            out, loss, total = self.loss(x, y, state)
+            out, loss, total = self.loss(x, y, targets, state)
         grads = tape.gradient(total, self.variables_to_train)
         grads = [tf.convert_to_tensor(g) for g in grads]
         grads, gnorm = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
@@ -173,18 +181,32 @@ def entropy_peak_targets(logits: tf.Tensor, fractions: tuple[float, ...], window
 
 
 def entropy_peak_loss(logits: tf.Tensor, boundary_logits: tf.Tensor, slope: tf.Tensor,
-                      fractions: tuple[float, ...] = (1.0,), window: int = 0) -> tf.Tensor:
+                      fractions: tuple[float, ...] = (1.0,), window: int = 0, skip=()) -> tf.Tensor:
     """Teach each layer's detector where the model itself is most unsure of the next character.
 
     The targets need no labels (entropy_peak_targets). A causal detector can
     only know of a peak at t after reading character t+1, so each target is
     for z at t+1 (the start alignment: the first character of the next unit).
-    Cross-entropy on sigmoid(2 a s_z), summed over the layers.
+    Cross-entropy on sigmoid(2 a s_z), summed over the layers, except the
+    layers in ``skip`` (taught from the corpus's delimiters instead).
     """
     targets = entropy_peak_targets(logits, fractions, window)
     n = len(fractions)
     per_layer = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets,
                                                         logits=2.0 * slope * boundary_logits[:, 2:, :n])
+    keep = tf.constant([0.0 if l in skip else 1.0 for l in range(n)])
+    return tf.reduce_sum(keep * tf.reduce_mean(per_layer, axis=[0, 1]))
+
+
+def supervised_boundary_loss(boundary_logits: tf.Tensor, slope: tf.Tensor, targets: tf.Tensor,
+                             layers: list[int]) -> tf.Tensor:
+    """Teach the detectors of ``layers`` where the units the corpus marked start: ``targets`` [B, T, n] is
+    1 on a unit's first character (the start alignment, as the entropy-peak targets). The input never
+    holds the delimiters that marked them (Corpus.unit_starts refuses a text that keeps them). Cross-entropy
+    on sigmoid(2 a s_z), through the pre-activation as the entropy-peak loss; z itself stays the
+    straight-through hard decision that drives COPY, UPDATE and FLUSH."""
+    picked = tf.gather(boundary_logits, layers, axis=-1)
+    per_layer = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=2.0 * slope * picked)
     return tf.reduce_sum(tf.reduce_mean(per_layer, axis=[0, 1]))
 
 
@@ -294,9 +316,14 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         raise UserError(f"{len(cfg.target_fractions)} peak fractions, but only {model.num_detectors} layers have a "
                         "boundary detector; "
                         "give fewer, or --top-boundary to give the top layer one")
+    supervised = cfg.supervised_layers
+    if supervised and supervised[-1][0] >= model.num_detectors:
+        raise UserError(f"--boundary-targets gives layer {supervised[-1][0] + 1} a target, but only "
+                        f"{model.num_detectors} layer(s) have a boundary detector; give fewer, or --top-boundary")
     ids = vocab.encode(corpus.text)
     train_ids, val_ids = split(ids, corpus.held_out_start(cfg.val_fraction))
-    batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len)
+    labels = corpus.unit_starts(tuple(u for _, u in supervised))[: len(train_ids)] if supervised else None
+    batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, labels)
     if len(val_ids) < 2 * (cfg.seq_len + 1):
         raise UserError(
             f"the validation part ({len(val_ids)} characters) is shorter than two sequences of "
@@ -422,7 +449,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                 trainer.network.slope.assign(cfg.slope_at(step / steps_per_epoch if cfg.slope_per_step else epoch))
             x, y = batcher.batch(k)
             t0 = time.perf_counter()
-            loss, gnorm, applied, rate = step_fn(x, y)
+            loss, gnorm, applied, rate = step_fn(x, y, batcher.targets(k))
             dt = time.perf_counter() - t0
             step += 1
             if not bool(applied):

@@ -59,12 +59,13 @@ def test_non_finite_step_is_skipped_and_changes_no_weight():
     model = ModelConfig(vocab_size=5, **SMALL)
     trainer = Trainer(model, TrainConfig(batch_size=2, seq_len=4))
     x = np.ones((2, 4), np.int32)
-    _, _, applied, _ = trainer.train_step(x, x)  # a good step first: the carried state is no longer zero
+    none = np.zeros((2, 4, 0), np.float32)  # no supervised boundary targets
+    _, _, applied, _ = trainer.train_step(x, x, none)  # a good step first: the carried state is no longer zero
     assert bool(applied)
     assert any(np.abs(v.numpy()).max() > 0 for v in tf.nest.flatten(trainer.carried))
     trainer.network.logit_bias.assign([np.inf, 0, 0, 0, 0])
     before = [v.numpy().copy() for v in trainer.variables_to_train]
-    _, _, applied, _ = trainer.train_step(x, x)
+    _, _, applied, _ = trainer.train_step(x, x, none)
     assert not bool(applied)
     for b, v in zip(before, trainer.variables_to_train):
         np.testing.assert_array_equal(b, v.numpy())

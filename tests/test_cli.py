@@ -128,7 +128,7 @@ def test_the_shipped_preset_gives_the_shipped_recipe_and_flags_beside_it_win(tmp
     cfg = json.loads((out / "config.json").read_text())
     shipped = json.loads((Path(__file__).resolve().parents[1] / "hmlstm/assets/default.card.json").read_text())
     want = shipped["provenance"]["train_config"]
-    for key in ("entropy_target", "peak_fractions", "peak_window", "seed"):
+    for key in ("boundary_targets", "entropy_target", "peak_fractions", "seed"):
         assert cfg["train"][key] == want[key], key
     assert cfg["model"]["top_boundary"] and cfg["strip_delimiters"] == shipped["provenance"]["strip_delimiters"]
     assert cfg["train"]["max_steps"] == 3 and cfg["model"]["num_units"] == [8, 8, 8]  # the flags given win

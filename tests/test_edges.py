@@ -72,6 +72,16 @@ def text(tmp_path_factory):
     (["train", "--rate-penalty", "-1"], "--rate-penalty is the weight of a loss term, 0 (off) or more, got -1"),
     (["train", "--slope-max", "0"], "--slope-max must be at least the starting slope 1"),
     (["train", "--rate-penalty", "nan"], "--rate-penalty is the weight of a loss term"),
+    # boundary targets: only where the delimiters were removed, one known unit per detector, a positive weight
+    (["train", "{text}", "--boundary-targets", "words"], "but this text keeps them: the model would only learn to"),
+    (["train", "{text}", "--strip-whitespace", "--boundary-targets", "lines"], "--boundary-targets takes, per layer"),
+    (["train", "{text}", "--strip-whitespace", "--boundary-targets", "words,phrases,words"],
+     "gives layer 3 a target, but the model has 2 layer(s) with a boundary detector"),
+    (["train", "{text}", "--boundary-weight", "2"], "--boundary-weight weighs the --boundary-targets loss"),
+    (["train", "{text}", "--strip-whitespace", "--boundary-targets", "words", "--boundary-weight", "0"],
+     "--boundary-weight is the weight of a loss term, more than 0, got 0"),
+    (["train", "synthetic", "--strip-whitespace", "--boundary-targets", "none,sentences"],
+     "does not mark where its sentences are (it knows: words, phrases)"),
     # 13. an SQLite store with no file
     (["serve", "--state-store", "sqlite:"], "--state-store sqlite:: name the database file"),
     (["serve", "--state-store", "sqlite::memory:"], "an in-memory SQLite database would make nothing durable"),
@@ -125,12 +135,14 @@ def test_a_preset_gives_way_to_the_flags_given_beside_it_and_what_depends_on_the
     from hmlstm.cli import parse
     from hmlstm.cli.train import PRESETS, default_run_dir
 
+    shipped = PRESETS["shipped"]
     args = parse(["train", "--preset", "shipped", "--strip-delimiters", " "])
-    assert args.strip_delimiters == " " and not args.strip_whitespace and args.entropy_target == 1.0
-    args = parse(["train", "--preset", "shipped", "--entropy-target", "0"])
-    assert args.entropy_target == 0 and args.peak_fractions == "" and args.peak_window == 0
-    args = parse(["train", "--preset", "shipped", "--entropy-target", "2"])  # still on: its dependents stay
-    assert args.entropy_target == 2 and args.peak_fractions == PRESETS["shipped"]["peak_fractions"]
+    assert args.strip_delimiters == " " and not args.strip_whitespace
+    assert args.boundary_targets == shipped["boundary_targets"]
+    args = parse(["train", "--preset", "shipped", "--boundary-targets", "none", "--boundary-weight", "3"])
+    assert args.boundary_targets == "none" and args.boundary_weight == 3  # off: the preset's targets go
+    args = parse(["train", "--preset", "shipped", "--entropy-target", "1", "--boundary-targets", "words"])
+    assert args.entropy_target == 1 and args.boundary_targets == "words" and args.strip_whitespace
     args = parse(["train", "--preset", "shipped", "--no-top-boundary"])
     assert args.top_boundary is False and args.steps == PRESETS["shipped"]["steps"]
     assert parse(["train", "--preset", "shipped"]).top_boundary is True
@@ -144,7 +156,7 @@ def test_the_shipped_preset_with_other_delimiters_trains(tmp_path, capsys):
     corpus.write_text("the cat sat on the mat. the dog sat on the log. " * 40)
     out = tmp_path / "run"
     assert main(["train", str(corpus), "--preset", "shipped", "--strip-delimiters", " ", "--steps", "2",
-                 "--peak-fractions", "0.7,0.25",  # TINY has two layers
+                 "--boundary-targets", "words,phrases",  # TINY has two layers
                  "--out", str(out), *TINY]) == 0
     assert "stripped of ' '" in (out / "config.json").read_text()
 

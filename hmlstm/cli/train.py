@@ -59,7 +59,8 @@ def _add_train(sub) -> None:
     p.add_argument("--boundary-targets", default="", metavar="UNITS",
                    help="teach the detectors where the stripped delimiters were, per layer bottom first: words, "
                         "phrases (punctuation then whitespace), sentences or none, e.g. words,phrases; needs "
-                        "--strip-whitespace or --strip-delimiters (default: none, boundaries learned without labels)")
+                        "--strip-whitespace or --strip-delimiters (default: none, boundaries learned without labels; "
+                        "none turns a preset's off)")
     p.add_argument("--boundary-weight", type=float, default=1.0,
                    help="weight of the --boundary-targets loss beside the language model's")
     p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
@@ -84,8 +85,8 @@ def _add_train(sub) -> None:
 # Named training recipes for `train --preset` (argparse destinations -> values). "shipped" is the recipe of
 # hmlstm/assets/default.onnx, as its card's provenance.command records it.
 PRESETS = {
-    "shipped": {"strip_whitespace": True, "top_boundary": True, "entropy_target": 1.0,
-                "peak_fractions": "0.7,0.25,0.08", "peak_window": 9, "steps": 10000, "seed": 0},
+    "shipped": {"strip_whitespace": True, "top_boundary": True, "boundary_targets": "words,phrases,sentences",
+                "steps": 10000, "seed": 0},
 }
 
 
@@ -93,7 +94,7 @@ PRESETS = {
 # a flag given beside a preset replaces the preset's value of its whole group, and turning the head of a
 # group off (--entropy-target 0) drops the preset's values of the settings that depend on it.
 SAME_SETTING = (("strip_whitespace", "strip_delimiters"),)
-DEPENDS_ON = {"entropy_target": ("peak_fractions", "peak_window")}
+DEPENDS_ON = {"entropy_target": ("peak_fractions", "peak_window"), "boundary_targets": ("boundary_weight",)}
 
 
 def preset_settings(name: str, given: set[str], args) -> dict:
@@ -105,7 +106,7 @@ def preset_settings(name: str, given: set[str], args) -> dict:
             for dest in group:
                 settings.pop(dest, None)
     for head, dependents in DEPENDS_ON.items():
-        if head in given and not getattr(args, head):
+        if head in given and getattr(args, head) in (0, "", "none"):
             for dest in dependents:
                 settings.pop(dest, None)
     for dest in given:

@@ -99,7 +99,8 @@ class TrainConfig:
     peak_fractions: tuple[float, ...] = ()
     peak_window: int = 0  # > 0: rank layer 1's peaks by height above the mean entropy of this many characters around
     # Per detector layer, bottom first: the unit whose starts it is taught from the delimiters the corpus had
-    # ("words", "phrases", "sentences"), or "none" (left to the self-supervised targets). Empty: none.
+    # ("words", "phrases", "sentences"), or "none" (left to the self-supervised targets). Empty or only "none":
+    # no layer is.
     boundary_targets: tuple[str, ...] = ()
     boundary_weight: float = 1.0  # weight of the supervised boundary loss
 
@@ -143,8 +144,8 @@ class TrainConfig:
         if bad:
             raise ValueError(f"--boundary-targets takes, per layer, one of {', '.join(BOUNDARY_UNITS)} or none; "
                              f"got {', '.join(map(repr, bad))}")
-        if self.boundary_targets and all(t == "none" for t in self.boundary_targets):
-            raise ValueError("--boundary-targets names no unit to learn; give words, phrases or sentences")
+        if all(t == "none" for t in self.boundary_targets):  # "none" alone: off (it turns a preset's off)
+            object.__setattr__(self, "boundary_targets", ())
         if not (math.isfinite(self.boundary_weight) and self.boundary_weight > 0):
             raise ValueError(f"--boundary-weight is the weight of a loss term, more than 0, got {self.boundary_weight}")
 

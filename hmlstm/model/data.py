@@ -455,8 +455,8 @@ def strip_corpus(corpus: Corpus, strip: str) -> Corpus:
         raise UserError(f"the corpus is empty once {strip!r} is stripped")
     it = iter(mapped[1:])
     phrase, sentence = (None if e is None else next(it) for e in extra)
-    return dataclasses.replace(corpus, name=f"{corpus.name} stripped of {strip!r}", text=text, word_ends=ends, strip=strip,
-                               phrase_ends=phrase, sentence_ends=sentence,
+    return dataclasses.replace(corpus, name=f"{corpus.name} stripped of {strip!r}", text=text, word_ends=ends,
+                               strip=strip, phrase_ends=phrase, sentence_ends=sentence,
                                held_out=int(mapped[0].sum()) if corpus.held_out else 0)
 
 

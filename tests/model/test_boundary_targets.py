@@ -63,3 +63,27 @@ def test_supervision_learns_only_what_the_input_can_tell_and_a_leak_would_show(t
     assert blind < 0.55, blind
     assert leaked > 0.9, leaked
     assert words > 0.8, words
+
+
+def test_the_mode_is_recorded_in_the_run_and_said_by_info(tmp_path, capsys):
+    import json
+
+    from hmlstm.cli import main
+
+    corpus = strip_corpus(synthetic_corpus(seed=1, n_chars=3000), " ")
+    cfg = dataclasses.replace(CFG, batch_size=4, seq_len=10, max_steps=2)
+    train(corpus, dict(TINY, top_boundary=True), dataclasses.replace(cfg, boundary_targets=("none", "phrases")),
+          tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["boundary_targets"] == [
+        "none", "phrases"]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert "learned: layer 1 unsupervised, layer 2 supervised: phrase starts" in capsys.readouterr().out
+
+
+def test_an_export_without_targets_says_its_layers_learned_without_labels(tiny_onnx, capsys):
+    from hmlstm.cli import main
+
+    assert tiny_onnx.card["boundary_learning"] == {"1": "unsupervised"}
+    assert main(["info", str(tiny_onnx.path)]) == 0
+    assert "learned: layer 1 unsupervised" in capsys.readouterr().out

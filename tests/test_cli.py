@@ -143,8 +143,9 @@ def test_info_prints_the_card_and_json(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("default.onnx: 3 layers x 128/128/128 units") and "default.dense.onnx beside it" in out
-    assert "recipe: hmlstm train builtin --strip-whitespace" in out and "trained without: ' \\n\\t'" in out
-    assert "layer 1, held-out text (builtin): word-start F1 0.74" in out
+    assert "recipe: hmlstm train builtin --preset shipped" in out and "trained without: ' \\n\\t'" in out
+    assert "learned: layer 1 supervised: word starts, layer 2 supervised: phrase starts" in out
+    assert "layer 1, held-out text (builtin): word-start F1 0.88" in out
     assert main(["info", "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["engine"] == "sparse" and card["vocabulary_size"] == 110

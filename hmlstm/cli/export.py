@@ -29,8 +29,9 @@ def _add_export(sub) -> None:
                    help="validate on CPU, plus CUDA where it works (auto)")
     p.add_argument("--quick", action="store_true",
                    help="validate on a smaller grid (time 1, 7, 333; batch 1, 3)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest |ONNX - TensorFlow| on logits and states (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest |ONNX - TensorFlow| on logits and states (default 1e-4; exporting an .onnx again: "
+                        "the tolerance its card says it was exported with, if larger)")
     p.add_argument("--strict", action="store_true",
                    help="the tolerance is absolute: no value beyond it is explained by TensorFlow's own "
                         "float32 spread (see docs/export.md)")
@@ -48,6 +49,26 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+DEFAULT_TOLERANCE = 1e-4
+
+
+def _exported_tolerance(path: Path) -> float | None:
+    """The validation tolerance an exported file's card records, where it is larger than the default: a model
+    whose logits drift further over long sequences keeps validating as it did when it was written."""
+    import json
+
+    from hmlstm import spec
+
+    if not path.is_file():
+        return None
+    try:
+        tol = float((json.loads(spec.card_path(path).read_text(encoding="utf-8")).get("validation") or {})
+                    ["tolerance"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tol if tol > DEFAULT_TOLERANCE and tol < 1.0 else None
+
+
 def cmd_export(args) -> int:
     # Every check that needs no TensorFlow comes first, so that a mistake is answered at once, not after the
     # conversion's minutes.
@@ -57,7 +78,7 @@ def cmd_export(args) -> int:
 
     need("tensorflow", "tf2onnx", "onnx")
 
-    if not args.tolerance > 0:
+    if args.tolerance is not None and not args.tolerance > 0:
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.triton_max_sequences < 1:
         raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
@@ -67,7 +88,7 @@ def cmd_export(args) -> int:
         raise UserError(f"--{why}")  # "--engines ...", "--opset ...": the flag's own name
     if args.no_validate:
         ignored = [f for f, on in (("--strict", args.strict), ("--quick", args.quick),
-                                   ("--tolerance", args.tolerance != 1e-4), ("--device", args.device != "auto"))
+                                   ("--tolerance", args.tolerance is not None), ("--device", args.device != "auto"))
                    if on]
         if ignored:
             raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} how validation runs, and "
@@ -91,11 +112,15 @@ def cmd_export(args) -> int:
     from hmlstm.export.convert import ExportConfig, export
     from hmlstm.export.validate import ValidationError
 
+    tolerance = args.tolerance or _exported_tolerance(args.checkpoint) or DEFAULT_TOLERANCE
+    if args.tolerance is None and tolerance != DEFAULT_TOLERANCE and not args.no_validate:
+        print(f"validating at {tolerance:g}, the tolerance {args.checkpoint.name} was exported with (its card); "
+              "--tolerance sets another", file=sys.stderr)
     kw = dict(times=(1, 7, 333), batches=(1, 3)) if args.quick else {}
     if args.strict:
         kw["explain_factor"] = 0.0
     cfg = ExportConfig(opset=args.opset, validate=not args.no_validate, device=args.device,
-                       tolerance=args.tolerance, eval_text=args.eval_text, engines=engines, **kw)
+                       tolerance=tolerance, eval_text=args.eval_text, engines=engines, **kw)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="hmlstm-recovered-") as tmp:  # removed on Ctrl-C and SIGTERM too
         run, keep = args.checkpoint, None

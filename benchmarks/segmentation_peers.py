@@ -16,7 +16,7 @@ package is shown under both); they segment each run of letters and digits by a V
 the whole run (the delay is the sentence). The models decide each boundary causally, K characters after a
 word's first character (K = 0: on reading it).
 
-    pip install wordninja==2.0.0 wordsegment==1.3.1     # benchmark-only, never the server's
+    pip install '.[bench]'      # wordninja 2.0.0 and wordsegment 1.3.1: benchmark-only, never the server's
     python benchmarks/segmentation_peers.py [--model hmlstm/assets/default.onnx ...] [--write-docs]
 """
 

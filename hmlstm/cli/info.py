@@ -82,9 +82,7 @@ def cmd_info(args) -> int:
     if card.get("boundary_alignment"):
         lines.append("boundaries: " + ", ".join(f"layer {l} fires on a unit's {'first' if a == 'start' else 'last'} "
                                                 "character" for l, a in card["boundary_alignment"].items()))
-    learning = card.get("boundary_learning") or _learning(prov.get("train_config"), cfg)
-    if learning:
-        lines.append("learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items()))
+    lines += _learned(card.get("boundary_learning") or _learning(prov.get("train_config"), cfg))
     for layer, quality in sorted(_held_out_quality(path).items()):
         for q in quality:
             lines.append(f"layer {layer}, {q}")
@@ -96,6 +94,11 @@ def cmd_info(args) -> int:
                      f"{v.get('boundaries_compared', 0):,}")
     print("\n".join(lines))
     return 0
+
+
+def _learned(learning: dict[str, str]) -> list[str]:
+    """The line that says how each layer with a detector learned its boundaries (none without a detector)."""
+    return ["learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items())] if learning else []
 
 
 def _learning(train_config: dict | None, model_config: dict) -> dict[str, str]:
@@ -135,9 +138,7 @@ def _run_info(path: Path, as_json: bool) -> int:
                                                           if info.meta.get("preset") else "")]
     if info.meta.get("command"):
         lines.append(f"recipe: {info.meta['command']}")
-    learning = info.train.boundary_learning(m.num_detectors)
-    if learning:
-        lines.append("learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items()))
+    lines += _learned(info.train.boundary_learning(m.num_detectors))
     lines.append(f"trained: {metrics.get('step', 0):,} steps" + (f", validation BPC {bpc:.3f}" if bpc else "")
                  + (f"; checkpoints at steps {', '.join(map(str, steps[-3:]))}" if steps else "; no checkpoint yet"))
     for name, e in (metrics.get("boundary") or {}).items():

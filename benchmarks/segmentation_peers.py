@@ -112,7 +112,16 @@ def peer_starts(corpus: Corpus, split, punctuation: str = "own") -> np.ndarray:
     return pred
 
 
+def model_delay(path: Path) -> str:
+    from hmlstm.serving.model import load_model
+
+    k = load_model(path, "cpu", threads=1, spinning=False).lookahead
+    return f"{k} (look-ahead)" if k else "0 (causal)"
+
+
 def model_starts(path: Path, corpus: Corpus, layer: int = 1) -> np.ndarray:
+    """Where the model's layer says words start (run_model has already moved a look-ahead model's
+    boundaries back onto the characters they decide, running its padding steps at the end)."""
     from hmlstm.evaluation import run_model
 
     out = run_model(path, corpus.text)
@@ -172,9 +181,10 @@ def main() -> None:
         lines += [f"### {name}: {len(corpus.text):,} characters, words start at {truth.mean():.1%} of them", "",
                   "| segmenter | word-start F1 | P | R | chars/s | delay |", "|---|---:|---:|---:|---:|---|"]
         for path in models:
+            delay = model_delay(path)
             t0 = time.process_time()
             pred = model_starts(path, corpus)
-            lines.append(row(f"hmlstm `{path.name}`", pred, truth, time.process_time() - t0, "0 (causal)"))
+            lines.append(row(f"hmlstm `{path.name}`", pred, truth, time.process_time() - t0, delay))
             print(lines[-1], flush=True)
         for peer, split in (("wordninja 2.0", wordninja.split), ("wordsegment 1.3", wordsegment.segment)):
             for rule, said in (("own", "punctuation its own segment"), ("joined", "punctuation joins the word")):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hmlstm import boundary_scores
+from hmlstm import spec as io_spec
 from hmlstm.errors import UserError
 from hmlstm.model.data import Corpus, Vocabulary
 
@@ -64,6 +65,7 @@ def _run_onnx(path: Path, text: str, progress=None) -> Outputs:
     except ModelLoadError as e:
         raise UserError(str(e)) from None
     ids, unknown = model.vocab.encode_counting(text)
+    ids = _padded(ids, model.lookahead)
     state, logits, z = model.zero_state(1), [], []
     for i in range(0, len(ids), PIECE):
         piece = ids[None, i : i + PIECE]
@@ -73,7 +75,20 @@ def _run_onnx(path: Path, text: str, progress=None) -> Outputs:
         state = {model.state_map[k]: v for k, v in out.items() if k in model.state_map}
         if progress is not None:
             progress(i + piece.shape[1])
-    return Outputs(np.concatenate(logits), np.concatenate(z), model.vocab, unknown, dict(model.alignment))
+    return _decided(np.concatenate(logits), np.concatenate(z), model.lookahead, model.vocab, unknown,
+                    dict(model.alignment))
+
+
+def _padded(ids: np.ndarray, lookahead: int) -> np.ndarray:
+    """The text's ids, then the look-ahead's padding steps (as the server runs them at a stream's end)."""
+    return np.concatenate([ids, np.full(lookahead, io_spec.LOOKAHEAD_PAD_ID, ids.dtype)]) if lookahead else ids
+
+
+def _decided(logits: np.ndarray, z: np.ndarray, lookahead: int, *rest) -> Outputs:
+    """Outputs per character of the text: the logits of its steps, and the boundaries decided about each
+    character (a model with look-ahead K says them K steps later)."""
+    n = len(z) - lookahead
+    return Outputs(logits[:n], z[lookahead:], *rest)
 
 
 def _run_checkpoint(path: Path, text: str, progress=None) -> Outputs:
@@ -83,6 +98,7 @@ def _run_checkpoint(path: Path, text: str, progress=None) -> Outputs:
 
     net, info = load_network(path)
     ids, unknown = info.vocab.encode_counting(text)
+    ids = _padded(ids, info.train.lookahead)
     spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), net.initial_state(1))
 
     @tf.function(input_signature=[tf.TensorSpec([1, None], tf.int32), spec])
@@ -97,12 +113,10 @@ def _run_checkpoint(path: Path, text: str, progress=None) -> Outputs:
         z.append(b.numpy()[0])
         if progress is not None:
             progress(i + PIECE)
-    from hmlstm import spec as io_spec
-
     declared = io_spec.boundary_alignment(info.model.num_layers, info.model.top_boundary,
                                           info.train.start_aligned)
-    return Outputs(np.concatenate(logits), np.concatenate(z), info.vocab, unknown,
-                   {int(k): v for k, v in declared.items()})
+    return _decided(np.concatenate(logits), np.concatenate(z), info.train.lookahead, info.vocab, unknown,
+                    {int(k): v for k, v in declared.items()})
 
 
 def run_model(path: str | Path, text: str, log=None) -> Outputs:

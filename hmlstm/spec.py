@@ -45,6 +45,11 @@ META_PROVENANCE = "hmlstm.provenance"
 # segment's last character (the paper's reading); "start" = on the next segment's first
 # (a layer trained with --entropy-target, whose target is set one step after an entropy peak).
 META_ALIGNMENT = "hmlstm.boundary_alignment"
+# "K": the boundaries output at step t speak of character t-K (train --lookahead; "0" or absent: of
+# character t). A reader holds a stream's last K characters undecided, and decides them at its end by
+# running K more steps of LOOKAHEAD_PAD_ID.
+META_LOOKAHEAD = "hmlstm.lookahead"
+LOOKAHEAD_PAD_ID = 0  # the unknown character
 # {"embedding": {"axis": 0, "parts": ["<initializer>"]}, "layer2/kernel": {"axis": 1, "parts": ["<gate
 # columns>", "<boundary column>"]}, ..., "slope": 2.5}: where each weight lies in the file (its parts
 # joined along the axis), so that an export can be exported again exactly (export/recover.py). Files

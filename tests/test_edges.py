@@ -82,6 +82,16 @@ def text(tmp_path_factory):
      "--boundary-weight is the weight of a loss term, more than 0, got 0"),
     (["train", "synthetic", "--strip-whitespace", "--boundary-targets", "none,sentences"],
      "does not mark where its sentences are (it knows: words, phrases)"),
+    # look-ahead: a number of characters within bounds, and only for boundaries taught from the delimiters
+    (["train", "--lookahead", "-1"], "--lookahead is a number of characters from 0 to 16 (at most 16, and below"),
+    (["train", "--lookahead", "99999999999"], "--lookahead is a number of characters from 0 to 16"),
+    (["train", "--seq-len", "4", "--lookahead", "4"], "--lookahead is a number of characters from 0 to 3"),
+    (["train", "{text}", "--strip-whitespace", "--lookahead", "2"],
+     "--lookahead delays the boundaries taught from the delimiters, so every layer with a detector needs a unit"),
+    (["train", "{text}", "--strip-whitespace", "--boundary-targets", "words", "--lookahead", "1"],
+     "(here 2, e.g. words,phrases); a layer that learns its own boundaries decides them at once"),
+    (["train", "{text}", "--preset", "shipped", "--boundary-targets", "words", "--no-top-boundary",
+      "--layers", "3"], "(here 2, e.g. words,phrases)"),
     # 13. an SQLite store with no file
     (["serve", "--state-store", "sqlite:"], "--state-store sqlite:: name the database file"),
     (["serve", "--state-store", "sqlite::memory:"], "an in-memory SQLite database would make nothing durable"),
@@ -141,6 +151,7 @@ def test_a_preset_gives_way_to_the_flags_given_beside_it_and_what_depends_on_the
     assert args.boundary_targets == shipped["boundary_targets"]
     args = parse(["train", "--preset", "shipped", "--boundary-targets", "none", "--boundary-weight", "3"])
     assert args.boundary_targets == "none" and args.boundary_weight == 3  # off: the preset's targets go
+    assert args.lookahead == 0  # ... and the look-ahead that delays them
     args = parse(["train", "--preset", "shipped", "--entropy-target", "1", "--boundary-targets", "words"])
     assert args.entropy_target == 1 and args.boundary_targets == "words" and args.strip_whitespace
     args = parse(["train", "--preset", "shipped", "--no-top-boundary"])

@@ -23,6 +23,8 @@ client.DescribeModel({}, (err, info) => {
     for (const s of r.segments) {
       if (s.final) console.log(`layer ${s.layer} [${s.start}, ${s.end}) ${JSON.stringify(s.text)}`);
     }
+    // With look-ahead (info.lookahead_chars = K), boundaries are decided up to r.decided_chars, K behind
+    // r.processed_chars; the final response decides the rest.
     if (r.final) console.log(`done: ${r.processed_chars} characters`);
   });
   call.on("error", (e) => { console.error(`${grpc.status[e.code]}: ${e.details}`); process.exit(1); });

@@ -83,6 +83,7 @@ def cmd_info(args) -> int:
         lines.append("boundaries: " + ", ".join(f"layer {l} fires on a unit's {'first' if a == 'start' else 'last'} "
                                                 "character" for l, a in card["boundary_alignment"].items()))
     lines += _learned(card.get("boundary_learning") or _learning(prov.get("train_config"), cfg))
+    lines.append(_lookahead(card.get("lookahead_chars", (prov.get("train_config") or {}).get("lookahead", 0))))
     for layer, quality in sorted(_held_out_quality(path).items()):
         for q in quality:
             lines.append(f"layer {layer}, {q}")
@@ -99,6 +100,14 @@ def cmd_info(args) -> int:
 def _learned(learning: dict[str, str]) -> list[str]:
     """The line that says how each layer with a detector learned its boundaries (none without a detector)."""
     return ["learned: " + ", ".join(f"layer {l} {how}" for l, how in learning.items())] if learning else []
+
+
+def _lookahead(k: int) -> str:
+    """The line that says when a boundary is decided."""
+    if not k:
+        return "look-ahead: none (each boundary is decided as its character is read)"
+    return (f"look-ahead: {k} character{'s' if k > 1 else ''} (each boundary is decided {k} character"
+            f"{'s' if k > 1 else ''} after it; a stream's last {k} wait for more text or its end)")
 
 
 def _learning(train_config: dict | None, model_config: dict) -> dict[str, str]:
@@ -139,6 +148,7 @@ def _run_info(path: Path, as_json: bool) -> int:
     if info.meta.get("command"):
         lines.append(f"recipe: {info.meta['command']}")
     lines += _learned(info.train.boundary_learning(m.num_detectors))
+    lines.append(_lookahead(info.train.lookahead))
     lines.append(f"trained: {metrics.get('step', 0):,} steps" + (f", validation BPC {bpc:.3f}" if bpc else "")
                  + (f"; checkpoints at steps {', '.join(map(str, steps[-3:]))}" if steps else "; no checkpoint yet"))
     for name, e in (metrics.get("boundary") or {}).items():

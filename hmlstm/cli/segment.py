@@ -138,8 +138,9 @@ class _Original:
         return self.kept[start], self.kept[end - 1] + 1
 
 
-def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
-    """Print what ``r`` adds, in the original text; returns the sent characters printed."""
+def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker, lookahead: int = 0) -> int:
+    """Print what ``r`` adds, in the original text; returns the sent characters printed. With look-ahead,
+    only the characters whose boundaries are decided (``r.decided_chars``) are printed until the end."""
     import json
 
     if jsonl:
@@ -150,11 +151,13 @@ def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
                                   "sent_start": s.start, "sent_end": s.end, "sent_text": s.text},
                                  ensure_ascii=False), flush=True)
         return r.processed_chars
-    if r.processed_chars > printed:
-        b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-        marks = marker.marks(r.processed_chars - printed, printed, b)
+    upto = r.decided_chars if lookahead and not r.final else r.processed_chars
+    b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+    if upto > printed or b:
+        marks = marker.marks(max(0, upto - printed), printed, b)
+    if upto > printed:
         lo = orig.shown
-        text, out = orig.slice(lo, orig.kept[r.processed_chars - 1] + 1), []  # only what this response prints
+        text, out = orig.slice(lo, orig.kept[upto - 1] + 1), []  # only what this response prints
         for i, m in enumerate(marks):
             at = orig.kept[printed + i]
             out += [text[orig.shown - lo : at - lo], m, text[at - lo]]  # the delimiters before it, its mark, it
@@ -164,7 +167,7 @@ def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker) -> int:
         sys.stdout.write(orig.slice(orig.shown, orig.length) + marker.close())
         orig.shown = orig.length
     sys.stdout.flush()
-    return max(printed, r.processed_chars)
+    return max(printed, upto)
 
 
 def _note_stripping(chars: str, keep: bool) -> str:
@@ -337,7 +340,7 @@ def _segment(args) -> int:
     printed = 0
     if args.local:
         from hmlstm.serving.messages import response_pb
-        from hmlstm.serving.runner import process_chunk_sync
+        from hmlstm.serving.runner import finish_sync, process_chunk_sync
         from hmlstm.serving.stream import StreamState
 
         model = _load_model(args.model, "auto")
@@ -345,13 +348,13 @@ def _segment(args) -> int:
         layers = _layers_to_report(args.layers, model.boundary_layers)
         if not args.jsonl and layers:
             print(f"[{legend(layers, marks)}]", file=sys.stderr)
-        st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment)
+        st = StreamState(model.zero_state(1), layers, 0, alignment=model.alignment, lookahead=model.lookahead)
         marker = Marker(model.alignment, marks)
         for c in tee():
             r = response_pb(process_chunk_sync(model, st, st.processed, c, 4096))
             unknown[0] += r.unknown_chars
-            printed = _print_result(r, orig, args.jsonl, printed, marker)
-        _print_result(response_pb(st.finish()), orig, args.jsonl, printed, marker)
+            printed = _print_result(r, orig, args.jsonl, printed, marker, model.lookahead)
+        _print_result(response_pb(finish_sync(model, st)), orig, args.jsonl, printed, marker, model.lookahead)
         return done()
 
     import grpc
@@ -378,7 +381,7 @@ def _segment(args) -> int:
                 try:
                     for r in call:
                         unknown[0] += r.unknown_chars
-                        printed = _print_result(r, orig, args.jsonl, printed, marker)
+                        printed = _print_result(r, orig, args.jsonl, printed, marker, info.lookahead_chars)
                         acked, resumable, tries = r.processed_chars, r.durable, 0
                         sent.ack(acked)
                     break

@@ -63,6 +63,10 @@ def _add_train(sub) -> None:
                         "none turns a preset's off)")
     p.add_argument("--boundary-weight", type=float, default=1.0,
                    help="weight of the --boundary-targets loss beside the language model's")
+    p.add_argument("--lookahead", type=int, default=0, metavar="K",
+                   help="decide each boundary K characters after the first character of the unit it starts "
+                        "(0: at once); needs --boundary-targets for every layer with a detector. The server holds "
+                        "a stream's last K characters until more text or the end comes")
     p.add_argument("--strip-delimiters", default=None, metavar="CHARS",
                    help="train on the text with these characters removed, e.g. --strip-delimiters=' ' "
                         "('\\n' and '\\t' allowed); the removed positions are the boundary truth")
@@ -86,7 +90,7 @@ def _add_train(sub) -> None:
 # hmlstm/assets/default.onnx, as its card's provenance.command records it.
 PRESETS = {
     "shipped": {"strip_whitespace": True, "top_boundary": True, "boundary_targets": "words,phrases,sentences",
-                "steps": 10000, "seed": 0},
+                "lookahead": 3, "steps": 8500, "seed": 0},
 }
 
 
@@ -94,7 +98,7 @@ PRESETS = {
 # a flag given beside a preset replaces the preset's value of its whole group, and turning the head of a
 # group off (--entropy-target 0) drops the preset's values of the settings that depend on it.
 SAME_SETTING = (("strip_whitespace", "strip_delimiters"),)
-DEPENDS_ON = {"entropy_target": ("peak_fractions", "peak_window"), "boundary_targets": ("boundary_weight",)}
+DEPENDS_ON = {"entropy_target": ("peak_fractions", "peak_window"), "boundary_targets": ("boundary_weight", "lookahead")}
 
 
 def preset_settings(name: str, given: set[str], args) -> dict:
@@ -185,7 +189,7 @@ def cmd_train(args) -> int:
             entropy_target=args.entropy_target, peak_fractions=_floats(args.peak_fractions),
             peak_window=args.peak_window,
             boundary_targets=tuple(t.strip() for t in args.boundary_targets.split(",") if t.strip()),
-            boundary_weight=args.boundary_weight,
+            boundary_weight=args.boundary_weight, lookahead=args.lookahead,
         )
     except ValueError as e:
         raise UserError(f"{e}; fix the flag and run again") from None
@@ -196,10 +200,9 @@ def cmd_train(args) -> int:
     if cfg.peak_fractions and not cfg.entropy_target:
         raise UserError("--peak-fractions says which entropy peaks each layer is taught, which only --entropy-target "
                         "does; add --entropy-target (e.g. 1) or drop --peak-fractions")
-    if cfg.supervised_layers and cfg.supervised_layers[-1][0] >= detectors:
-        raise UserError(f"--boundary-targets gives layer {cfg.supervised_layers[-1][0] + 1} a target, but the model "
-                        f"has {detectors} layer(s) with a boundary detector; give fewer (--top-boundary gives the "
-                        "top layer one)")
+    problem = cfg.detector_problem(detectors)
+    if problem:
+        raise UserError(problem)
     if args.boundary_weight != 1.0 and not cfg.supervised_layers:
         raise UserError("--boundary-weight weighs the --boundary-targets loss; add --boundary-targets or drop it")
     _check_model_fits(args)

@@ -102,6 +102,7 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
     model.doc_string = spec.__doc__
     model.producer_name = "hmlstm"
     model.producer_version = hmlstm.__version__
+    trained = TrainConfig(**provenance.get("train_config") or {})
     meta = {
         spec.META_FORMAT: spec.FORMAT,
         spec.META_CONFIG: json.dumps(cfg.to_dict()),
@@ -111,9 +112,9 @@ def convert(network, vocab_chars: list[str], provenance: dict, opset: int = 17,
                                   "outputs": [s.to_dict() for s in outs]}),
         spec.META_VERSIONS: json.dumps(versions(opset)),
         spec.META_PROVENANCE: json.dumps(provenance, ensure_ascii=False),
-        spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(
-            cfg.num_layers, cfg.top_boundary,
-            TrainConfig(**provenance.get("train_config") or {}).start_aligned)),
+        spec.META_ALIGNMENT: json.dumps(spec.boundary_alignment(cfg.num_layers, cfg.top_boundary,
+                                                                trained.start_aligned)),
+        spec.META_LOOKAHEAD: json.dumps(trained.lookahead),
         spec.META_ENGINE: engine if optimized else "dense",
     }
     weights = weight_map(network, model)
@@ -243,6 +244,7 @@ def export(run_dir: str | Path, out: str | Path, config: ExportConfig = ExportCo
         "state_map": spec.state_map(info.model.num_layers), "versions": versions(config.opset),
         "boundary_alignment": meta[spec.META_ALIGNMENT],
         "boundary_learning": info.train.boundary_learning(info.model.num_detectors),
+        "lookahead_chars": info.train.lookahead,
         "engine": config.engines[0],
         "engines": {e: {"file": paths[e].name, "loop_body_nodes": loop_body_nodes(m), "size_bytes": len(data[e])}
                     for e, m in models.items()},

@@ -85,6 +85,7 @@ def config_text(meta: dict[str, str], name: str = MODEL_NAME, max_batch_size: in
     lines += ["}", "", f"instance_group [ {group} ]", ""]
     params = {"vocabulary": json.dumps(vocab, ensure_ascii=False),
               "boundary_alignment": meta.get(spec.META_ALIGNMENT, "{}"),
+              "lookahead_chars": meta.get(spec.META_LOOKAHEAD, "0"),
               "state_map": meta[spec.META_STATE_MAP], "hmlstm_format": meta[spec.META_FORMAT]}
     for key, value in params.items():
         lines += ["parameters {", f'  key: "{key}"', f"  value: {{ string_value: {json.dumps(value)} }}", "}"]

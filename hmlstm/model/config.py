@@ -66,6 +66,9 @@ class ModelConfig:
 
 
 BOUNDARY_UNITS = ("words", "phrases", "sentences")  # what --boundary-targets can teach a layer
+# The most characters of look-ahead a model may take: the server holds that many undecided characters per
+# stream and runs that many padding steps when a stream ends.
+MAX_LOOKAHEAD = 16
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class TrainConfig:
     # no layer is.
     boundary_targets: tuple[str, ...] = ()
     boundary_weight: float = 1.0  # weight of the supervised boundary loss
+    # Characters of look-ahead: the supervised detectors' output at step t is taught whether character t-K
+    # started a unit, so each boundary is decided K characters after the unit's first (0: at once, causal).
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -148,6 +154,23 @@ class TrainConfig:
             object.__setattr__(self, "boundary_targets", ())
         if not (math.isfinite(self.boundary_weight) and self.boundary_weight > 0):
             raise ValueError(f"--boundary-weight is the weight of a loss term, more than 0, got {self.boundary_weight}")
+        if not 0 <= self.lookahead <= min(MAX_LOOKAHEAD, self.seq_len - 1):
+            raise ValueError(f"--lookahead is a number of characters from 0 to {min(MAX_LOOKAHEAD, self.seq_len - 1)} "
+                             f"(at most {MAX_LOOKAHEAD}, and below --seq-len), got {self.lookahead}")
+
+    def detector_problem(self, detectors: int) -> str | None:
+        """What is wrong with the boundary settings for a model with ``detectors`` layers that have a detector
+        (None: nothing)."""
+        taught = self.supervised_layers
+        if taught and taught[-1][0] >= detectors:
+            return (f"--boundary-targets gives layer {taught[-1][0] + 1} a target, but the model has {detectors} "
+                    "layer(s) with a boundary detector; give fewer (--top-boundary gives the top layer one)")
+        if self.lookahead and len(taught) < detectors:
+            return (f"--lookahead delays the boundaries taught from the delimiters, so every layer with a detector "
+                    f"needs a unit in --boundary-targets (here {detectors}, e.g. "
+                    f"{','.join(BOUNDARY_UNITS[:detectors])}); a layer that learns its own boundaries decides them "
+                    "at once")
+        return None
 
     @property
     def target_fractions(self) -> tuple[float, ...]:

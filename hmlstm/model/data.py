@@ -465,6 +465,16 @@ def split(ids: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[:start], ids[start:]
 
 
+def delay(a: np.ndarray | None, k: int) -> np.ndarray | None:
+    """``a`` moved k rows later: row t holds row t-k, the first k rows are 0 (--lookahead's targets, where the
+    output at step t speaks of character t-k)."""
+    if a is None or not k:
+        return a
+    out = np.zeros_like(a)
+    out[k:] = a[: len(a) - k]
+    return out
+
+
 class StreamBatcher:
     """Cuts a token stream into ``batch_size`` parallel contiguous streams.
 

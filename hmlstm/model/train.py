@@ -24,7 +24,7 @@ from hmlstm import boundary_scores
 from hmlstm.errors import Terminated, UserError, first_line
 from hmlstm.model import checkpoint as run_io
 from hmlstm.model.config import ModelConfig, TrainConfig, dumps
-from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, split
+from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, delay, split
 from hmlstm.model.network import HMLSTMNetwork
 from hmlstm.model.optim import Adam
 
@@ -317,12 +317,13 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
                         "boundary detector; "
                         "give fewer, or --top-boundary to give the top layer one")
     supervised = cfg.supervised_layers
-    if supervised and supervised[-1][0] >= model.num_detectors:
-        raise UserError(f"--boundary-targets gives layer {supervised[-1][0] + 1} a target, but only "
-                        f"{model.num_detectors} layer(s) have a boundary detector; give fewer, or --top-boundary")
+    problem = cfg.detector_problem(model.num_detectors)
+    if problem:
+        raise UserError(problem)
     ids = vocab.encode(corpus.text)
     train_ids, val_ids = split(ids, corpus.held_out_start(cfg.val_fraction))
-    labels = corpus.unit_starts(tuple(u for _, u in supervised))[: len(train_ids)] if supervised else None
+    labels = delay(corpus.unit_starts(tuple(u for _, u in supervised)), cfg.lookahead)[: len(train_ids)] \
+        if supervised else None
     batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, labels)
     if len(val_ids) < 2 * (cfg.seq_len + 1):
         raise UserError(
@@ -391,6 +392,9 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         val_starts = np.zeros_like(val_truth)
         val_starts[1:] = val_truth[:-1]
     val_units = {k: v[len(train_ids):] for k, v in corpus.truths().items() if k != "words"}
+    if cfg.lookahead:  # the output at step t speaks of character t-K: score it against that one
+        val_truth, val_starts = delay(val_truth, cfg.lookahead), delay(val_starts, cfg.lookahead)
+        val_units = {k: delay(v, cfg.lookahead) for k, v in val_units.items()}
 
     def validate(step: int) -> float:
         bpc, z, pos = evaluate_stream(trainer.network, val_ids, cfg.batch_size, cfg.seq_len)

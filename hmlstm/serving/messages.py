@@ -25,7 +25,8 @@ def _fill(out, boundaries: dict[int, list[int]], segments) -> None:
 
 def response_pb(r: ChunkResult, durable: bool = False) -> pb.SegmentResponse:
     out = pb.SegmentResponse(chunk_offset=r.chunk_offset, processed_chars=r.processed_chars,
-                             duplicate=r.duplicate, unknown_chars=r.unknown_chars, final=r.final, durable=durable)
+                             duplicate=r.duplicate, unknown_chars=r.unknown_chars, final=r.final, durable=durable,
+                             decided_chars=r.decided_chars)
     _fill(out, r.boundaries, r.segments)
     add = out.next_chars.add
     for c, p in r.next_chars:
@@ -67,5 +68,5 @@ def model_info_pb(model: LoadedModel, max_chunk_chars: int, max_text_chars: int,
         max_chunk_chars=max_chunk_chars, max_text_chars=max_text_chars,
         trained_without=model.provenance.get("strip_delimiters") or "",
         boundary_alignment=[model.alignment[l] for l in model.boundary_layers],
-        worker=worker, worker_pid=os.getpid(),
+        worker=worker, worker_pid=os.getpid(), lookahead_chars=model.lookahead,
     )

@@ -43,6 +43,7 @@ class LoadedModel:
     state_map: dict[str, str]  # output name -> input name
     alignment: dict[int, str]  # boundary layer -> "end" (fires on a segment's last char) or "start" (next's first)
     engine: str = "dense"  # "sparse": layers >= 2 compute only their active rows (export/inference.py)
+    lookahead: int = 0  # the boundaries at step t speak of character t - lookahead (spec.META_LOOKAHEAD)
 
     @property
     def num_layers(self) -> int:
@@ -120,12 +121,15 @@ def load_model(path: str | Path | None = None, device: str = "auto", threads: in
         state_map = json.loads(meta[spec.META_STATE_MAP])
         provenance = json.loads(meta.get(spec.META_PROVENANCE, "{}"))
         alignment = {int(k): v for k, v in json.loads(meta.get(spec.META_ALIGNMENT, "{}")).items()}
-    except (KeyError, ValueError) as e:
+        lookahead = int(json.loads(meta.get(spec.META_LOOKAHEAD, "0")))
+        if lookahead < 0:
+            raise ValueError(f"look-ahead {lookahead}")
+    except (KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: hmlstm metadata is incomplete or corrupt ({e})") from None
     n = len(config["num_units"])
     detectors = range(1, n + 1 if config.get("top_boundary") else n)
     alignment = {l: alignment.get(l, "end") for l in detectors}  # models exported before alignment: "end"
-    return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held)
+    return LoadedModel(path, rt, vocab, config, provenance, state_map, alignment, held, lookahead)
 
 
 def _graph_to_open(path: Path, engine: str, device: str) -> tuple[Path, dict]:

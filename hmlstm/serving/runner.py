@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from hmlstm import spec
 from hmlstm.serving.device_state import Binder, host_state, reusable
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.stream import ChunkResult, StreamState
@@ -27,7 +28,8 @@ def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
     if len(results) == 1:  # one piece (the usual case): already in order
         return results[0]
     last = results[-1]
-    merged = ChunkResult(chunk_offset, last.processed_chars, next_chars=last.next_chars)
+    merged = ChunkResult(chunk_offset, last.processed_chars, next_chars=last.next_chars,
+                         decided_chars=last.decided_chars)
     for r in results:
         for layer, offs in r.boundaries.items():
             merged.boundaries.setdefault(layer, []).extend(offs)
@@ -41,6 +43,15 @@ def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
 def _inputs(model: LoadedModel, piece: str):
     ids, unknown = model.vocab.encode_counting(piece)
     return ids[None, :], np.array([len(piece)], np.int32), unknown
+
+
+def _padding(steps: int):
+    """The look-ahead's padding steps at a stream's end (StreamState.finish)."""
+    return np.full((1, steps), spec.LOOKAHEAD_PAD_ID, np.int32), np.array([steps], np.int32)
+
+
+def finish_sync(model: LoadedModel, st: StreamState) -> ChunkResult:
+    return st.finish(model.run(*_padding(st.padding), st.state) if st.padding else None)
 
 
 def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, new_text: str,
@@ -82,6 +93,10 @@ class Runner:
                                     self.model.vocab.chars))
         st.checkpoint(new_text)
         return _merge(results, chunk_offset)
+
+    async def finish(self, st: StreamState) -> ChunkResult:
+        """The stream's final result, after deciding what its look-ahead left undecided."""
+        return st.finish(await self.run(*_padding(st.padding), st.state) if st.padding else None)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

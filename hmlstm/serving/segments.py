@@ -9,6 +9,11 @@ the text of the oldest open segment so a closed segment can carry its text
 even when it began chunks ago. A segment that reaches ``max_segment_chars``
 without a boundary is closed there (so memory per stream stays bounded);
 this depends only on positions, so every chunking gives the same segments.
+
+A model with look-ahead K (train --lookahead) outputs at step t the boundaries
+of character t - K: the tracker decides offsets up to ``decided`` = end - K,
+holds the last K characters undecided, and decides them at ``flush`` from the
+boundaries of K padding steps run after the stream's end.
 """
 
 from __future__ import annotations
@@ -39,27 +44,32 @@ MAX_SEGMENT_CHARS = 65_536
 
 class SegmentTracker:
     def __init__(self, layers: list[int], max_segment_chars: int = MAX_SEGMENT_CHARS,
-                 alignment: dict[int, str] | None = None):
+                 alignment: dict[int, str] | None = None, lookahead: int = 0):
         self.layers = list(layers)
         self.max_segment_chars = max_segment_chars
         self.alignment = {l: (alignment or {}).get(l, "end") for l in self.layers}
+        self.lookahead = lookahead
         self._columns = [l - 1 for l in self.layers]
         self.open_start = {l: 0 for l in self.layers}
         self._buffer = ""  # text from offset self._buffer_start on
         self._buffer_start = 0
         self.end = 0  # characters fed so far
+        self.decided = 0  # characters whose boundaries are known: end - lookahead (at least 0) until the flush
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "max_segment_chars": self.max_segment_chars,
                 "alignment": {str(k): v for k, v in self.alignment.items()},
                 "open_start": {str(k): v for k, v in self.open_start.items()}, "buffer": self._buffer,
-                "buffer_start": self._buffer_start, "end": self.end}
+                "buffer_start": self._buffer_start, "end": self.end, "lookahead": self.lookahead,
+                "decided": self.decided}
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmentTracker:
-        t = cls(d["layers"], d["max_segment_chars"], {int(k): v for k, v in d.get("alignment", {}).items()})
+        t = cls(d["layers"], d["max_segment_chars"], {int(k): v for k, v in d.get("alignment", {}).items()},
+                d.get("lookahead", 0))  # records written before look-ahead: none
         t.open_start = {int(k): v for k, v in d["open_start"].items()}
         t._buffer, t._buffer_start, t.end = d["buffer"], d["buffer_start"], d["end"]
+        t.decided = d.get("decided", t.end)
         return t
 
     def copy(self) -> SegmentTracker:
@@ -74,17 +84,25 @@ class SegmentTracker:
         return self._buffer[start - self._buffer_start : end - self._buffer_start]
 
     def feed(self, offset: int, text: str, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
-        """Add a chunk; z [len(text), L] holds every layer's 0/1 boundary per character.
+        """Add a chunk; z [len(text), L] holds every layer's 0/1 boundary per step of the chunk (of the
+        character ``lookahead`` steps earlier).
 
-        Returns (boundary offsets per reported layer, segments closed, per layer in order).
+        Returns (boundary offsets per reported layer, segments closed, per layer in order), for the
+        characters this chunk decided.
         """
         if offset != self.end:
             raise ValueError(f"chunk at offset {offset}, but {self.end} characters were fed")
         if len(text) != z.shape[0]:
             raise ValueError(f"{len(text)} characters but {z.shape[0]} boundary rows")
-        buffer = self._buffer + text
-        base = self._buffer_start
-        end = self.end = offset + len(text)
+        self._buffer += text
+        self.end = offset + len(text)
+        first = self.decided + self.lookahead - offset  # the row of the first undecided character
+        return self._decide(z[first : first + max(0, self.end - self.lookahead) - self.decided])
+
+    def _decide(self, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
+        """Decide the characters from ``decided`` on, one per row of z."""
+        buffer, base, offset = self._buffer, self._buffer_start, self.decided
+        end = self.decided = offset + len(z)
         limit = self.max_segment_chars
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
@@ -105,20 +123,35 @@ class SegmentTracker:
                     closed.append(Span(l, start, c, buffer[start - base : c - base], True))
                     start = c
             self.open_start[l] = start
-        keep_from = min(self.open_start.values(), default=end)
+        keep_from = min(self.open_start.values(), default=end)  # open segments, and the undecided characters
         self._buffer = buffer[keep_from - base :]
         self._buffer_start = keep_from
         return boundaries, closed
 
     def open_spans(self) -> list[Span]:
-        """The segment still open in each layer: its span so far, no text."""
-        return [Span(l, s, self.end, "", False) for l, s in self.open_start.items() if s < self.end]
+        """The segment still open in each layer: its span so far (to ``decided``), no text."""
+        return [Span(l, s, self.decided, "", False) for l, s in self.open_start.items() if s < self.decided]
 
-    def flush(self) -> list[Span]:
-        """End of stream: close every open segment."""
-        spans = [Span(l, s, self.end, self._text(s, self.end), True)
-                 for l, s in self.open_start.items() if s < self.end]
+    @property
+    def undecided(self) -> int:
+        """Characters fed whose boundaries wait for look-ahead."""
+        return self.end - self.decided
+
+    def flush(self, z_pad: np.ndarray | None = None) -> tuple[dict[int, list[int]], list[Span]]:
+        """End of stream: decide the undecided characters from ``z_pad``, the boundaries of ``lookahead``
+        padding steps run after the last character (needed only while some are undecided), then close every
+        open segment. Returns the boundaries decided and the segments closed, per layer in order."""
+        boundaries: dict[int, list[int]] = {}
+        closed: list[Span] = []
+        if self.undecided:
+            if z_pad is None or len(z_pad) != self.lookahead:
+                raise ValueError(f"{self.undecided} undecided character(s) need the boundaries of "
+                                 f"{self.lookahead} padding steps")
+            boundaries, closed = self._decide(z_pad[self.lookahead - self.undecided :])
+        closed += [Span(l, s, self.end, self._text(s, self.end), True)
+                   for l, s in self.open_start.items() if s < self.end]
+        closed.sort(key=lambda s: s.layer)  # stable: each layer's in stream order
         for l in self.open_start:
             self.open_start[l] = self.end
         self._buffer, self._buffer_start = "", self.end
-        return spans
+        return boundaries, closed

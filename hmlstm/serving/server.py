@@ -216,7 +216,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 await self._take_over(cfg.stream_id)
             st = self.registry.open(
                 lambda: StreamState(self.model.zero_state(1), layers, cfg.top_k, cfg.stream_id,
-                                    alignment=self.model.alignment), cfg.stream_id,
+                                    alignment=self.model.alignment, lookahead=self.model.lookahead), cfg.stream_id,
                 cfg.resume, cfg.resume_offset)
             st.claim(asyncio.current_task(), asyncio.Event())
             st.context = context
@@ -260,7 +260,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             # The stream is forgotten only once the final response went out: a cancel can
             # look like a half-close, and then the stream must stay resumable.
             st.wait("write")
-            yield messages.response_pb(st.finish())
+            yield messages.response_pb(await self.runner.finish(st))
             st.wait("")
             finished = not context.cancelled()
             if finished and durable:
@@ -307,17 +307,18 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                                   f"of {self.max_text_chars:,} (ModelInfo.max_text_chars); use StreamSegment")
         except StreamError as e:
             await self._fail(context, e.code, str(e))
-        st = StreamState(self.model.zero_state(1), layers, 0, alignment=self.model.alignment)
+        st = StreamState(self.model.zero_state(1), layers, 0, alignment=self.model.alignment,
+                         lookahead=self.model.lookahead)
         results = []
         try:
             if request.text:
                 results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))
                 self.metrics.chars.inc(len(request.text))
+            results.append(await self.runner.finish(st))
         except asyncio.CancelledError:  # the client's deadline passed, or it cancelled or went away
             left = context.time_remaining()
             self.metrics.errors.labels("DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED").inc()
             raise
-        results.append(st.finish())
         return messages.text_response_pb(results, len(request.text))
 
     async def DescribeModel(self, request, context):

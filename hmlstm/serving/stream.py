@@ -36,6 +36,7 @@ class ChunkResult:
     next_chars: list[tuple[str, float]] = field(default_factory=list)
     unknown_chars: int = 0
     final: bool = False
+    decided_chars: int = 0  # boundaries are known up to here (processed_chars less the model's look-ahead)
 
 
 def top_k_chars(logits: np.ndarray, chars: list[str], k: int) -> list[tuple[str, float]]:
@@ -57,12 +58,12 @@ class StreamState:
 
     def __init__(self, state: dict[str, np.ndarray], layers: list[int], top_k: int, stream_id: str = "",
                  max_segment_chars: int = MAX_SEGMENT_CHARS, replay_depth: int = REPLAY_DEPTH,
-                 alignment: dict[int, str] | None = None):
+                 alignment: dict[int, str] | None = None, lookahead: int = 0):
         self.state = state  # model state inputs, each [1, ...]; replaced, never changed in place
         self.layers = layers
         self.top_k = top_k
         self.stream_id = stream_id
-        self.tracker = SegmentTracker(layers, max_segment_chars, alignment)
+        self.tracker = SegmentTracker(layers, max_segment_chars, alignment, lookahead)
         self.processed = 0
         self.attached = True
         self.last_seen = time.monotonic()
@@ -182,15 +183,26 @@ class StreamState:
         boundaries, closed = self.tracker.feed(start, new_text, z)
         self.processed = start + n
         result = ChunkResult(chunk_offset, self.processed, False, boundaries, closed + self.tracker.open_spans(),
-                             unknown_chars=unknown)
+                             unknown_chars=unknown, decided_chars=self.tracker.decided)
         result.next_chars = top_k_chars(outputs[spec.LOGITS][0, n - 1], chars, self.top_k)
         return result
 
     def duplicate(self, chunk_offset: int) -> ChunkResult:
-        return ChunkResult(chunk_offset, self.processed, duplicate=True)
+        return ChunkResult(chunk_offset, self.processed, duplicate=True, decided_chars=self.tracker.decided)
 
-    def finish(self) -> ChunkResult:
-        return ChunkResult(self.processed, self.processed, segments=self.tracker.flush(), final=True)
+    @property
+    def padding(self) -> int:
+        """Padding steps the end of the stream must run for the characters still undecided (0: none)."""
+        return self.tracker.lookahead if self.tracker.undecided else 0
+
+    def finish(self, outputs: dict[str, np.ndarray] | None = None) -> ChunkResult:
+        """The final result. ``outputs``: the model's outputs for ``padding`` steps of spec.LOOKAHEAD_PAD_ID run
+        from the stream's state, where look-ahead left characters undecided (the state they lead to is not
+        kept: the stream ends, and a resume rewinds to a checkpoint)."""
+        z = None if outputs is None else outputs[spec.BOUNDARIES][0, : self.padding]
+        boundaries, segments = self.tracker.flush(z)
+        return ChunkResult(self.processed, self.processed, boundaries=boundaries, segments=segments, final=True,
+                           decided_chars=self.processed)
 
 
 class StreamRegistry:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hmlstm/v1/segmenter.proto\x12\thmlstm.v1\"j\n\x0eSegmentRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.hmlstm.v1.StreamConfigH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.hmlstm.v1.TextChunkH\x00\x42\x06\n\x04kind\"g\n\x0cStreamConfig\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\x0e\n\x06resume\x18\x04 \x01(\x08\x12\x15\n\rresume_offset\x18\x05 \x01(\x04\")\n\tTextChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x90\x02\n\x0fSegmentResponse\x12\x14\n\x0c\x63hunk_offset\x18\x01 \x01(\x04\x12\x17\n\x0fprocessed_chars\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12.\n\nboundaries\x18\x04 \x03(\x0b\x32\x1a.hmlstm.v1.LayerBoundaries\x12$\n\x08segments\x18\x05 \x03(\x0b\x32\x12.hmlstm.v1.Segment\x12.\n\nnext_chars\x18\x06 \x03(\x0b\x32\x1a.hmlstm.v1.CharProbability\x12\x15\n\runknown_chars\x18\x07 \x01(\r\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x0f\n\x07\x64urable\x18\t \x01(\x08\"1\n\x0fLayerBoundaries\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07offsets\x18\x02 \x03(\x04\"Q\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"4\n\x0f\x43harProbability\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"2\n\x12SegmentTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\"\x91\x01\n\x13SegmentTextResponse\x12.\n\nboundaries\x18\x01 \x03(\x0b\x32\x1a.hmlstm.v1.LayerBoundaries\x12$\n\x08segments\x18\x02 \x03(\x0b\x32\x12.hmlstm.v1.Segment\x12\x15\n\runknown_chars\x18\x03 \x01(\r\x12\r\n\x05\x63hars\x18\x04 \x01(\x04\"\x16\n\x14\x44\x65scribeModelRequest\"\xe6\x02\n\tModelInfo\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05units\x18\x03 \x03(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0ctop_boundary\x18\x05 \x01(\x08\x12\x17\n\x0f\x62oundary_layers\x18\x06 \x03(\r\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t\x12\x19\n\x11model_config_json\x18\t \x01(\t\x12\x17\n\x0fprovenance_json\x18\n \x01(\t\x12\x17\n\x0fmax_chunk_chars\x18\x0b \x01(\r\x12\x16\n\x0emax_text_chars\x18\x0c \x01(\r\x12\x17\n\x0ftrained_without\x18\r \x01(\t\x12\x1a\n\x12\x62oundary_alignment\x18\x0e \x03(\t\x12\x0e\n\x06worker\x18\x0f \x01(\r\x12\x12\n\nworker_pid\x18\x10 \x01(\r2\xe9\x01\n\tSegmenter\x12J\n\rStreamSegment\x12\x19.hmlstm.v1.SegmentRequest\x1a\x1a.hmlstm.v1.SegmentResponse(\x01\x30\x01\x12H\n\x07Segment\x12\x1d.hmlstm.v1.SegmentTextRequest\x1a\x1e.hmlstm.v1.SegmentTextResponse\x12\x46\n\rDescribeModel\x12\x1f.hmlstm.v1.DescribeModelRequest\x1a\x14.hmlstm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hmlstm/v1/segmenter.proto\x12\thmlstm.v1\"j\n\x0eSegmentRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.hmlstm.v1.StreamConfigH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.hmlstm.v1.TextChunkH\x00\x42\x06\n\x04kind\"g\n\x0cStreamConfig\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\x0e\n\x06resume\x18\x04 \x01(\x08\x12\x15\n\rresume_offset\x18\x05 \x01(\x04\")\n\tTextChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xa7\x02\n\x0fSegmentResponse\x12\x14\n\x0c\x63hunk_offset\x18\x01 \x01(\x04\x12\x17\n\x0fprocessed_chars\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12.\n\nboundaries\x18\x04 \x03(\x0b\x32\x1a.hmlstm.v1.LayerBoundaries\x12$\n\x08segments\x18\x05 \x03(\x0b\x32\x12.hmlstm.v1.Segment\x12.\n\nnext_chars\x18\x06 \x03(\x0b\x32\x1a.hmlstm.v1.CharProbability\x12\x15\n\runknown_chars\x18\x07 \x01(\r\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x0f\n\x07\x64urable\x18\t \x01(\x08\x12\x15\n\rdecided_chars\x18\n \x01(\x04\"1\n\x0fLayerBoundaries\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07offsets\x18\x02 \x03(\x04\"Q\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"4\n\x0f\x43harProbability\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"2\n\x12SegmentTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\"\x91\x01\n\x13SegmentTextResponse\x12.\n\nboundaries\x18\x01 \x03(\x0b\x32\x1a.hmlstm.v1.LayerBoundaries\x12$\n\x08segments\x18\x02 \x03(\x0b\x32\x12.hmlstm.v1.Segment\x12\x15\n\runknown_chars\x18\x03 \x01(\r\x12\r\n\x05\x63hars\x18\x04 \x01(\x04\"\x16\n\x14\x44\x65scribeModelRequest\"\xff\x02\n\tModelInfo\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05units\x18\x03 \x03(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0ctop_boundary\x18\x05 \x01(\x08\x12\x17\n\x0f\x62oundary_layers\x18\x06 \x03(\r\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t\x12\x19\n\x11model_config_json\x18\t \x01(\t\x12\x17\n\x0fprovenance_json\x18\n \x01(\t\x12\x17\n\x0fmax_chunk_chars\x18\x0b \x01(\r\x12\x16\n\x0emax_text_chars\x18\x0c \x01(\r\x12\x17\n\x0ftrained_without\x18\r \x01(\t\x12\x1a\n\x12\x62oundary_alignment\x18\x0e \x03(\t\x12\x0e\n\x06worker\x18\x0f \x01(\r\x12\x12\n\nworker_pid\x18\x10 \x01(\r\x12\x17\n\x0flookahead_chars\x18\x11 \x01(\r2\xe9\x01\n\tSegmenter\x12J\n\rStreamSegment\x12\x19.hmlstm.v1.SegmentRequest\x1a\x1a.hmlstm.v1.SegmentResponse(\x01\x30\x01\x12H\n\x07Segment\x12\x1d.hmlstm.v1.SegmentTextRequest\x1a\x1e.hmlstm.v1.SegmentTextResponse\x12\x46\n\rDescribeModel\x12\x1f.hmlstm.v1.DescribeModelRequest\x1a\x14.hmlstm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTCHUNK']._serialized_start=253
   _globals['_TEXTCHUNK']._serialized_end=294
   _globals['_SEGMENTRESPONSE']._serialized_start=297
-  _globals['_SEGMENTRESPONSE']._serialized_end=569
-  _globals['_LAYERBOUNDARIES']._serialized_start=571
-  _globals['_LAYERBOUNDARIES']._serialized_end=620
-  _globals['_SEGMENT']._serialized_start=622
-  _globals['_SEGMENT']._serialized_end=703
-  _globals['_CHARPROBABILITY']._serialized_start=705
-  _globals['_CHARPROBABILITY']._serialized_end=757
-  _globals['_SEGMENTTEXTREQUEST']._serialized_start=759
-  _globals['_SEGMENTTEXTREQUEST']._serialized_end=809
-  _globals['_SEGMENTTEXTRESPONSE']._serialized_start=812
-  _globals['_SEGMENTTEXTRESPONSE']._serialized_end=957
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=959
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=981
-  _globals['_MODELINFO']._serialized_start=984
-  _globals['_MODELINFO']._serialized_end=1342
-  _globals['_SEGMENTER']._serialized_start=1345
-  _globals['_SEGMENTER']._serialized_end=1578
+  _globals['_SEGMENTRESPONSE']._serialized_end=592
+  _globals['_LAYERBOUNDARIES']._serialized_start=594
+  _globals['_LAYERBOUNDARIES']._serialized_end=643
+  _globals['_SEGMENT']._serialized_start=645
+  _globals['_SEGMENT']._serialized_end=726
+  _globals['_CHARPROBABILITY']._serialized_start=728
+  _globals['_CHARPROBABILITY']._serialized_end=780
+  _globals['_SEGMENTTEXTREQUEST']._serialized_start=782
+  _globals['_SEGMENTTEXTREQUEST']._serialized_end=832
+  _globals['_SEGMENTTEXTRESPONSE']._serialized_start=835
+  _globals['_SEGMENTTEXTRESPONSE']._serialized_end=980
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=982
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1004
+  _globals['_MODELINFO']._serialized_start=1007
+  _globals['_MODELINFO']._serialized_end=1390
+  _globals['_SEGMENTER']._serialized_start=1393
+  _globals['_SEGMENTER']._serialized_end=1626
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class TextChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("chunk_offset", "processed_chars", "duplicate", "boundaries", "segments", "next_chars", "unknown_chars", "final", "durable")
+    __slots__ = ("chunk_offset", "processed_chars", "duplicate", "boundaries", "segments", "next_chars", "unknown_chars", "final", "durable", "decided_chars")
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_CHARS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class SegmentResponse(_message.Message):
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_CHARS_FIELD_NUMBER: _ClassVar[int]
     chunk_offset: int
     processed_chars: int
     duplicate: bool
@@ -56,7 +57,8 @@ class SegmentResponse(_message.Message):
     unknown_chars: int
     final: bool
     durable: bool
-    def __init__(self, chunk_offset: _Optional[int] = ..., processed_chars: _Optional[int] = ..., duplicate: _Optional[bool] = ..., boundaries: _Optional[_Iterable[_Union[LayerBoundaries, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_chars: _Optional[_Iterable[_Union[CharProbability, _Mapping]]] = ..., unknown_chars: _Optional[int] = ..., final: _Optional[bool] = ..., durable: _Optional[bool] = ...) -> None: ...
+    decided_chars: int
+    def __init__(self, chunk_offset: _Optional[int] = ..., processed_chars: _Optional[int] = ..., duplicate: _Optional[bool] = ..., boundaries: _Optional[_Iterable[_Union[LayerBoundaries, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_chars: _Optional[_Iterable[_Union[CharProbability, _Mapping]]] = ..., unknown_chars: _Optional[int] = ..., final: _Optional[bool] = ..., durable: _Optional[bool] = ..., decided_chars: _Optional[int] = ...) -> None: ...
 
 class LayerBoundaries(_message.Message):
     __slots__ = ("layer", "offsets")
@@ -113,7 +115,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("format", "num_layers", "units", "vocab_size", "top_boundary", "boundary_layers", "providers", "model_path", "model_config_json", "provenance_json", "max_chunk_chars", "max_text_chars", "trained_without", "boundary_alignment", "worker", "worker_pid")
+    __slots__ = ("format", "num_layers", "units", "vocab_size", "top_boundary", "boundary_layers", "providers", "model_path", "model_config_json", "provenance_json", "max_chunk_chars", "max_text_chars", "trained_without", "boundary_alignment", "worker", "worker_pid", "lookahead_chars")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,7 @@ class ModelInfo(_message.Message):
     BOUNDARY_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_CHARS_FIELD_NUMBER: _ClassVar[int]
     format: str
     num_layers: int
     units: _containers.RepeatedScalarFieldContainer[int]
@@ -146,4 +149,5 @@ class ModelInfo(_message.Message):
     boundary_alignment: _containers.RepeatedScalarFieldContainer[str]
     worker: int
     worker_pid: int
-    def __init__(self, format: _Optional[str] = ..., num_layers: _Optional[int] = ..., units: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., top_boundary: _Optional[bool] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., providers: _Optional[_Iterable[str]] = ..., model_path: _Optional[str] = ..., model_config_json: _Optional[str] = ..., provenance_json: _Optional[str] = ..., max_chunk_chars: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., trained_without: _Optional[str] = ..., boundary_alignment: _Optional[_Iterable[str]] = ..., worker: _Optional[int] = ..., worker_pid: _Optional[int] = ...) -> None: ...
+    lookahead_chars: int
+    def __init__(self, format: _Optional[str] = ..., num_layers: _Optional[int] = ..., units: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., top_boundary: _Optional[bool] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., providers: _Optional[_Iterable[str]] = ..., model_path: _Optional[str] = ..., model_config_json: _Optional[str] = ..., provenance_json: _Optional[str] = ..., max_chunk_chars: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., trained_without: _Optional[str] = ..., boundary_alignment: _Optional[_Iterable[str]] = ..., worker: _Optional[int] = ..., worker_pid: _Optional[int] = ..., lookahead_chars: _Optional[int] = ...) -> None: ...

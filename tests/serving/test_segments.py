@@ -19,7 +19,7 @@ def run(chunks, max_chars=1000, alignment=None):
             bounds[l] += b[l]
         closed += c
         pos += size
-    return bounds, sorted(closed + tr.flush(), key=lambda s: (s.layer, s.start))
+    return bounds, sorted(closed + tr.flush()[1], key=lambda s: (s.layer, s.start))
 
 
 def test_segments_and_boundaries():
@@ -48,7 +48,7 @@ def test_a_start_aligned_boundary_on_the_first_character_makes_no_empty_segment(
     z = np.zeros((6, 1))
     z[[0, 3], 0] = 1
     _, closed = tr.feed(0, "thecat", z)
-    assert [s.text for s in closed + tr.flush()] == ["the", "cat"]
+    assert [s.text for s in closed + tr.flush()[1]] == ["the", "cat"]
 
 
 def test_alignment_survives_the_persistent_form():
@@ -187,7 +187,7 @@ def test_a_segment_that_reaches_the_limit_exactly_is_closed_at_once():
     tr = SegmentTracker([1], max_segment_chars=4)
     _, closed = tr.feed(0, "abcd", np.zeros((4, 1)))
     assert [(s.start, s.end, s.text, s.final) for s in closed] == [(0, 4, "abcd", True)]
-    assert tr.open_spans() == [] and tr.flush() == []
+    assert tr.open_spans() == [] and tr.flush() == ({}, [])
 
 
 def test_no_empty_segment_is_open_or_flushed_after_a_boundary_on_the_last_character():
@@ -196,7 +196,7 @@ def test_no_empty_segment_is_open_or_flushed_after_a_boundary_on_the_last_charac
     z[3] = 1  # "abcd" closes at its last character: nothing is open
     _, closed = tr.feed(0, "abcd", z)
     assert [s.text for s in closed] == ["abcd"]
-    assert tr.open_spans() == [] and tr.flush() == []
+    assert tr.open_spans() == [] and tr.flush() == ({}, [])
 
 
 def test_flush_reads_the_open_text_after_the_buffer_has_moved_on():
@@ -207,7 +207,7 @@ def test_flush_reads_the_open_text_after_the_buffer_has_moved_on():
     tr.feed(0, TEXT[:8], z[:8])
     tr.feed(8, TEXT[8:], z[8:])
     assert tr._buffer_start == 6
-    assert [(s.start, s.end, s.text) for s in tr.flush()] == [(6, 10, "ghij")]
+    assert [(s.start, s.end, s.text) for s in tr.flush()[1]] == [(6, 10, "ghij")]
 
 
 def test_a_refused_rewind_changes_nothing_and_what_it_names_as_held_stays_resumable(tiny_model):
@@ -262,3 +262,56 @@ def test_a_detached_stream_is_forgotten_only_after_the_idle_timeout():
     reg.detach(st, finished=False)
     assert reg.expire(now=st.last_seen + 30) == 0 and reg.held("idle")
     assert reg.expire(now=st.last_seen + 61) == 1 and not reg.held("idle")
+
+
+def _lookahead_run(z_steps, z_pad, chunks, k, max_chars, roundtrip=False):
+    """Feed TEXT in ``chunks`` to a tracker with look-ahead k (z_steps: the model's rows per step, z_pad: its
+    rows for the k padding steps), optionally through the persistent form after every chunk."""
+    tr = SegmentTracker([1, 2], max_chars, {1: "start", 2: "end"}, lookahead=k)
+    bounds, closed, decided, pos = {1: [], 2: []}, [], [], 0
+    for size in chunks:
+        b, c = tr.feed(pos, TEXT[pos : pos + size], z_steps[pos : pos + size])
+        pos += size
+        for l in b:
+            bounds[l] += b[l]
+        closed += c
+        decided.append(tr.decided)
+        assert tr.decided == max(0, pos - k) and all(s.end <= tr.decided for s in tr.open_spans())
+        if roundtrip:
+            tr = SegmentTracker.from_dict(tr.to_dict()).copy()
+    b, c = tr.flush(z_pad)
+    for l in b:
+        bounds[l] += b[l]
+    return bounds, sorted(closed + c, key=lambda s: (s.layer, s.start)), decided
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])  # 12: more than the whole text
+@pytest.mark.parametrize("chunks", [[10], [1] * 10, [3, 3, 4], [2, 8], [7, 1, 2]])
+@pytest.mark.parametrize("max_chars", [1000, 3])
+def test_look_ahead_decides_each_character_k_steps_later_whatever_the_chunking(k, chunks, max_chars):
+    """A model with look-ahead k outputs at step t the boundaries of character t - k (and the last k come from
+    padding steps after the end): any chunking, and a save and load after every chunk, gives exactly what
+    a tracker without look-ahead gives on the rows realigned to their characters."""
+    rng = np.random.default_rng(k * 100 + len(chunks))
+    decided_rows = (rng.random((10, 2)) < 0.35).astype(float)
+    steps = np.concatenate([np.zeros((k, 2)), decided_rows])  # step t says what row t - k decided
+    z_steps, z_pad = steps[:10], steps[10:]
+    assert len(z_pad) == k
+    tr = SegmentTracker([1, 2], max_chars, {1: "start", 2: "end"})
+    b, c = tr.feed(0, TEXT, decided_rows)
+    want = (b, sorted(c + tr.flush()[1], key=lambda s: (s.layer, s.start)))
+    for roundtrip in (False, True):
+        bounds, spans, _ = _lookahead_run(z_steps, z_pad, chunks, k, max_chars, roundtrip)
+        assert (bounds, spans) == want
+        assert "".join(s.text for s in spans if s.layer == 1) == TEXT
+
+
+def test_the_end_of_a_stream_with_undecided_characters_needs_the_padding_steps():
+    tr = SegmentTracker([1], lookahead=2)
+    tr.feed(0, "abc", np.zeros((3, 1)))
+    assert (tr.decided, tr.undecided) == (1, 2)
+    with pytest.raises(ValueError, match="2 undecided character.*2 padding steps"):
+        tr.flush()
+    tr2 = SegmentTracker([1], lookahead=2)  # a record written before look-ahead loads as a model without it
+    old = {k: v for k, v in tr2.to_dict().items() if k not in ("lookahead", "decided")}
+    assert SegmentTracker.from_dict(old).lookahead == 0

@@ -9,7 +9,9 @@ held-out part (word-start F1). Prints one JSON line per K.
 
     python benchmarks/lookahead_probe.py --k 0 2 [--steps 1500]
 
-Not a product path: `hmlstm train` has no look-ahead, and the server cuts segments at K = 0.
+It predates `hmlstm train --lookahead K`, which moves every supervised layer's target K steps later (the
+shipped recipe supervises all three); this probe moves layer 1's alone, with layers 2 and 3 on the earlier
+recipe's entropy peaks, so its numbers compare K values under one recipe, not the product's recipe.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ def main() -> None:
     models = args.model or [DEFAULT_MODEL]
     lines = ["## Side by side with wordninja and wordsegment", "",
              "Written by `python benchmarks/segmentation_peers.py"
+             + "".join(f" --model {m.name}" for m in args.model or [])
              + (f" --in-domain {args.in_domain.name}" if args.in_domain else "") + " --write-docs`. "
              "Word-start F1, precision and recall of "
              "layer 1 on each text with its whitespace removed; characters per second on one core of this "

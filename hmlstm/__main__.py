@@ -2,6 +2,6 @@
 
 import sys
 
-from hmlstm.cli import main
+from hmlstm.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -109,9 +109,17 @@ def test_train_ptb_format_file(tmp_path, capsys):
     assert "_" not in vocab and '" "' in vocab  # underscores became spaces
 
 
-def test_package_entry_point_is_declared():
-    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert 'hmlstm = "hmlstm.cli:main"' in text
+def test_package_entry_point_is_declared_and_is_the_one_python_m_runs():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["hmlstm"].partition(":")
+    from hmlstm.cli import run
+
+    assert getattr(importlib.import_module(module), name) is run
+    for entry in ("hmlstm/__main__.py", "hmlstm/cli/__main__.py"):
+        assert "sys.exit(run())" in (Path(__file__).parents[1] / entry).read_text()
 
 
 def test_the_shipped_preset_gives_the_shipped_recipe_and_flags_beside_it_win(tmp_path, capsys):
@@ -145,7 +153,8 @@ def test_info_prints_the_card_and_json(capsys):
     assert out.startswith("default.onnx: 3 layers x 128/128/128 units") and "default.dense.onnx beside it" in out
     assert "recipe: hmlstm train builtin --preset shipped" in out and "trained without: ' \\n\\t'" in out
     assert "learned: layer 1 supervised: word starts, layer 2 supervised: phrase starts" in out
-    assert "layer 1, held-out text (builtin): word-start F1 0.88" in out
+    assert "look-ahead: 3 characters (each boundary is decided 3 characters after it" in out
+    assert "layer 1, held-out text (builtin): word-start F1 0.94" in out
     assert main(["info", "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["engine"] == "sparse" and card["vocabulary_size"] == 110

@@ -137,7 +137,7 @@ def test_evaluate_cli(tiny_onnx, capsys):
 def test_the_shipped_model_meets_its_targets_on_held_out_text_without_delimiters(shipped_reexport):
     """The product's claim, computed here: on the fixed held-out part of the built-in text, which no
     training run sees, with the delimiters the shipped model was trained without removed, layer 1 finds
-    word starts (F1 >= 0.85, at least 0.2 above the language model's own entropy peaks and rises), layer 2
+    word starts (F1 >= 0.9, at least 0.2 above the language model's own entropy peaks and rises), layer 2
     phrase starts and layer 3 sentence starts (F1 >= 0.9 each), and the language model beats a unigram
     model of its training text. The evaluation is the one the README's re-export of
     the shipped file computed for its card in this test run (its boundaries are the shipped file's, exactly:
@@ -155,7 +155,7 @@ def test_the_shipped_model_meets_its_targets_on_held_out_text_without_delimiters
     assert report["chars"] == len(corpus.text) - corpus.held_out_start(0.1)
     words = report["layers"]["layer1"]["words"]["start"]
     base = max(report["baselines"][b]["words"]["f1"] for b in ("entropy_peaks", "entropy_rises"))
-    assert words["f1"] >= 0.85 and words["f1"] >= base + 0.2, (words, base)
+    assert words["f1"] >= 0.9 and words["f1"] >= base + 0.2, (words, base)
     phrases = report["layers"]["layer2"]["phrases"]["start"]
     sentences = report["layers"]["layer3"]["sentences"]["start"]
     assert phrases["f1"] >= 0.9 and sentences["f1"] >= 0.9, (phrases, sentences)
@@ -164,10 +164,11 @@ def test_the_shipped_model_meets_its_targets_on_held_out_text_without_delimiters
         held = card["evaluation"]["held_out"]
         assert held["chars"] == report["chars"] and held["bpc"] == pytest.approx(report["bpc"], abs=1e-3)
         assert held["layers"]["layer1"]["words"]["start"]["f1"] == pytest.approx(words["f1"], abs=1e-3)
-        # ...and the numbers its export wrote when it shipped (2026-12-01): re-exporting changes nothing
-        assert (report["chars"], round(report["bpc"], 4)) == (170_808, 2.2115)
+        # ...and the numbers its export wrote when it shipped (2026-12-01, look-ahead 3): re-exporting changes
+        # nothing
+        assert (report["chars"], round(report["bpc"], 4)) == (170_808, 2.2598)
         assert [round(report["layers"][f"layer{l}"][t]["start"]["f1"], 4) for l, t in
-                ((1, "words"), (2, "phrases"), (3, "sentences"))] == [0.8805, 0.972, 0.9627]
+                ((1, "words"), (2, "phrases"), (3, "sentences"))] == [0.9444, 0.9602, 0.9532]
 
 
 def test_text_labels_are_short_names():

@@ -111,6 +111,7 @@ def test_train_ptb_format_file(tmp_path, capsys):
 
 def test_package_entry_point_is_declared_and_is_the_one_python_m_runs():
     import importlib
+
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]

@@ -82,7 +82,8 @@ def free_port() -> int:
 
 
 def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 1,
-                 echo: bool = False, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+                 echo: bool = False, log: Path | None = None, env: dict | None = None,
+                 root: Path = ROOT) -> tuple[subprocess.Popen, str]:
     """A real `hmlstm serve` process (or the echo floor); its metrics endpoints are in proc.metrics_urls.
     ``log``: where its stderr goes (appended), so that a server that does not start says why."""
     port, metrics_port = free_port(), free_port()
@@ -95,7 +96,7 @@ def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 
                str(metrics_port), "--max-streams", "2000", "--idle-timeout", "600", "--workers", str(workers),
                *extra]
     sink = open(log, "a") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the process holds it)
-    proc = subprocess.Popen(cmd, stderr=sink, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.Popen(cmd, stderr=sink, cwd=root, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
     if log is not None:
         sink.close()  # the child has its own copy
 
@@ -549,39 +550,93 @@ def plot(results, path: Path) -> None:
     plt.close(fig)
 
 
-def engine_cost(seconds: float, rounds: int = 3) -> str:
-    """What the server adds to the engine's own CPU per character at 256 streams x 16 characters, per engine:
-    the direct call at batch 256 x 16 (the server's session options) against a real server (--engine) run
-    by 256 closed-loop streams, alternating, ``rounds`` times; medians."""
+ENGINE_COST_SHAPES = ((256, 16), (64, 16), (64, 256))  # (streams, characters per chunk)
+
+
+def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES) -> str:
+    """What the server adds to the engine's own CPU per character, per engine and shape (streams x chunk):
+    the direct call at batch streams x chunk (the server's session options) against a real server (--engine)
+    run by that many closed-loop streams, alternating, ``rounds`` times; medians."""
     lines = ["## What the server adds to the engine (`benchmarks/serve_bench.py --engine-cost`)", "",
-             "Shipped model, 256 streams x 16-character chunks of the built-in text (stripped as clients strip it). "
-             "`engine`: ONNX Runtime called directly at batch 256 x 16 with the server's session options (threads "
+             "Shipped model, S streams x C-character chunks of the built-in text (stripped as clients strip it). "
+             "`engine`: ONNX Runtime called directly at batch S x C with the server's session options (threads "
              "not spinning), CPU seconds of the process per character. `server`: a real `hmlstm serve --engine E` "
-             "driven by 256 closed-loop gRPC streams from another process on the same 2 cores, its own CPU per "
-             "character from its metrics, and the part in model calls. Medians of "
+             "driven by S closed-loop gRPC streams from another process on the same 2 cores, its own CPU per "
+             "character from its metrics, and the part in model calls; `rest / msg`: the server's CPU outside "
+             "model calls per message. Medians of "
              f"{rounds} alternating rounds of {seconds:g} s.", "",
-             "| engine | direct chars/s | direct CPU us/char | server chars/s | server CPU us/char | of it model | "
-             "rest | server / direct |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | S x C | direct chars/s | direct CPU us/char | server chars/s | server CPU us/char | "
+             "of it model | rest | rest / msg (us) | server / direct |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for engine in ("sparse", "dense"):
         model = load_model(DEFAULT_MODEL, "cpu", spinning=False, engine=engine)
         proc, target = start_server(DEFAULT_MODEL, ["--engine", engine])
-        direct, served = [], []
         try:
-            for _ in range(rounds):
-                direct.append(direct_ort(model, 256, 16, seconds))
-                served.append(run_row(proc, target, f"server --engine {engine}", 256, 16, seconds))
+            for streams, chunk in shapes:
+                direct, served = [], []
+                for _ in range(rounds):
+                    direct.append(direct_ort(model, streams, chunk, seconds))
+                    served.append(run_row(proc, target, f"server --engine {engine}", streams, chunk, seconds))
+                d_rate = float(np.median([d["rate"] for d in direct]))
+                d_cpu = float(np.median([d["cpu_per_char"] for d in direct]))
+                s_rate = float(np.median([r["rate"] for r in served]))
+                s_cpu = float(np.median([r["cpu_chunk"] for r in served])) / chunk
+                s_model = float(np.median([r["model_chunk"] for r in served])) / chunk
+                lines.append(f"| {engine} | {streams} x {chunk} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | {s_rate:,.0f} | "
+                             f"{1e6 * s_cpu:.2f} | {1e6 * s_model:.2f} | {1e6 * (s_cpu - s_model):.2f} | "
+                             f"{1e6 * (s_cpu - s_model) * chunk:.0f} | {s_cpu / d_cpu:.2f} |")
+                print(lines[-1], flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        d_rate = float(np.median([d["rate"] for d in direct]))
-        d_cpu = float(np.median([d["cpu_per_char"] for d in direct]))
-        s_rate = float(np.median([r["rate"] for r in served]))
-        s_cpu = float(np.median([r["cpu_chunk"] for r in served])) / 16
-        s_model = float(np.median([r["model_chunk"] for r in served])) / 16
-        lines.append(f"| {engine} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | {s_rate:,.0f} | {1e6 * s_cpu:.2f} | "
-                     f"{1e6 * s_model:.2f} | {1e6 * (s_cpu - s_model):.2f} | {s_cpu / d_cpu:.2f} |")
-        print(lines[-1], flush=True)
         del model
+    return "\n".join(lines)
+
+
+def _free_env(root: Path) -> dict:
+    # The checkout's own package first: sitecustomize imports hmlstm before `-m` puts the folder on the path.
+    return {"PYTHONPATH": os.pathsep.join([str(root), str(ROOT / "benchmarks" / "free_model"),
+                                           os.environ.get("PYTHONPATH", "")]), "HMLSTM_FREE_MODEL": "1"}
+
+
+def front_end(seconds: float, rounds: int = 3, streams: int = 256, chunk: int = 16,
+              against: Path | None = None) -> str:
+    """What the server's front end alone can carry: `hmlstm serve` with a model call that costs nothing
+    (benchmarks/free_model: the real model's outputs, looked up) at 1 and 2 workers, beside the bare
+    grpc.aio echo on the same proto; messages and characters per second of the server's own CPU.
+    ``against``: another checkout (e.g. a git worktree of an earlier commit), its free-model server
+    alternating with these rows."""
+    env = _free_env(ROOT)
+    lines = ["## What the front end alone carries (`benchmarks/serve_bench.py --front-end`)", "",
+             f"{streams} closed-loop streams x {chunk}-character chunks from another process on the same 2 cores. "
+             "`free model`: a real `hmlstm serve` whose model call costs nothing (benchmarks/free_model: the "
+             "shipped model's real outputs, computed once per shape and looked up), so its CPU is the front end's "
+             "alone: gRPC, asyncio, batching, tracking, responses. `echo`: the bare grpc.aio servicer on the same "
+             "proto (benchmarks/echo_server.py), the floor of any Python gRPC server. Per CPU second: messages "
+             f"and characters the server handles per second of its own CPU (all its workers). Medians of {rounds} "
+             f"alternating rounds of {seconds:g} s.", "",
+             "| server | workers | messages/s | chars/s | server CPU us/msg | messages per CPU s | "
+             "chars per CPU s | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    setups = [("echo", 1, dict(echo=True)), ("free model", 1, dict(env=env)), ("free model", 2, dict(env=env))]
+    if against is not None:
+        setups.append((f"free model, {against.name}", 1, dict(env=_free_env(against), root=against)))
+    procs = [start_server(DEFAULT_MODEL, workers=w, **kw) for _, w, kw in setups]
+    try:
+        rows: list[list[dict]] = [[] for _ in setups]
+        for _ in range(rounds):
+            for i, (name, _w, _) in enumerate(setups):
+                rows[i].append(run_row(procs[i][0], procs[i][1], name, streams, chunk, seconds))
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    for (name, w, _), rs in zip(setups, rows):
+        rate = float(np.median([r["rate"] for r in rs]))
+        cpu_msg = float(np.median([r["cpu_chunk"] for r in rs]))
+        p99 = float(np.median([r["p99"] for r in rs]))
+        lines.append(f"| {name} | {w} | {rate / chunk:,.0f} | {rate:,.0f} | {1e6 * cpu_msg:.0f} | "
+                     f"{1 / cpu_msg:,.0f} | {chunk / cpu_msg:,.0f} | {p99:.1f} |")
+        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -589,7 +644,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--engine-cost", action="store_true",
-                    help="only what the server adds to each engine's CPU per character at 256 streams x 16")
+                    help="only what the server adds to each engine's CPU per character at 256 x 16, 64 x 16 "
+                         "and 64 x 256 (streams x characters per chunk)")
+    ap.add_argument("--front-end", action="store_true",
+                    help="only what the front end carries with a model call that costs nothing, beside the echo")
+    ap.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
+                    help="with --front-end: also another checkout's server (git worktree add DIR COMMIT), alternating")
     ap.add_argument("--quick", action="store_true", help="a small grid, for trying the script")
     ap.add_argument("--no-3x256", action="store_true")
     ap.add_argument("--write-docs", action="store_true",
@@ -597,6 +657,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_docs and args.quick:
         ap.error("--quick is for trying the script; its small grid never replaces the committed report")
+    if args.front_end:
+        text = front_end(args.seconds, against=args.against)
+        print(text)
+        if args.write_docs:
+            print(f"\nwrote {write_section('serve-front-end', text)}")
+        return
     if args.engine_cost:
         text = engine_cost(args.seconds)
         print(text)

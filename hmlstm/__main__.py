@@ -2,6 +2,6 @@
 
 import sys
 
-from hmlstm.cli import run
+from hmlstm.cli.process import run
 
 sys.exit(run())

@@ -38,16 +38,30 @@ class Vocabulary:
         """Text -> int32 ids; unknown characters map to 0."""
         return self.encode_counting(text)[0]
 
-    def encode_counting(self, text: str) -> tuple[np.ndarray, int]:
-        """(ids, how many characters were not in the vocabulary)."""
+    def _raw(self, text: str) -> np.ndarray:
+        """int32 ids, -1 where the vocabulary lacks the character."""
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
         table = self._table
         inside = cps < len(table)
         raw = table[np.where(inside, cps, 0)]
         raw[~inside] = -1
+        return raw
+
+    def encode_counting(self, text: str) -> tuple[np.ndarray, int]:
+        """(ids, how many characters were not in the vocabulary)."""
+        raw = self._raw(text)
         unknown = raw < 0
         raw[unknown] = 0
         return raw, int(np.count_nonzero(unknown))
+
+    def encode_rows(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Several non-empty texts at once (a batch of the server's): their ids, concatenated, and per text how
+        many of its characters the vocabulary lacks. One vectorised lookup for all of them."""
+        raw = self._raw("".join(texts))
+        unknown = raw < 0
+        raw[unknown] = 0
+        starts = np.cumsum([0, *(len(t) for t in texts[:-1])])
+        return raw, np.add.reduceat(unknown, starts, dtype=np.int64)
 
     def unknown_chars(self, text: str) -> set[str]:
         return {ch for ch in set(text) if ch not in self._index}

@@ -116,7 +116,7 @@ def test_package_entry_point_is_declared_and_is_the_one_python_m_runs():
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["hmlstm"].partition(":")
-    from hmlstm.cli import run
+    from hmlstm.cli.process import run
 
     assert getattr(importlib.import_module(module), name) is run
     for entry in ("hmlstm/__main__.py", "hmlstm/cli/__main__.py"):

@@ -137,17 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def run() -> int:
-    """The process's entry (the `hmlstm` command, `python -m hmlstm`): ``main``, then an exit nothing breaks
-    into. Once the command has finished, or was interrupted and saved its work, a further Ctrl-C or SIGTERM
-    would land in the interpreter's teardown, where TensorFlow's objects print a traceback from __del__."""
-    status = main()
-    if _main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-    return status
-
-
 def _terminate(signum, frame):
     raise Terminated()
 

@@ -48,7 +48,8 @@ from hmlstm.serving.runner import Runner
 
 @dataclass
 class _Pending:
-    tokens: np.ndarray  # [T] int32
+    tokens: np.ndarray | None  # [T] int32; None: ``text``, encoded with the rest of its batch
+    text: str
     state: dict[str, np.ndarray]  # each [1, ...]
     future: asyncio.Future
     arrived: float
@@ -76,11 +77,18 @@ class BatchingRunner(Runner):
 
     async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
         """One stream's piece (tokens [1, T]); resolves with that stream's outputs, batch axis 1."""
+        return (await self._submit(tokens[0, : int(lengths[0])], "", state))[0]
+
+    async def run_text(self, piece: str, state: dict[str, np.ndarray]):
+        """One stream's piece of text, encoded with the rest of its batch: (outputs, unknown characters)."""
+        return await self._submit(None, piece, state)
+
+    async def _submit(self, tokens: np.ndarray | None, text: str, state: dict[str, np.ndarray]):
         if self._task is None or self._task.done():
             self._arrival = asyncio.Event()
             self._task = asyncio.create_task(self._schedule())
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(tokens[0, : int(lengths[0])], state, fut, time.perf_counter()))
+        self._queue.append(_Pending(tokens, text, state, fut, time.perf_counter()))
         self._arrival.set()
         return await fut
 
@@ -122,16 +130,24 @@ class BatchingRunner(Runner):
                 if not p.future.done():
                     p.future.set_result(out)
 
-    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
-        """Run the pieces as one call; returns each piece's outputs, in the order given."""
+    def _run_batch(self, batch: list[_Pending]) -> list[tuple[dict[str, np.ndarray], int]]:
+        """Run the pieces as one call; returns each piece's (outputs, unknown characters), in the order given."""
         b = len(batch)
         hit = reusable([p.state for p in batch]) if self.binder is not None else None
         order = list(np.argsort(hit[1])) if hit else list(range(b))  # the bound call's row order
         ordered = [batch[i] for i in order]
-        lengths = np.fromiter((len(p.tokens) for p in ordered), np.int32, b)
+        lengths = np.fromiter((len(p.text) if p.tokens is None else len(p.tokens) for p in ordered), np.int32, b)
         tokens = np.zeros((b, int(lengths.max())), np.int32)
-        for i, p in enumerate(ordered):
-            tokens[i, : lengths[i]] = p.tokens
+        unknown = np.zeros(b, np.int64)
+        if all(p.tokens is None for p in ordered):  # text only (the usual batch): one lookup, one scatter
+            ids, unknown = self.model.vocab.encode_rows([p.text for p in ordered])
+            tokens[np.arange(tokens.shape[1]) < lengths[:, None]] = ids
+        else:
+            for i, p in enumerate(ordered):
+                if p.tokens is None:
+                    tokens[i, : lengths[i]], unknown[i] = self.model.vocab.encode_counting(p.text)
+                else:
+                    tokens[i, : lengths[i]] = p.tokens
         state = hit[0] if hit else {}
         if not hit:
             for name, buf in self._buffers.items():  # one C-level copy per state input
@@ -142,9 +158,10 @@ class BatchingRunner(Runner):
             rows = split_rows(self.model.run(tokens, lengths, state), lengths)
         self.batches += 1
         self.rows += b
-        result: list[dict[str, np.ndarray] | None] = [None] * b
+        unknown = unknown.tolist()
+        result: list = [None] * b
         for pos, i in enumerate(order):
-            result[i] = rows[pos]
+            result[i] = (rows[pos], unknown[pos])
         return result
 
     def close(self) -> None:

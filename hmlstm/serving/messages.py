@@ -17,20 +17,36 @@ def _fill(out, boundaries: dict[int, list[int]], segments) -> None:
     lists (measured), and this runs for every chunk of every stream."""
     add = out.boundaries.add
     for layer in sorted(boundaries):
-        add(layer=layer, offsets=boundaries[layer])
+        offsets = boundaries[layer]
+        if offsets:
+            add(layer=layer, offsets=offsets)
+        else:  # fewer arguments, the same message (the usual case for upper layers)
+            add(layer=layer)
     add = out.segments.add
     for layer, start, end, text, final in segments:
-        add(layer=layer, start=start, end=end, text=text, final=final)
+        if final:
+            add(layer=layer, start=start, end=end, text=text, final=True)
+        else:  # an open segment: no text, not final (proto3 defaults)
+            add(layer=layer, start=start, end=end)
 
 
 def response_pb(r: ChunkResult, durable: bool = False) -> pb.SegmentResponse:
     out = pb.SegmentResponse(chunk_offset=r.chunk_offset, processed_chars=r.processed_chars,
-                             duplicate=r.duplicate, unknown_chars=r.unknown_chars, final=r.final, durable=durable,
                              decided_chars=r.decided_chars)
+    # Set only what is not the default (proto3 sends no default value anyway): most are, for most chunks.
+    if r.duplicate:
+        out.duplicate = True
+    if r.unknown_chars:
+        out.unknown_chars = r.unknown_chars
+    if r.final:
+        out.final = True
+    if durable:
+        out.durable = True
     _fill(out, r.boundaries, r.segments)
-    add = out.next_chars.add
-    for c, p in r.next_chars:
-        add(char=c, probability=p)
+    if r.next_chars:
+        add = out.next_chars.add
+        for c, p in r.next_chars:
+            add(char=c, probability=p)
     return out
 
 

@@ -83,12 +83,16 @@ class Runner:
         host, bound = self.binder.run(tokens, lengths, hit[0] if hit else host_state(state))
         return self.binder.rows(host, bound, lengths)[0]
 
+    async def run_text(self, piece: str, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """One piece of a stream's text through the model: (outputs, characters the vocabulary lacks)."""
+        tokens, lengths, unknown = _inputs(self.model, piece)
+        return await self.run(tokens, lengths, state), unknown
+
     async def process_chunk(self, st: StreamState, chunk_offset: int, new_text: str,
                             piece_chars: int) -> ChunkResult:
         results = []
-        for piece in _pieces(new_text, piece_chars):
-            tokens, lengths, unknown = _inputs(self.model, piece)
-            outputs = await self.run(tokens, lengths, st.state)
+        for piece in (new_text,) if len(new_text) <= piece_chars else _pieces(new_text, piece_chars):
+            outputs, unknown = await self.run_text(piece, st.state)
             results.append(st.apply(chunk_offset, piece, unknown, outputs, self.model.state_map,
                                     self.model.vocab.chars))
         st.checkpoint(new_text)

@@ -50,6 +50,7 @@ class SegmentTracker:
         self.alignment = {l: (alignment or {}).get(l, "end") for l in self.layers}
         self.lookahead = lookahead
         self._columns = [l - 1 for l in self.layers]
+        self._prefix = self._columns == list(range(len(self._columns)))  # layers 1..n: the columns are a slice
         self.open_start = {l: 0 for l in self.layers}
         self._buffer = ""  # text from offset self._buffer_start on
         self._buffer_start = 0
@@ -100,32 +101,39 @@ class SegmentTracker:
         return self._decide(z[first : first + max(0, self.end - self.lookahead) - self.decided])
 
     def _decide(self, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
-        """Decide the characters from ``decided`` on, one per row of z."""
+        """Decide the characters from ``decided`` on, one per row of z. (The server's hot path: one NumPy
+        call for every layer's boundaries, then plain loops over the few that fired.)"""
         buffer, base, offset = self._buffer, self._buffer_start, self.decided
         end = self.decided = offset + len(z)
         limit = self.max_segment_chars
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
-        fired = z[:, self._columns] > 0.5  # [T, reported layers]
-        which, where = np.nonzero(fired.T)  # by layer, then by position
+        cols = z[:, : len(self._columns)] if self._prefix else z[:, self._columns]  # a view where it can be
+        which, where = (cols.T > 0.5).nonzero()  # by layer, then by position
         which, where = which.tolist(), (where + offset).tolist()
+        open_start, lo = self.open_start, 0
         for k, l in enumerate(self.layers):
-            lo, hi = bisect_left(which, k), bisect_left(which, k + 1)
+            hi = bisect_left(which, k + 1, lo)
             ts = boundaries[l] = where[lo:hi]
-            start = self.open_start[l]
-            shift = cut(0, self.alignment[l])
-            for c in (*(t + shift for t in ts), None):
-                stop = end if c is None else c  # the segment so far ends before stop
-                while stop - start >= limit:  # forced close at the limit
+            lo = hi
+            start = open_start[l]
+            shift = 0 if self.alignment[l] == "start" else 1  # where a boundary cuts: cut(t, alignment) - t
+            for t in ts:
+                c = t + shift
+                while c - start >= limit:  # forced close at the limit
                     closed.append(Span(l, start, start + limit, buffer[start - base : start + limit - base], True))
                     start += limit
-                if c is not None and c > start:
+                if c > start:
                     closed.append(Span(l, start, c, buffer[start - base : c - base], True))
                     start = c
-            self.open_start[l] = start
-        keep_from = min(self.open_start.values(), default=end)  # open segments, and the undecided characters
-        self._buffer = buffer[keep_from - base :]
-        self._buffer_start = keep_from
+            while end - start >= limit:
+                closed.append(Span(l, start, start + limit, buffer[start - base : start + limit - base], True))
+                start += limit
+            open_start[l] = start
+        keep_from = min(open_start.values(), default=end)  # open segments, and the undecided characters
+        if keep_from != base:
+            self._buffer = buffer[keep_from - base :]
+            self._buffer_start = keep_from
         return boundaries, closed
 
     def open_spans(self) -> list[Span]:

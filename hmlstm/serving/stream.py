@@ -148,7 +148,8 @@ class StreamState:
     def wait(self, what: str) -> None:
         """The call starts waiting for ``what`` ("read", "write") or stops waiting ("")."""
         self.waiting = what
-        self.waiting_since = time.monotonic()
+        if what:  # only a wait is timed (the watchdog reads it while ``waiting`` is set): one clock read, not two
+            self.waiting_since = time.monotonic()
 
     def attach(self) -> None:
         """A (new) call takes the stream over: offsets restart their ordering check."""
@@ -184,7 +185,8 @@ class StreamState:
         self.processed = start + n
         result = ChunkResult(chunk_offset, self.processed, False, boundaries, closed + self.tracker.open_spans(),
                              unknown_chars=unknown, decided_chars=self.tracker.decided)
-        result.next_chars = top_k_chars(outputs[spec.LOGITS][0, n - 1], chars, self.top_k)
+        if self.top_k:
+            result.next_chars = top_k_chars(outputs[spec.LOGITS][0, n - 1], chars, self.top_k)
         return result
 
     def duplicate(self, chunk_offset: int) -> ChunkResult:

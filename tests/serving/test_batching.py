@@ -68,8 +68,8 @@ def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
     rng = np.random.default_rng(0)
     pieces = [rng.integers(1, len(tiny_model.vocab), n).astype(np.int32) for n in (1, 9, 4)]
     from hmlstm.serving.batching import _Pending
-    batch = [_Pending(p, tiny_model.zero_state(1), None, 0.0) for p in pieces]
-    rows = runner._run_batch(batch)
+    batch = [_Pending(p, "", tiny_model.zero_state(1), None, 0.0) for p in pieces]
+    rows = [row for row, _ in runner._run_batch(batch)]
     for p, row in zip(pieces, rows):
         ref = tiny_model.run(p[None, :], np.array([len(p)], np.int32), tiny_model.zero_state(1))
         assert row[spec.LOGITS].shape == ref[spec.LOGITS].shape
@@ -206,14 +206,14 @@ def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_mod
 
     runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, io_binding=True)
     rng = np.random.default_rng(1)
-    first = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), tiny_model.zero_state(1),
+    first = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), "", tiny_model.zero_state(1),
                       None, 0.0) for n in (3, 7, 5)]
-    rows = runner._run_batch(first)
+    rows = [row for row, _ in runner._run_batch(first)]
     assert runner.binder.gathered == 1 and isinstance(rows[0]["next_state_c1"], RowRef)
     states = [{tiny_model.state_map[k]: v for k, v in r.items() if k in tiny_model.state_map} for r in rows]
-    second = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), states[i], None, 0.0)
+    second = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), "", states[i], None, 0.0)
               for i, n in ((2, 4), (0, 1), (1, 6))]  # the same streams, arriving in another order
-    got = runner._run_batch(second)
+    got = [row for row, _ in runner._run_batch(second)]
     assert runner.binder.reused == 1
     for p, row in zip(second, got):  # each piece gets its own answer, as if run alone from host state
         ref = tiny_model.run(p.tokens[None, :], np.array([len(p.tokens)], np.int32), p.state)
@@ -324,3 +324,26 @@ def test_a_failed_model_call_fails_every_piece_in_it_and_the_runner_goes_on(tiny
     results, again = asyncio.run(main())
     assert all(isinstance(r, Exception) for r in results), results  # both pieces shared the failed call
     assert again.processed_chars == 3  # and the scheduler kept going
+
+
+def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_characters(tiny_model):
+    """The batch encodes its text pieces in one lookup; each row gets its own ids and its own count of
+    characters the vocabulary lacks, beside a piece that came as ids (the look-ahead's padding)."""
+    from hmlstm.serving.batching import _Pending
+
+    runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=200)
+    known = "".join(tiny_model.vocab.chars[1:8])
+    texts = [known[:3], "\u2603" + known[:4] + "\u2603\u2603", known[2:3], "\ufffd" + known]  # U+FFFD is in it
+    for with_ids in (False, True):
+        batch = [_Pending(None, t, tiny_model.zero_state(1), None, 0.0) for t in texts]
+        if with_ids:
+            batch.append(_Pending(np.zeros(3, np.int32), "", tiny_model.zero_state(1), None, 0.0))
+        got = runner._run_batch(batch)
+        for p, (row, unknown) in zip(batch, got):
+            ids, want = (p.tokens, 0) if p.tokens is not None else tiny_model.vocab.encode_counting(p.text)
+            ref = tiny_model.run(ids[None, :], np.array([len(ids)], np.int32), tiny_model.zero_state(1))
+            assert unknown == want
+            np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
+            np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
+        assert [u for _, u in got[:4]] == [0, 3, 0, 0]
+    runner.close()

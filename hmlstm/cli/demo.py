@@ -58,13 +58,15 @@ def cmd_demo(args) -> int:
             t0 = time.perf_counter()
             segments: dict[int, list[str]] = {l: [] for l in layers}
             cuts: dict[int, list[int]] = {l: [] for l in layers}
+            printed = 0  # with look-ahead, a response's boundaries reach only to its decided_chars
             for r in client.stream(chunks, layers=layers, top_k=3):
-                if not r.final:
-                    b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-                    for l, offsets in b.items():
-                        cuts[l].extend(cut(o, marker.alignment.get(l, "end")) for o in offsets)
-                    sys.stdout.write(marker.feed(text[r.chunk_offset : r.processed_chars], r.chunk_offset, b))
-                    sys.stdout.flush()
+                b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
+                for l, offsets in b.items():
+                    cuts[l].extend(cut(o, marker.alignment.get(l, "end")) for o in offsets)
+                upto = r.decided_chars if info.lookahead_chars and not r.final else r.processed_chars
+                sys.stdout.write(marker.feed(text[printed:upto], printed, b))
+                sys.stdout.flush()
+                printed = max(printed, upto)
                 for s in r.segments:
                     if s.final:
                         segments[s.layer].append(s.text)

@@ -177,6 +177,21 @@ def test_demo_runs_end_to_end(capsys):
     assert "held-out text (builtin): word-start F1" in layers[0] and "finds words" in layers[0]
     assert "another text (tinyshakespeare.txt)" in layers[0]  # the card's second evaluation
     assert "finds phrases" in layers[1] + layers[2]
+    # The live line marks exactly the cuts the layers' blocks show (with look-ahead too: each response is
+    # printed up to its decided_chars, and the last characters' boundaries come with the final response).
+    live = out.split("]\n\n", 1)[1].split("\n\n")[0]
+    marked, pos = set(), 0
+    for ch in live:
+        if ch in "|‖⦀":
+            marked.add(pos)
+        else:
+            pos += 1
+    blocks = set()
+    for block in layers:
+        text = " ".join(line.strip() for line in block.splitlines()[1:] if line.startswith("    "))
+        ends = [len(seg.replace(" ", "")) for seg in text.split(" | ")]
+        blocks |= {sum(ends[: i + 1]) for i in range(len(ends) - 1)}
+    assert marked == blocks and len(marked) > 20
 
 
 def test_the_nodejs_example_runs_against_the_server_and_prints_segments_from_zero():

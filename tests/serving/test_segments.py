@@ -280,6 +280,7 @@ def _lookahead_run(z_steps, z_pad, chunks, k, max_chars, roundtrip=False):
         if roundtrip:
             tr = SegmentTracker.from_dict(tr.to_dict()).copy()
     b, c = tr.flush(z_pad)
+    assert [s.layer for s in c] == sorted(s.layer for s in c)  # per layer, as every response's segments are
     for l in b:
         bounds[l] += b[l]
     return bounds, sorted(closed + c, key=lambda s: (s.layer, s.start)), decided
@@ -315,3 +316,14 @@ def test_the_end_of_a_stream_with_undecided_characters_needs_the_padding_steps()
     tr2 = SegmentTracker([1], lookahead=2)  # a record written before look-ahead loads as a model without it
     old = {k: v for k, v in tr2.to_dict().items() if k not in ("lookahead", "decided")}
     assert SegmentTracker.from_dict(old).lookahead == 0
+
+
+@pytest.mark.parametrize("layers", [[2], [1, 3], [3, 1], [2, 3]])
+def test_each_reported_layer_reads_its_own_column_of_boundaries(layers):
+    """Layers reported out of the model's order, or not from its first, take their own column of z."""
+    z = np.zeros((10, 3))
+    z[2, 0] = z[5, 1] = z[7, 2] = 1  # layer 1 fires at 2, layer 2 at 5, layer 3 at 7
+    tr = SegmentTracker(layers, alignment={1: "start", 2: "start", 3: "start"})
+    bounds, closed = tr.feed(0, TEXT, z)
+    assert bounds == {l: [{1: 2, 2: 5, 3: 7}[l]] for l in layers}
+    assert sorted((s.layer, s.text) for s in closed) == sorted((l, TEXT[: {1: 2, 2: 5, 3: 7}[l]]) for l in layers)

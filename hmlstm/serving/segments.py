@@ -97,8 +97,9 @@ class SegmentTracker:
             raise ValueError(f"{len(text)} characters but {z.shape[0]} boundary rows")
         self._buffer += text
         self.end = offset + len(text)
-        first = self.decided + self.lookahead - offset  # the row of the first undecided character
-        return self._decide(z[first : first + max(0, self.end - self.lookahead) - self.decided])
+        # Row t speaks of character offset + t - lookahead: the rows from the first undecided character's to
+        # the chunk's end (none while fewer than lookahead characters were fed).
+        return self._decide(z[self.decided + self.lookahead - offset :])
 
     def _decide(self, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
         """Decide the characters from ``decided`` on, one per row of z. (The server's hot path: one NumPy

@@ -79,9 +79,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: claim() sets taken_over to False when a call attaches, before anything reads it",
     ("stream", "if k <= 0:", "<= -> <"):
         "equivalent: for k = 0 the slice [:0] of the ranking is empty too",
-    ("segments", "which, where = (cols.T > 0.5).nonzero()  # by layer, then by position", "> -> >="):
+    ("segments", "which, where = (cols.T > 0.5).nonzero()", "> -> >="):
         "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
-    ("segments", "while c - start >= limit:  # forced close at the limit", ">= -> >"):
+    ("segments", "while c - start >= limit:", ">= -> >"):
         "equivalent: a boundary exactly at the limit then closes the segment itself, the same span (start, "
         "start + limit, its text, final) as the forced close would",
     ("segments", "return self._buffer[start - self._buffer_start : end - self._buffer_start]", "- -> +"):

@@ -81,9 +81,6 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: for k = 0 the slice [:0] of the ranking is empty too",
     ("segments", "which, where = (cols.T > 0.5).nonzero()", "> -> >="):
         "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
-    ("segments", "while c - start >= limit:", ">= -> >"):
-        "equivalent: a boundary exactly at the limit then closes the segment itself, the same span (start, "
-        "start + limit, its text, final) as the forced close would",
     ("segments", "return self._buffer[start - self._buffer_start : end - self._buffer_start]", "- -> +"):
         "equivalent for the slice's end (the survivor of the two): its only caller, flush(), reads to the end of "
         "what was fed, which is the buffer's end, and a slice end past it is clamped to it",

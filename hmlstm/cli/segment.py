@@ -152,9 +152,7 @@ def _print_result(r, orig: _Original, jsonl: bool, printed: int, marker, lookahe
                                  ensure_ascii=False), flush=True)
         return r.processed_chars
     upto = r.decided_chars if lookahead and not r.final else r.processed_chars
-    b = {lb.layer: list(lb.offsets) for lb in r.boundaries}
-    if upto > printed or b:
-        marks = marker.marks(max(0, upto - printed), printed, b)
+    marks = marker.marks(max(0, upto - printed), printed, {lb.layer: list(lb.offsets) for lb in r.boundaries})
     if upto > printed:
         lo = orig.shown
         text, out = orig.slice(lo, orig.kept[upto - 1] + 1), []  # only what this response prints

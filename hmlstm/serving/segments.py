@@ -118,18 +118,15 @@ class SegmentTracker:
             ts = boundaries[l] = where[lo:hi]
             lo = hi
             start = open_start[l]
-            shift = 0 if self.alignment[l] == "start" else 1  # where a boundary cuts: cut(t, alignment) - t
-            for t in ts:
-                c = t + shift
-                while c - start >= limit:  # forced close at the limit
+            shift = cut(0, self.alignment[l])
+            for t in ts + [None]:  # each boundary's cut, then the end of what is decided
+                stop = end if t is None else t + shift  # the segment so far ends before stop
+                while stop - start >= limit:  # forced close at the limit
                     closed.append(Span(l, start, start + limit, buffer[start - base : start + limit - base], True))
                     start += limit
-                if c > start:
-                    closed.append(Span(l, start, c, buffer[start - base : c - base], True))
-                    start = c
-            while end - start >= limit:
-                closed.append(Span(l, start, start + limit, buffer[start - base : start + limit - base], True))
-                start += limit
+                if t is not None and stop > start:
+                    closed.append(Span(l, start, stop, buffer[start - base : stop - base], True))
+                    start = stop
             open_start[l] = start
         keep_from = min(open_start.values(), default=end)  # open segments, and the undecided characters
         if keep_from != base:

@@ -16,7 +16,15 @@ batches of 31 with no such wait, 32-52 with a quarter of a call, 63 with half,
 the default). It costs a stream at most that fraction of a call in latency. It runs them in
 one call with the exported ``lengths``
 input (rows may differ in length; each advances only its own), and hands each
-stream its own row.
+stream its own row. The per-batch path, in the scheduler's thread:
+
+    pieces -> one text lookup -> gathered state -> one model call
+           -> every row's boundaries, top-k and next state (batch.read_rows)
+           -> each stream's future
+
+and per message, on the event loop: the stream's tracker takes its row's
+boundaries and the handler builds and sends the response. The metrics are
+observed per batch (a histogram that takes arrays, metrics.BatchHistogram).
 
 - Order per stream: a stream awaits its piece before it sends the next, so it
   never has two in the queue.
@@ -25,7 +33,9 @@ stream its own row.
   would (the masking in the model's loop); only the matmul kernels differ, so
   floats agree to ~1e-7, not bit for bit.
 - State inputs are gathered into buffers preallocated for ``max_batch`` rows
-  and reused for every call; outputs are handed out as row views, no copies.
+  and reused for every call; next states are handed out as row views, no copies.
+- The scheduler wakes when the first piece arrives, when a batch is full and
+  at its deadline, not at every piece.
 - With ``io_binding`` (on by default with CUDA; see ``device_state.py``) the
   state outputs stay on the device, and a batch made of exactly the rows of
   one earlier call (any order) binds them straight back: rows are put in that
@@ -41,16 +51,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmlstm.serving.device_state import reusable, split_rows
+from hmlstm.serving.batch import Row, read_rows
+from hmlstm.serving.device_state import reusable
 from hmlstm.serving.model import LoadedModel
-from hmlstm.serving.runner import Runner
+from hmlstm.serving.runner import Runner, _Call
+from hmlstm.serving.stream import StreamState
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    tokens: np.ndarray | None  # [T] int32; None: ``text``, encoded with the rest of its batch
-    text: str
-    state: dict[str, np.ndarray]  # each [1, ...]
+    call: _Call  # the piece and what it needs from its stream (its tokens unused where ``text`` is set)
+    text: str | None  # the piece's text, encoded with the rest of its batch; None: ``call.tokens`` (padding)
     future: asyncio.Future
     arrived: float
 
@@ -60,12 +71,11 @@ class BatchingRunner(Runner):
                  io_binding: bool = False, max_wait_fraction: float = 0.5):
         if max_batch < 1 or max_wait_us < 0 or not 0 <= max_wait_fraction <= 1:
             raise ValueError("max_batch must be >= 1, max_wait_us >= 0 and max_wait_fraction in [0, 1]")
-        super().__init__(model, 1, io_binding)  # one thread: the scheduler awaits each call before the next
+        super().__init__(model, 1, io_binding, metrics)  # one thread: the scheduler awaits each call before the next
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
         self.max_wait_fraction = max_wait_fraction
         self._last_call_s = 0.0
-        self.metrics = metrics
         self.attached = attached or (lambda: max_batch)  # streams that may send a piece soon
         self._queue: deque[_Pending] = deque()
         self._arrival: asyncio.Event | None = None
@@ -75,21 +85,17 @@ class BatchingRunner(Runner):
         self.batches = 0  # calls made, for tests and reports
         self.rows = 0
 
-    async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
-        """One stream's piece (tokens [1, T]); resolves with that stream's outputs, batch axis 1."""
-        return (await self._submit(tokens[0, : int(lengths[0])], "", state))[0]
-
-    async def run_text(self, piece: str, state: dict[str, np.ndarray]):
-        """One stream's piece of text, encoded with the rest of its batch: (outputs, unknown characters)."""
-        return await self._submit(None, piece, state)
-
-    async def _submit(self, tokens: np.ndarray | None, text: str, state: dict[str, np.ndarray]):
+    async def _row(self, st: StreamState, piece: str | None) -> tuple[Row, int]:
+        """The stream's row from the next batch (its text encoded with the batch's)."""
         if self._task is None or self._task.done():
             self._arrival = asyncio.Event()
             self._task = asyncio.create_task(self._schedule())
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(tokens, text, state, fut, time.perf_counter()))
-        self._arrival.set()
+        call = _Call.of(self.model, st, piece, encode=False)
+        queue = self._queue
+        queue.append(_Pending(call, piece, fut, time.perf_counter()))
+        if len(queue) == 1 or len(queue) >= min(self.max_batch, self.attached()):
+            self._arrival.set()  # the scheduler waits for a first piece or a full batch, not for every piece
         return await fut
 
     async def _schedule(self) -> None:
@@ -105,10 +111,9 @@ class BatchingRunner(Runner):
                 if remaining <= 0:
                     break
                 self._arrival.clear()
-                try:
-                    await asyncio.wait_for(self._arrival.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                timer = loop.call_later(remaining, self._arrival.set)  # (wait_for would make a task per wait)
+                await self._arrival.wait()
+                timer.cancel()
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             batch = [p for p in batch if not p.future.cancelled()]
             if not batch:
@@ -116,8 +121,7 @@ class BatchingRunner(Runner):
             now = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.batch_size.observe(len(batch))
-                for p in batch:
-                    self.metrics.queue_wait.observe(now - p.arrived)
+                self.metrics.queue_wait.observe_many(now - np.fromiter((p.arrived for p in batch), float, len(batch)))
             try:
                 rows = await loop.run_in_executor(self.pool, self._run_batch, batch)
                 self._last_call_s = time.perf_counter() - now
@@ -130,34 +134,39 @@ class BatchingRunner(Runner):
                 if not p.future.done():
                     p.future.set_result(out)
 
-    def _run_batch(self, batch: list[_Pending]) -> list[tuple[dict[str, np.ndarray], int]]:
-        """Run the pieces as one call; returns each piece's (outputs, unknown characters), in the order given."""
+    def _run_batch(self, batch: list[_Pending]) -> list[tuple[Row, int]]:
+        """Run the pieces as one call; returns each piece's (row, unknown characters), in the order given."""
         b = len(batch)
-        hit = reusable([p.state for p in batch]) if self.binder is not None else None
+        hit = reusable([p.call.state for p in batch]) if self.binder is not None else None
         order = list(np.argsort(hit[1])) if hit else list(range(b))  # the bound call's row order
-        ordered = [batch[i] for i in order]
-        lengths = np.fromiter((len(p.text) if p.tokens is None else len(p.tokens) for p in ordered), np.int32, b)
+        ordered = [batch[order[i]].call for i in range(b)]
+        texts = [batch[i].text for i in order]
+        lengths = np.fromiter((c.lengths[0] for c in ordered), np.int32, b)
         tokens = np.zeros((b, int(lengths.max())), np.int32)
         unknown = np.zeros(b, np.int64)
-        if all(p.tokens is None for p in ordered):  # text only (the usual batch): one lookup, one scatter
-            ids, unknown = self.model.vocab.encode_rows([p.text for p in ordered])
+        if None not in texts:  # text only (the usual batch): one lookup, one scatter
+            ids, unknown = self.model.vocab.encode_rows(texts)
             tokens[np.arange(tokens.shape[1]) < lengths[:, None]] = ids
         else:
-            for i, p in enumerate(ordered):
-                if p.tokens is None:
-                    tokens[i, : lengths[i]], unknown[i] = self.model.vocab.encode_counting(p.text)
+            for i, (c, text) in enumerate(zip(ordered, texts)):
+                if text is None:
+                    tokens[i, : lengths[i]] = c.tokens[0]
                 else:
-                    tokens[i, : lengths[i]] = p.tokens
-        state = hit[0] if hit else {}
-        if not hit:
-            for name, buf in self._buffers.items():  # one C-level copy per state input
-                state[name] = np.concatenate([p.state[name] for p in ordered], out=buf[:b])
-        if self.binder is not None:
-            rows = self.binder.rows(*self.binder.run(tokens, lengths, state), lengths)
+                    tokens[i, : lengths[i]], unknown[i] = self.model.vocab.encode_counting(text)
+        if hit:
+            outputs, bound = self.binder.run(tokens, lengths, hit[0])
         else:
-            rows = split_rows(self.model.run(tokens, lengths, state), lengths)
+            state = {name: np.concatenate([c.state[name] for c in ordered], out=buf[:b])  # one copy per input
+                     for name, buf in self._buffers.items()}
+            outputs, bound = self.binder.run(tokens, lengths, state) if self.binder else (
+                self.model.run(tokens, lengths, state), None)
+        states = None if bound is None else self.binder.states(bound)
+        rows = read_rows(outputs, lengths, [c.base for c in ordered], [c.top_k for c in ordered],
+                         self.model.vocab.chars, self.model.state_map, states)
         self.batches += 1
         self.rows += b
+        if self.metrics is not None:
+            self.metrics.chars.inc(sum(len(t) for t in texts if t))
         unknown = unknown.tolist()
         result: list = [None] * b
         for pos, i in enumerate(order):

@@ -66,20 +66,6 @@ class RowRef:
         return np.asarray(self)[index]
 
 
-def split_rows(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """A batched call's outputs, per row: views of batch size 1, time axes ([B, T, ...]) cut to the row's length."""
-    b = len(lengths)
-    ragged = b > 1 and bool((lengths != lengths[0]).any())
-    columns = []
-    for v in outputs.values():
-        if v.ndim == 3 and (ragged or v.shape[1] != lengths[0]):
-            columns.append([v[i : i + 1, : lengths[i]] for i in range(b)])
-        else:  # every row's view at once, made in C (this runs for every row of every call)
-            columns.append(list(v[:, None]))
-    keys = list(outputs)
-    return [dict(zip(keys, row)) for row in zip(*columns)]
-
-
 def host_state(state: dict) -> dict[str, np.ndarray]:
     """The same state with every value as a NumPy array on the host."""
     return {k: np.asarray(v) for k, v in state.items()}
@@ -136,9 +122,6 @@ class Binder:
         host = {k: v.numpy() for k, v in values.items() if k not in self.state_map}
         return host, BoundBatch({k: values[k] for k in self.state_map}, len(tokens))
 
-    def rows(self, host: dict[str, np.ndarray], bound: BoundBatch, lengths: np.ndarray) -> list[dict]:
-        """Per row: its host outputs cut to its length, and RowRefs to its state."""
-        rows = split_rows(host, lengths)
-        for i, row in enumerate(rows):
-            row.update({k: RowRef(bound, k, i) for k in self.state_map})
-        return rows
+    def states(self, bound: BoundBatch) -> list[dict]:
+        """Per row of a bound call: its next state, RowRefs by input name."""
+        return [{i: RowRef(bound, o, r) for o, i in self.state_map.items()} for r in range(bound.rows)]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 from hmlstm import spec
+from hmlstm.serving.batch import Row, read_rows
 from hmlstm.serving.device_state import Binder, host_state, reusable
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.stream import ChunkResult, StreamState
@@ -40,27 +42,54 @@ def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
     return merged
 
 
-def _inputs(model: LoadedModel, piece: str):
-    ids, unknown = model.vocab.encode_counting(piece)
-    return ids[None, :], np.array([len(piece)], np.int32), unknown
-
-
 def _padding(steps: int):
     """The look-ahead's padding steps at a stream's end (StreamState.finish)."""
     return np.full((1, steps), spec.LOOKAHEAD_PAD_ID, np.int32), np.array([steps], np.int32)
 
 
+class _Call(NamedTuple):
+    """One piece of a stream through the model: what the call needs, read from the stream when it is made
+    (on the event loop; a resume may rewind the stream while the call runs)."""
+    tokens: np.ndarray  # [1, T]
+    lengths: np.ndarray  # [1]
+    state: dict
+    base: int  # the stream offset step 0 speaks of
+    top_k: int
+    unknown: int  # characters the vocabulary lacks
+
+    @classmethod
+    def of(cls, model: LoadedModel, st: StreamState, piece: str | None, encode: bool = True) -> _Call:
+        """``piece`` of the stream's text, or None: its end's padding steps. ``encode=False``: the text is
+        left for the caller to encode (tokens None, unknown 0)."""
+        base = st.processed - model.lookahead
+        if piece is None:
+            return cls(*_padding(st.padding), st.state, base, 0, 0)
+        ids, unknown = model.vocab.encode_counting(piece) if encode else (None, 0)
+        return cls(None if ids is None else ids[None, :], np.array([len(piece)], np.int32), st.state, base,
+                   st.top_k, unknown)
+
+    def run(self, model: LoadedModel, binder: Binder | None = None) -> tuple[Row, int]:
+        """(the stream's row, unknown characters). With ``binder``, the state stays on the device."""
+        if binder is None:
+            outputs, states = model.run(self.tokens, self.lengths, self.state), None
+        else:
+            hit = reusable([self.state])
+            outputs, bound = binder.run(self.tokens, self.lengths, hit[0] if hit else host_state(self.state))
+            states = binder.states(bound)
+        return read_rows(outputs, self.lengths, [self.base], [self.top_k], model.vocab.chars, model.state_map,
+                         states)[0], self.unknown
+
+
 def finish_sync(model: LoadedModel, st: StreamState) -> ChunkResult:
-    return st.finish(model.run(*_padding(st.padding), st.state) if st.padding else None)
+    return st.finish(_Call.of(model, st, None).run(model)[0] if st.padding else None)
 
 
 def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, new_text: str,
                        piece_chars: int) -> ChunkResult:
     results = []
     for piece in _pieces(new_text, piece_chars):
-        tokens, lengths, unknown = _inputs(model, piece)
-        outputs = model.run(tokens, lengths, st.state)
-        results.append(st.apply(chunk_offset, piece, unknown, outputs, model.state_map, model.vocab.chars))
+        row, unknown = _Call.of(model, st, piece).run(model)
+        results.append(st.apply(chunk_offset, piece, unknown, row))
     st.checkpoint(new_text)
     return _merge(results, chunk_offset)
 
@@ -68,39 +97,32 @@ def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, n
 class Runner:
     """Runs the model in a thread pool so the event loop never blocks on ONNX Runtime."""
 
-    def __init__(self, model: LoadedModel, workers: int = 4, io_binding: bool = False):
+    def __init__(self, model: LoadedModel, workers: int = 4, io_binding: bool = False, metrics=None):
         self.model = model
+        self.metrics = metrics  # counts the characters run
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
         self.binder = Binder(model) if io_binding else None  # state stays on the device (device_state.py)
 
-    async def run(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]):
-        loop = asyncio.get_running_loop()
-        fn = self.model.run if self.binder is None else self._run_bound
-        return await loop.run_in_executor(self.pool, fn, tokens, lengths, state)
-
-    def _run_bound(self, tokens: np.ndarray, lengths: np.ndarray, state: dict) -> dict:
-        hit = reusable([state])
-        host, bound = self.binder.run(tokens, lengths, hit[0] if hit else host_state(state))
-        return self.binder.rows(host, bound, lengths)[0]
-
-    async def run_text(self, piece: str, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """One piece of a stream's text through the model: (outputs, characters the vocabulary lacks)."""
-        tokens, lengths, unknown = _inputs(self.model, piece)
-        return await self.run(tokens, lengths, state), unknown
+    async def _row(self, st: StreamState, piece: str | None) -> tuple[Row, int]:
+        """The stream's row for ``piece`` (None: its end's padding steps), and its unknown characters."""
+        call = _Call.of(self.model, st, piece)
+        out = await asyncio.get_running_loop().run_in_executor(self.pool, call.run, self.model, self.binder)
+        if self.metrics is not None and piece:
+            self.metrics.chars.inc(len(piece))
+        return out
 
     async def process_chunk(self, st: StreamState, chunk_offset: int, new_text: str,
                             piece_chars: int) -> ChunkResult:
         results = []
         for piece in (new_text,) if len(new_text) <= piece_chars else _pieces(new_text, piece_chars):
-            outputs, unknown = await self.run_text(piece, st.state)
-            results.append(st.apply(chunk_offset, piece, unknown, outputs, self.model.state_map,
-                                    self.model.vocab.chars))
+            row, unknown = await self._row(st, piece)
+            results.append(st.apply(chunk_offset, piece, unknown, row))
         st.checkpoint(new_text)
         return _merge(results, chunk_offset)
 
     async def finish(self, st: StreamState) -> ChunkResult:
         """The stream's final result, after deciding what its look-ahead left undecided."""
-        return st.finish(await self.run(*_padding(st.padding), st.state) if st.padding else None)
+        return st.finish((await self._row(st, None))[0] if st.padding else None)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

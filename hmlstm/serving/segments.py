@@ -49,8 +49,6 @@ class SegmentTracker:
         self.max_segment_chars = max_segment_chars
         self.alignment = {l: (alignment or {}).get(l, "end") for l in self.layers}
         self.lookahead = lookahead
-        self._columns = [l - 1 for l in self.layers]
-        self._prefix = self._columns == list(range(len(self._columns)))  # layers 1..n: the columns are a slice
         self.open_start = {l: 0 for l in self.layers}
         self._buffer = ""  # text from offset self._buffer_start on
         self._buffer_start = 0
@@ -91,33 +89,51 @@ class SegmentTracker:
         Returns (boundary offsets per reported layer, segments closed, per layer in order), for the
         characters this chunk decided.
         """
-        if offset != self.end:
-            raise ValueError(f"chunk at offset {offset}, but {self.end} characters were fed")
         if len(text) != z.shape[0]:
             raise ValueError(f"{len(text)} characters but {z.shape[0]} boundary rows")
+        return self.feed_fired(offset, text, self.fired(z, offset - self.lookahead))
+
+    @staticmethod
+    def fired(z: np.ndarray, base: int) -> list[list[int]]:
+        """Per column of z [T, L] (layer l's is l - 1), the offsets (base + row) of the rows where it fired,
+        with one NumPy call for all of them. (The server reads a whole batch's at once: ``batch.read_batch``.)"""
+        which, where = (z.T > 0.5).nonzero()  # by column, then by row
+        which, where = which.tolist(), (where + base).tolist()
+        out, lo = [], 0
+        for k in range(z.shape[1]):
+            hi = bisect_left(which, k + 1, lo)
+            out.append(where[lo:hi])
+            lo = hi
+        return out
+
+    def feed_fired(self, offset: int, text: str, fired: list[list[int]]) -> tuple[dict[int, list[int]], list[Span]]:
+        """``feed`` with the boundaries read already: ``fired[l - 1]``, ascending, the offsets at which layer l
+        fired in this chunk's steps (step t speaks of offset + t - lookahead), for every layer reported."""
+        if offset != self.end:
+            raise ValueError(f"chunk at offset {offset}, but {self.end} characters were fed")
         self._buffer += text
         self.end = offset + len(text)
-        # Row t speaks of character offset + t - lookahead: the rows from the first undecided character's to
-        # the chunk's end (none while fewer than lookahead characters were fed).
-        return self._decide(z[self.decided + self.lookahead - offset :])
+        # The chunk's steps decide the characters from the first undecided one to end - lookahead (none
+        # while fewer than lookahead characters were fed).
+        return self._decide(fired, max(self.decided, self.end - self.lookahead))
 
-    def _decide(self, z: np.ndarray) -> tuple[dict[int, list[int]], list[Span]]:
-        """Decide the characters from ``decided`` on, one per row of z. (The server's hot path: one NumPy
-        call for every layer's boundaries, then plain loops over the few that fired.)"""
-        buffer, base, offset = self._buffer, self._buffer_start, self.decided
-        end = self.decided = offset + len(z)
+    def _decide(self, fired: list[list[int]], end: int) -> tuple[dict[int, list[int]], list[Span]]:
+        """Decide the characters from ``decided`` to ``end`` given each layer's boundaries among them (offsets
+        below ``decided`` are steps that spoke of no character yet, and are dropped). The server's hot path:
+        plain loops over the few boundaries that fired."""
+        buffer, base, decided = self._buffer, self._buffer_start, self.decided
+        self.decided = end
         limit = self.max_segment_chars
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
-        cols = z[:, : len(self._columns)] if self._prefix else z[:, self._columns]  # a view where it can be
-        which, where = (cols.T > 0.5).nonzero()  # by layer, then by position
-        which, where = which.tolist(), (where + offset).tolist()
-        open_start, lo = self.open_start, 0
-        for k, l in enumerate(self.layers):
-            hi = bisect_left(which, k + 1, lo)
-            ts = boundaries[l] = where[lo:hi]
-            lo = hi
+        open_start = self.open_start
+        for l in self.layers:
+            ts = boundaries[l] = fired[l - 1]
             start = open_start[l]
+            if not ts and end - start < limit:  # no boundary and no forced close (most layers, most chunks)
+                continue
+            if ts and ts[0] < decided:
+                ts = boundaries[l] = ts[bisect_left(ts, decided) :]
             shift = cut(0, self.alignment[l])
             for t in ts + [None]:  # each boundary's cut, then the end of what is decided
                 stop = end if t is None else t + shift  # the segment so far ends before stop
@@ -147,13 +163,19 @@ class SegmentTracker:
         """End of stream: decide the undecided characters from ``z_pad``, the boundaries of ``lookahead``
         padding steps run after the last character (needed only while some are undecided), then close every
         open segment. Returns the boundaries decided and the segments closed, per layer in order."""
+        if z_pad is not None and len(z_pad) != self.lookahead:
+            raise ValueError(f"{len(z_pad)} padding rows for a look-ahead of {self.lookahead}")
+        return self.flush_fired(None if z_pad is None else self.fired(z_pad, self.end - self.lookahead))
+
+    def flush_fired(self, fired: list[list[int]] | None = None) -> tuple[dict[int, list[int]], list[Span]]:
+        """``flush`` with the padding steps' boundaries read already (as ``feed_fired`` takes them)."""
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
         if self.undecided:
-            if z_pad is None or len(z_pad) != self.lookahead:
+            if fired is None:
                 raise ValueError(f"{self.undecided} undecided character(s) need the boundaries of "
                                  f"{self.lookahead} padding steps")
-            boundaries, closed = self._decide(z_pad[self.lookahead - self.undecided :])
+            boundaries, closed = self._decide(fired, self.end)
         closed += [Span(l, s, self.end, self._text(s, self.end), True)
                    for l, s in self.open_start.items() if s < self.end]
         closed.sort(key=lambda s: s.layer)  # stable: each layer's in stream order

@@ -251,7 +251,6 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                     result = await self.runner.process_chunk(st, chunk.offset, new, self.config.piece_chars)
                     # The response waits for its save at most --store-timeout, and says whether it made it.
                     saved = await self.saver.save(st) if durable else False
-                    self.metrics.chars.inc(len(new))
                     self.metrics.chunk_latency.observe(time.perf_counter() - t0)
                     response = messages.response_pb(result, saved)
                 st.wait("write")
@@ -313,7 +312,6 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         try:
             if request.text:
                 results.append(await self.runner.process_chunk(st, 0, request.text, self.config.piece_chars))
-                self.metrics.chars.inc(len(request.text))
             results.append(await self.runner.finish(st))
         except asyncio.CancelledError:  # the client's deadline passed, or it cancelled or went away
             left = context.time_remaining()
@@ -398,7 +396,7 @@ class SegmenterServer:
                                                  self.metrics, attached=lambda: self.registry.active, io_binding=bind,
                                                  max_wait_fraction=config.max_wait_fraction)
         else:
-            self.runner = Runner(model, config.call_threads, io_binding=bind)
+            self.runner = Runner(model, config.call_threads, io_binding=bind, metrics=self.metrics)
         self.health = Health()
         interceptors = [BearerAuth(config.auth_token, self.metrics)] if config.auth_token else []
         options = [

@@ -2,7 +2,7 @@
 
 No gRPC here. ``StreamState.accept`` checks a chunk against what was processed
 and returns the part that is new; ``StreamState.apply`` takes the model's
-outputs for that part and returns what the client is told. The server wraps
+row for that part (``batch.Row``) and returns what the client is told. The server wraps
 these in rpc handlers; ``hmlstm segment --local`` calls them directly.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hmlstm import spec
+from hmlstm.serving.batch import Row
 from hmlstm.serving.segments import MAX_SEGMENT_CHARS, SegmentTracker, Span
 
 
@@ -26,7 +26,7 @@ class StreamError(Exception):
         self.code = code
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkResult:
     chunk_offset: int
     processed_chars: int
@@ -37,17 +37,6 @@ class ChunkResult:
     unknown_chars: int = 0
     final: bool = False
     decided_chars: int = 0  # boundaries are known up to here (processed_chars less the model's look-ahead)
-
-
-def top_k_chars(logits: np.ndarray, chars: list[str], k: int) -> list[tuple[str, float]]:
-    """The k most likely next characters from one row of logits [V]."""
-    if k <= 0:
-        return []
-    z = logits - logits.max()
-    p = np.exp(z)
-    p /= p.sum()
-    idx = np.argsort(-p, kind="stable")[:k]
-    return [(chars[i], float(p[i])) for i in idx]
 
 
 REPLAY_DEPTH = 32  # responses a live stream can rewind to (docs/protocol.md: "keeps its last 32 responses")
@@ -174,20 +163,14 @@ class StreamState:
         self.last_seen = time.monotonic()
         return text[self.processed - offset :]
 
-    def apply(self, chunk_offset: int, new_text: str, unknown: int, outputs: dict[str, np.ndarray],
-              state_map: dict[str, str], chars: list[str]) -> ChunkResult:
-        """Take the model's outputs for ``new_text`` (row 0, first len(new_text) steps)."""
-        n = len(new_text)
+    def apply(self, chunk_offset: int, new_text: str, unknown: int, row: Row) -> ChunkResult:
+        """Take the model's row for ``new_text`` (its steps' boundaries, next state and top-k)."""
         start = self.processed
-        self.state = {i: outputs[o] for o, i in state_map.items()}
-        z = outputs[spec.BOUNDARIES][0, :n]
-        boundaries, closed = self.tracker.feed(start, new_text, z)
-        self.processed = start + n
-        result = ChunkResult(chunk_offset, self.processed, False, boundaries, closed + self.tracker.open_spans(),
-                             unknown_chars=unknown, decided_chars=self.tracker.decided)
-        if self.top_k:
-            result.next_chars = top_k_chars(outputs[spec.LOGITS][0, n - 1], chars, self.top_k)
-        return result
+        self.state = row.state
+        boundaries, closed = self.tracker.feed_fired(start, new_text, row.fired)
+        self.processed = start + len(new_text)
+        return ChunkResult(chunk_offset, self.processed, False, boundaries, closed + self.tracker.open_spans(),
+                           row.next_chars, unknown, decided_chars=self.tracker.decided)
 
     def duplicate(self, chunk_offset: int) -> ChunkResult:
         return ChunkResult(chunk_offset, self.processed, duplicate=True, decided_chars=self.tracker.decided)
@@ -197,12 +180,11 @@ class StreamState:
         """Padding steps the end of the stream must run for the characters still undecided (0: none)."""
         return self.tracker.lookahead if self.tracker.undecided else 0
 
-    def finish(self, outputs: dict[str, np.ndarray] | None = None) -> ChunkResult:
-        """The final result. ``outputs``: the model's outputs for ``padding`` steps of spec.LOOKAHEAD_PAD_ID run
-        from the stream's state, where look-ahead left characters undecided (the state they lead to is not
-        kept: the stream ends, and a resume rewinds to a checkpoint)."""
-        z = None if outputs is None else outputs[spec.BOUNDARIES][0, : self.padding]
-        boundaries, segments = self.tracker.flush(z)
+    def finish(self, row: Row | None = None) -> ChunkResult:
+        """The final result. ``row``: the model's row for ``padding`` steps of spec.LOOKAHEAD_PAD_ID run from
+        the stream's state, where look-ahead left characters undecided (the state they lead to is not kept:
+        the stream ends, and a resume rewinds to a checkpoint)."""
+        boundaries, segments = self.tracker.flush_fired(None if row is None else row.fired)
         return ChunkResult(self.processed, self.processed, boundaries=boundaries, segments=segments, final=True,
                            decided_chars=self.processed)
 

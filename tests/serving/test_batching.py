@@ -64,22 +64,50 @@ def test_batched_streams_equal_each_stream_alone(tiny_model):
 
 
 def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
+    """Each row of a ragged batch, read with the rest, is what its piece gives alone: boundaries read from
+    the row by the tracker's own one-row reader, the next state, and the top-k from the last step's logits."""
+    from hmlstm.serving.batching import _Pending
+    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.segments import SegmentTracker
+
     runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200)
     rng = np.random.default_rng(0)
-    pieces = [rng.integers(1, len(tiny_model.vocab), n).astype(np.int32) for n in (1, 9, 4)]
-    from hmlstm.serving.batching import _Pending
-    batch = [_Pending(p, "", tiny_model.zero_state(1), None, 0.0) for p in pieces]
-    rows = [row for row, _ in runner._run_batch(batch)]
-    for p, row in zip(pieces, rows):
-        ref = tiny_model.run(p[None, :], np.array([len(p)], np.int32), tiny_model.zero_state(1))
-        assert row[spec.LOGITS].shape == ref[spec.LOGITS].shape
-        np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
-        np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
-        np.testing.assert_allclose(row["next_state_h1"], ref["next_state_h1"], atol=1e-5)
+    texts = [tiny_model.vocab.decode(rng.integers(1, len(tiny_model.vocab), n)) for n in (1, 9, 4)]
+    streams = [new_stream(tiny_model) for _ in texts]
+    streams[1].top_k = 0  # a row that asked for no top-k between two that did
+    batch = [_Pending(_Call.of(tiny_model, st, t, encode=False), t, None, 0.0) for st, t in zip(streams, texts)]
+    got = runner._run_batch(batch)
+    for st, text, (row, unknown) in zip(streams, texts, got):
+        ids = np.array([tiny_model.vocab.encode(text)], np.int32)
+        ref = tiny_model.run(ids, np.array([len(text)], np.int32), tiny_model.zero_state(1))
+        assert unknown == 0
+        assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], -tiny_model.lookahead)
+        for out, name in tiny_model.state_map.items():
+            assert row.state[name].shape == ref[out].shape
+            np.testing.assert_allclose(row.state[name], ref[out], atol=1e-5)
+        p = np.exp(ref[spec.LOGITS][0, -1] - ref[spec.LOGITS][0, -1].max())
+        p /= p.sum()
+        want = [tiny_model.vocab.chars[i] for i in np.argsort(-p, kind="stable")[: st.top_k]]
+        assert [c for c, _ in row.next_chars] == want
+        np.testing.assert_allclose([q for _, q in row.next_chars], np.sort(p)[::-1][: st.top_k], atol=1e-5)
     assert runner.binder is None  # state returns to the host unless IO binding is asked for
     runner.close()
     with pytest.raises(RuntimeError):  # closing shuts its thread down: nothing more can run on it
         runner.pool.submit(int)
+
+
+def test_a_batch_reads_only_its_rows_own_steps_and_places_them_at_their_offsets():
+    """Steps past a row's length (the padding of a ragged batch) never count, however they fired; each row's
+    offsets start at its own base (negative: steps that speak of no character yet, for the tracker to drop)."""
+    from hmlstm.serving.batch import read_rows
+
+    z = np.ones((3, 4, 2), np.float32)
+    z[2, 1, 0] = 0
+    outputs = {spec.BOUNDARIES: z, spec.LOGITS: np.zeros((3, 4, 3), np.float32), "s": np.arange(3.0)[:, None]}
+    rows = read_rows(outputs, np.array([4, 2, 3]), [10, -3, 0], [0, 0, 0], ["a", "b", "c"], {"s": "in"})
+    assert [r.fired for r in rows] == [[[10, 11, 12, 13]] * 2, [[-3, -2]] * 2, [[0, 2], [0, 1, 2]]]
+    assert [r.state["in"].tolist() for r in rows] == [[[0.0]], [[1.0]], [[2.0]]]
+    assert [r.next_chars for r in rows] == [[], [], []]
 
 
 def test_no_starvation_under_a_hot_stream(tiny_model):
@@ -202,24 +230,32 @@ def test_bound_batched_streams_equal_each_stream_alone(tiny_model):
 
 def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_model):
     from hmlstm.serving.batching import _Pending
-    from hmlstm.serving.device_state import RowRef
+    from hmlstm.serving.device_state import RowRef, host_state
+    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.segments import SegmentTracker
 
     runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, io_binding=True)
     rng = np.random.default_rng(1)
-    first = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), "", tiny_model.zero_state(1),
-                      None, 0.0) for n in (3, 7, 5)]
-    rows = [row for row, _ in runner._run_batch(first)]
-    assert runner.binder.gathered == 1 and isinstance(rows[0]["next_state_c1"], RowRef)
-    states = [{tiny_model.state_map[k]: v for k, v in r.items() if k in tiny_model.state_map} for r in rows]
-    second = [_Pending(rng.integers(1, len(tiny_model.vocab), n).astype(np.int32), "", states[i], None, 0.0)
-              for i, n in ((2, 4), (0, 1), (1, 6))]  # the same streams, arriving in another order
+    streams = [new_stream(tiny_model) for _ in range(3)]
+
+    def pending(st, n):
+        text = tiny_model.vocab.decode(rng.integers(1, len(tiny_model.vocab), n))
+        return _Pending(_Call.of(tiny_model, st, text, encode=False), text, None, 0.0)
+
+    first = [pending(st, n) for st, n in zip(streams, (3, 7, 5))]
+    for st, (row, _) in zip(streams, runner._run_batch(first)):
+        st.state = row.state
+    assert runner.binder.gathered == 1 and isinstance(streams[0].state["state_c1"], RowRef)
+    second = [pending(streams[i], n) for i, n in ((2, 4), (0, 1), (1, 6))]  # the same streams, in another order
     got = [row for row, _ in runner._run_batch(second)]
     assert runner.binder.reused == 1
     for p, row in zip(second, got):  # each piece gets its own answer, as if run alone from host state
-        ref = tiny_model.run(p.tokens[None, :], np.array([len(p.tokens)], np.int32), p.state)
-        np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
-        np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
-        np.testing.assert_allclose(np.asarray(row["next_state_h2"]), ref["next_state_h2"], atol=1e-5)
+        ids = np.array([tiny_model.vocab.encode(p.text)], np.int32)
+        ref = tiny_model.run(ids, np.array([len(p.text)], np.int32), host_state(p.call.state))
+        assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.call.base)
+        best = np.argsort(-ref[spec.LOGITS][0, -1], kind="stable")[:3]
+        assert [c for c, _ in row.next_chars] == [tiny_model.vocab.chars[i] for i in best]
+        np.testing.assert_allclose(np.asarray(row.state["state_h2"]), ref["next_state_h2"], atol=1e-5)
     runner._run_batch(second[:2])  # a subset is not one call's rows: gathered on the host
     assert runner.binder.gathered == 2
     runner.close()
@@ -330,20 +366,24 @@ def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_ch
     """The batch encodes its text pieces in one lookup; each row gets its own ids and its own count of
     characters the vocabulary lacks, beside a piece that came as ids (the look-ahead's padding)."""
     from hmlstm.serving.batching import _Pending
+    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.segments import SegmentTracker
 
     runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=200)
     known = "".join(tiny_model.vocab.chars[1:8])
     texts = [known[:3], "\u2603" + known[:4] + "\u2603\u2603", known[2:3], "\ufffd" + known]  # U+FFFD is in it
+    zero = tiny_model.zero_state(1)
     for with_ids in (False, True):
-        batch = [_Pending(None, t, tiny_model.zero_state(1), None, 0.0) for t in texts]
+        batch = [_Pending(_Call.of(tiny_model, new_stream(tiny_model), t, encode=False), t, None, 0.0) for t in texts]
         if with_ids:
-            batch.append(_Pending(np.zeros(3, np.int32), "", tiny_model.zero_state(1), None, 0.0))
+            padding = _Call(np.zeros((1, 3), np.int32), np.array([3], np.int32), zero, 5, 0, 0)
+            batch.append(_Pending(padding, None, None, 0.0))
         got = runner._run_batch(batch)
         for p, (row, unknown) in zip(batch, got):
-            ids, want = (p.tokens, 0) if p.tokens is not None else tiny_model.vocab.encode_counting(p.text)
-            ref = tiny_model.run(ids[None, :], np.array([len(ids)], np.int32), tiny_model.zero_state(1))
+            ids, want = (p.call.tokens[0], 0) if p.text is None else tiny_model.vocab.encode_counting(p.text)
+            ref = tiny_model.run(ids[None, :], np.array([len(ids)], np.int32), zero)
             assert unknown == want
-            np.testing.assert_array_equal(row[spec.BOUNDARIES], ref[spec.BOUNDARIES])
-            np.testing.assert_allclose(row[spec.LOGITS], ref[spec.LOGITS], atol=1e-5)
+            assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.call.base)
+            np.testing.assert_allclose(row.state["state_h1"], ref["next_state_h1"], atol=1e-5)
         assert [u for _, u in got[:4]] == [0, 3, 0, 0]
     runner.close()

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from hmlstm.serving.batch import next_chars
 from hmlstm.serving.segments import SegmentTracker, Span
-from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState, top_k_chars
+from hmlstm.serving.stream import StreamError, StreamRegistry, StreamState
 
 TEXT = "abcdefghij"
 Z = np.zeros((10, 2))
@@ -133,6 +134,10 @@ def test_registry_resume_conflicts_and_capacity():
     assert e.value.code == "NOT_FOUND"
 
 
+def top_k_chars(logits, chars, k):
+    return next_chars(np.asarray(logits)[None], [k], chars)[0]
+
+
 def test_top_k_chars_are_probabilities_in_order():
     got = top_k_chars(np.array([0.0, 2.0, 1.0]), ["?", "a", "b"], 2)
     assert [c for c, _ in got] == ["a", "b"]
@@ -140,6 +145,11 @@ def test_top_k_chars_are_probabilities_in_order():
     assert got[0][1] == pytest.approx(p[1]) and got[1][1] == pytest.approx(p[2])
     assert top_k_chars(np.array([0.0, 2.0, 1.0]), ["?", "a", "b"], 1) == [("a", pytest.approx(p[1]))]
     assert top_k_chars(np.array([0.0, 2.0, 1.0]), ["?", "a", "b"], 0) == []
+    # several rows at once, each with its own k: each as it would be alone
+    rows = np.array([[0.0, 2.0, 1.0], [3.0, 1.0, 2.0], [0.0, 0.0, 5.0]])
+    together = next_chars(rows, [2, 0, 3], ["?", "a", "b"])
+    assert together == [top_k_chars(r, ["?", "a", "b"], k) for r, k in zip(rows, [2, 0, 3])]
+    assert [c for c, _ in together[2]] == ["b", "?", "a"]  # ties keep the vocabulary's order
 
 
 def test_top_k_chars_stay_finite_for_large_logits():

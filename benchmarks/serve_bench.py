@@ -553,42 +553,49 @@ def plot(results, path: Path) -> None:
 ENGINE_COST_SHAPES = ((256, 16), (64, 16), (64, 256))  # (streams, characters per chunk)
 
 
-def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES) -> str:
-    """What the server adds to the engine's own CPU per character, per engine and shape (streams x chunk):
-    the direct call at batch streams x chunk (the server's session options) against a real server (--engine)
-    run by that many closed-loop streams, alternating, ``rounds`` times; medians."""
+def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES, against: Path | None = None) -> str:
+    """Per engine and shape: ONNX Runtime called directly, beside a real server with that engine. ``against``:
+    another checkout's server (sparse engine) too, alternating with this one's, for a before-and-after."""
     lines = ["## What the server adds to the engine (`benchmarks/serve_bench.py --engine-cost`)", "",
              "Shipped model, S streams x C-character chunks of the built-in text (stripped as clients strip it). "
              "`engine`: ONNX Runtime called directly at batch S x C with the server's session options (threads "
              "not spinning), CPU seconds of the process per character. `server`: a real `hmlstm serve --engine E` "
              "driven by S closed-loop gRPC streams from another process on the same 2 cores, its own CPU per "
              "character from its metrics, and the part in model calls; `rest / msg`: the server's CPU outside "
-             "model calls per message. Medians of "
+             "model calls per message; p99: the clients' latency per chunk. Medians of "
              f"{rounds} alternating rounds of {seconds:g} s.", "",
              "| engine | S x C | direct chars/s | direct CPU us/char | server chars/s | server CPU us/char | "
-             "of it model | rest | rest / msg (us) | server / direct |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "of it model | rest | rest / msg (us) | server / direct | p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for engine in ("sparse", "dense"):
         model = load_model(DEFAULT_MODEL, "cpu", spinning=False, engine=engine)
-        proc, target = start_server(DEFAULT_MODEL, ["--engine", engine])
+        servers = [(engine, start_server(DEFAULT_MODEL, ["--engine", engine]))]
+        if against is not None and engine == "sparse":
+            servers.append((f"{engine}, {against.name}", start_server(
+                DEFAULT_MODEL, ["--engine", engine], env={"PYTHONPATH": str(against)}, root=against)))
         try:
             for streams, chunk in shapes:
-                direct, served = [], []
+                direct, served = [], [[] for _ in servers]
                 for _ in range(rounds):
                     direct.append(direct_ort(model, streams, chunk, seconds))
-                    served.append(run_row(proc, target, f"server --engine {engine}", streams, chunk, seconds))
+                    for k, (name, (proc, target)) in enumerate(servers):
+                        served[k].append(run_row(proc, target, f"server {name}", streams, chunk, seconds))
                 d_rate = float(np.median([d["rate"] for d in direct]))
                 d_cpu = float(np.median([d["cpu_per_char"] for d in direct]))
-                s_rate = float(np.median([r["rate"] for r in served]))
-                s_cpu = float(np.median([r["cpu_chunk"] for r in served])) / chunk
-                s_model = float(np.median([r["model_chunk"] for r in served])) / chunk
-                lines.append(f"| {engine} | {streams} x {chunk} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | {s_rate:,.0f} | "
-                             f"{1e6 * s_cpu:.2f} | {1e6 * s_model:.2f} | {1e6 * (s_cpu - s_model):.2f} | "
-                             f"{1e6 * (s_cpu - s_model) * chunk:.0f} | {s_cpu / d_cpu:.2f} |")
-                print(lines[-1], flush=True)
+                for (name, _), rows in zip(servers, served):
+                    s_rate = float(np.median([r["rate"] for r in rows]))
+                    s_cpu = float(np.median([r["cpu_chunk"] for r in rows])) / chunk
+                    s_model = float(np.median([r["model_chunk"] for r in rows])) / chunk
+                    p99 = float(np.median([r["p99"] for r in rows]))
+                    lines.append(f"| {name} | {streams} x {chunk} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | "
+                                 f"{s_rate:,.0f} | {1e6 * s_cpu:.2f} | {1e6 * s_model:.2f} | "
+                                 f"{1e6 * (s_cpu - s_model):.2f} | {1e6 * (s_cpu - s_model) * chunk:.0f} | "
+                                 f"{s_cpu / d_cpu:.2f} | {p99:.1f} |")
+                    print(lines[-1], flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            for _, (proc, _) in servers:
+                proc.terminate()
+                proc.wait(timeout=60)
         del model
     return "\n".join(lines)
 
@@ -612,7 +619,10 @@ def front_end(seconds: float, rounds: int = 3, streams: int = 256, chunk: int = 
              "`free model`: a real `hmlstm serve` whose model call costs nothing (benchmarks/free_model: the "
              "shipped model's real outputs, computed once per shape and looked up), so its CPU is the front end's "
              "alone: gRPC, asyncio, batching, tracking, responses. `echo`: the bare grpc.aio servicer on the same "
-             "proto (benchmarks/echo_server.py), the floor of any Python gRPC server. Per CPU second: messages "
+             "proto (benchmarks/echo_server.py), the floor of any Python gRPC server; `paced`: the same echo with its "
+             "clients sending at the message rate the free-model server reached in that round (a gRPC server's CPU "
+             "per message grows as its message rate falls: fewer messages share each wake-up). Per CPU second: "
+             "messages "
              f"and characters the server handles per second of its own CPU (all its workers). Medians of {rounds} "
              f"alternating rounds of {seconds:g} s.", "",
              "| server | workers | messages/s | chars/s | server CPU us/msg | messages per CPU s | "
@@ -621,16 +631,21 @@ def front_end(seconds: float, rounds: int = 3, streams: int = 256, chunk: int = 
     if against is not None:
         setups.append((f"free model, {against.name}", 1, dict(env=_free_env(against), root=against)))
     procs = [start_server(DEFAULT_MODEL, workers=w, **kw) for _, w, kw in setups]
+    paced: list[dict] = []  # the echo again, at the message rate the 1-worker free-model row just reached
     try:
         rows: list[list[dict]] = [[] for _ in setups]
         for _ in range(rounds):
             for i, (name, _w, _) in enumerate(setups):
                 rows[i].append(run_row(procs[i][0], procs[i][1], name, streams, chunk, seconds))
+            paced.append(run_row(procs[0][0], procs[0][1], "echo, paced", streams, chunk, seconds,
+                                 pace=rows[1][-1]["rate"] / chunk))
     finally:
         for proc, _ in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    for (name, w, _), rs in zip(setups, rows):
+    named = [(name, w, rs) for (name, w, _), rs in zip(setups, rows)]
+    named.insert(1, ("echo, paced at the free model's message rate", 1, paced))
+    for name, w, rs in named:
         rate = float(np.median([r["rate"] for r in rs]))
         cpu_msg = float(np.median([r["cpu_chunk"] for r in rs]))
         p99 = float(np.median([r["p99"] for r in rs]))
@@ -649,7 +664,8 @@ def main() -> None:
     ap.add_argument("--front-end", action="store_true",
                     help="only what the front end carries with a model call that costs nothing, beside the echo")
     ap.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
-                    help="with --front-end: also another checkout's server (git worktree add DIR COMMIT), alternating")
+                    help="with --front-end or --engine-cost: also another checkout's server (git worktree add DIR "
+                         "COMMIT), alternating with this one's")
     ap.add_argument("--quick", action="store_true", help="a small grid, for trying the script")
     ap.add_argument("--no-3x256", action="store_true")
     ap.add_argument("--write-docs", action="store_true",
@@ -664,7 +680,7 @@ def main() -> None:
             print(f"\nwrote {write_section('serve-front-end', text)}")
         return
     if args.engine_cost:
-        text = engine_cost(args.seconds)
+        text = engine_cost(args.seconds, against=args.against)
         print(text)
         if args.write_docs:
             print(f"\nwrote {write_section('serve-engines', text)}")

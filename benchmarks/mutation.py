@@ -63,6 +63,8 @@ TARGETS = (
                     ("        bad_weights = consecutive_bad > 0", "            manager.latest_checkpoint is None or"))),
     Target("batching", "hmlstm/serving/batching.py",
            ("tests/serving/test_batching.py", "tests/serving/test_engines.py")),
+    Target("batch rows", "hmlstm/serving/batch.py",
+           ("tests/serving/test_batching.py", "tests/serving/test_segments.py", "tests/serving/test_lookahead.py")),
     Target("store", "hmlstm/serving/store.py",
            ("tests/serving/test_durability.py", "tests/serving/test_saver.py", "tests/serving/test_store_faults.py")),
     Target("stream", "hmlstm/serving/stream.py",

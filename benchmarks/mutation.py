@@ -79,14 +79,12 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: BaseException.__new__ already stores the arguments, so str(error) is the message either way",
     ("stream", "self.taken_over = False", "False -> True"):
         "equivalent: claim() sets taken_over to False when a call attaches, before anything reads it",
-    ("stream", "if k <= 0:", "<= -> <"):
-        "equivalent: for k = 0 the slice [:0] of the ranking is empty too",
-    ("segments", "which, where = (cols.T > 0.5).nonzero()", "> -> >="):
+    ("segments", "which, where = (z.T > 0.5).nonzero()", "> -> >="):
         "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
     ("segments", "return self._buffer[start - self._buffer_start : end - self._buffer_start]", "- -> +"):
         "equivalent for the slice's end (the survivor of the two): its only caller, flush(), reads to the end of "
         "what was fed, which is the buffer's end, and a slice end past it is clamped to it",
-    ("batching", "super().__init__(model, 1, io_binding)", "1 -> 2"):
+    ("batching", "super().__init__(model, 1, io_binding, metrics)", "1 -> 2"):
         "equivalent: the scheduler awaits each model call before it starts the next, so a second thread in the "
         "pool would never run anything",
     ("store", 'conn.execute("PRAGMA synchronous=NORMAL")', "delete call conn.execute(...)"):
@@ -106,6 +104,13 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: JSON escapes decode to the same text; only the record's size changes",
     ("batching", "for name, arr in model.zero_state(1).items()}", "1 -> 2"):
         "equivalent: the buffers take only the state's shape after the batch axis, the same for a batch of 2",
+    ("segments", "if not ts and end - start < limit:", "- -> +"):
+        "equivalent in every answer: open starts are never negative, so end + start < limit holds only where "
+        "end - start < limit does; the layers it no longer skips go through the general loop, which with no "
+        "boundary and a segment under the limit closes nothing and leaves the open start as it was",
+    ("segments", "if ts and ts[0] < decided:", "< -> <="):
+        "equivalent: where the first offset equals decided, bisect_left finds index 0 and the slice keeps every "
+        "offset, as no slice would",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

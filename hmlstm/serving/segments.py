@@ -96,7 +96,7 @@ class SegmentTracker:
     @staticmethod
     def fired(z: np.ndarray, base: int) -> list[list[int]]:
         """Per column of z [T, L] (layer l's is l - 1), the offsets (base + row) of the rows where it fired,
-        with one NumPy call for all of them. (The server reads a whole batch's at once: ``batch.read_batch``.)"""
+        with one NumPy call for all of them. (The server reads a whole batch's at once: ``batch.read_rows``.)"""
         which, where = (z.T > 0.5).nonzero()  # by column, then by row
         which, where = which.tolist(), (where + base).tolist()
         out, lo = [], 0

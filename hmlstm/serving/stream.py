@@ -85,6 +85,23 @@ class StreamState:
             return
         self._history.append((self.processed, self.state, self.tracker.copy(), text))
 
+    def compact(self) -> None:
+        """Give the state, and every snapshot's, arrays of its own. A model call hands each stream views of the
+        call's whole outputs (batch.read_rows), so a view keeps every row of that call alive; a stream held for
+        a resume, whose snapshots may each come from another call, would keep up to ``replay_depth`` whole
+        calls. Called when a held stream's call lets go: the copies cost once per call, not per message."""
+        own: dict[int, dict] = {}  # the snapshots share state dicts with each other and with self.state
+
+        def copied(state: dict) -> dict:
+            if id(state) not in own:
+                own[id(state)] = {k: np.array(v, np.float32) for k, v in state.items()}
+            return own[id(state)]
+
+        self.state = copied(self.state)
+        hist = [(p, copied(state), tracker, text) for p, state, tracker, text in self._history]
+        self._history.clear()
+        self._history.extend(hist)
+
     def record(self, depth: int) -> bytes:
         """The persistent form: the snapshot ``depth`` responses back, and the chunks since."""
         from hmlstm.serving.store import encode_record
@@ -252,6 +269,8 @@ class StreamRegistry:
         """The call ended. A finished stream is forgotten; a broken one waits for a resume."""
         st.attached = False
         self._attached.discard(st)
+        if not finished and st.stream_id:  # held for a resume: let go of the model calls' outputs
+            st.compact()
         if st.released is not None:
             st.released.set()
         st.last_seen = time.monotonic()

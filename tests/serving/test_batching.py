@@ -387,3 +387,33 @@ def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_ch
             np.testing.assert_allclose(row.state["state_h1"], ref["next_state_h1"], atol=1e-5)
         assert [u for _, u in got[:4]] == [0, 3, 0, 0]
     runner.close()
+
+
+def test_a_held_stream_keeps_only_its_own_rows_of_the_calls_it_was_in(tiny_model):
+    """Each stream's next state is a view of its call's outputs (every row of the call). Once its call lets go
+    and the stream is held for a resume, it and each of its snapshots own just their rows, with the same
+    values; a stream still attached, or one that finished, is left as it is."""
+    from hmlstm.serving.stream import StreamRegistry
+
+    async def main():
+        runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=2000, attached=lambda: 3)
+        reg = StreamRegistry(8, 60)
+        sts = [reg.open(lambda i=i: StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, f"s{i}"),
+                        f"s{i}", False) for i in range(3)]
+        for o in (0, 5, 10):
+            await asyncio.gather(*(runner.process_chunk(st, o, "abcde", 4096) for st in sts))
+        runner.close()
+        return reg, sts
+
+    reg, (held, attached, done) = asyncio.run(main())
+    states = lambda st: [st.state] + [h[1] for h in st._history]  # noqa: E731
+    before = [{k: np.array(v) for k, v in s.items()} for s in states(held)]
+    assert all(v.base is not None for v in held.state.values())  # views of the last call's outputs
+    reg.detach(held, finished=False)
+    reg.detach(done, finished=True)
+    for s, want in zip(states(held), before):
+        for k, v in s.items():
+            assert v.base is None and v.shape == want[k].shape, k  # its own row, not a view of a call's rows
+            np.testing.assert_array_equal(v, want[k])
+    assert all(v.base is not None for v in attached.state.values())
+    assert not reg.held("s2") and reg.held("s0")

@@ -54,14 +54,14 @@ import numpy as np
 from hmlstm.serving.batch import Row, read_rows
 from hmlstm.serving.device_state import reusable
 from hmlstm.serving.model import LoadedModel
-from hmlstm.serving.runner import Runner, _Call
+from hmlstm.serving.runner import Piece, Runner
 from hmlstm.serving.stream import StreamState
 
 
 @dataclass(slots=True)
 class _Pending:
-    call: _Call  # the piece and what it needs from its stream (its tokens unused where ``text`` is set)
-    text: str | None  # the piece's text, encoded with the rest of its batch; None: ``call.tokens`` (padding)
+    piece: Piece  # what the call needs from the stream (its tokens unused where ``text`` is set)
+    text: str | None  # the piece's text, encoded with the rest of its batch; None: ``piece.tokens`` (padding)
     future: asyncio.Future
     arrived: float
 
@@ -82,7 +82,7 @@ class BatchingRunner(Runner):
         self._task: asyncio.Task | None = None
         self._buffers = {name: np.zeros((max_batch, *arr.shape[1:]), arr.dtype)
                          for name, arr in model.zero_state(1).items()}
-        self.batches = 0  # calls made, for tests and reports
+        self.batches = 0  # pieces made, for tests and reports
         self.rows = 0
 
     async def _row(self, st: StreamState, piece: str | None) -> tuple[Row, int]:
@@ -91,9 +91,8 @@ class BatchingRunner(Runner):
             self._arrival = asyncio.Event()
             self._task = asyncio.create_task(self._schedule())
         fut = asyncio.get_running_loop().create_future()
-        call = _Call.of(self.model, st, piece, encode=False)
         queue = self._queue
-        queue.append(_Pending(call, piece, fut, time.perf_counter()))
+        queue.append(_Pending(Piece.of(self.model, st, piece, encode=False), piece, fut, time.perf_counter()))
         if len(queue) == 1 or len(queue) >= min(self.max_batch, self.attached()):
             self._arrival.set()  # the scheduler waits for a first piece or a full batch, not for every piece
         return await fut
@@ -136,42 +135,53 @@ class BatchingRunner(Runner):
 
     def _run_batch(self, batch: list[_Pending]) -> list[tuple[Row, int]]:
         """Run the pieces as one call; returns each piece's (row, unknown characters), in the order given."""
-        b = len(batch)
-        hit = reusable([p.call.state for p in batch]) if self.binder is not None else None
-        order = list(np.argsort(hit[1])) if hit else list(range(b))  # the bound call's row order
-        ordered = [batch[order[i]].call for i in range(b)]
-        texts = [batch[i].text for i in order]
-        lengths = np.fromiter((c.lengths[0] for c in ordered), np.int32, b)
-        tokens = np.zeros((b, int(lengths.max())), np.int32)
-        unknown = np.zeros(b, np.int64)
-        if None not in texts:  # text only (the usual batch): one lookup, one scatter
-            ids, unknown = self.model.vocab.encode_rows(texts)
-            tokens[np.arange(tokens.shape[1]) < lengths[:, None]] = ids
-        else:
-            for i, (c, text) in enumerate(zip(ordered, texts)):
-                if text is None:
-                    tokens[i, : lengths[i]] = c.tokens[0]
-                else:
-                    tokens[i, : lengths[i]], unknown[i] = self.model.vocab.encode_counting(text)
-        if hit:
-            outputs, bound = self.binder.run(tokens, lengths, hit[0])
-        else:
-            state = {name: np.concatenate([c.state[name] for c in ordered], out=buf[:b])  # one copy per input
-                     for name, buf in self._buffers.items()}
-            outputs, bound = self.binder.run(tokens, lengths, state) if self.binder else (
-                self.model.run(tokens, lengths, state), None)
-        states = None if bound is None else self.binder.states(bound)
-        rows = read_rows(outputs, lengths, [c.base for c in ordered], [c.top_k for c in ordered],
+        hit = reusable([p.piece.state for p in batch]) if self.binder is not None else None
+        order = np.argsort(hit[1]).tolist() if hit else list(range(len(batch)))  # the bound call's row order
+        pieces, texts = [batch[i].piece for i in order], [batch[i].text for i in order]
+        tokens, lengths, unknown = self._tokens(pieces, texts)
+        outputs, states = self._call(tokens, lengths, pieces, hit)
+        rows = read_rows(outputs, lengths, [p.base for p in pieces], [p.top_k for p in pieces],
                          self.model.vocab.chars, self.model.state_map, states)
         self.batches += 1
-        self.rows += b
+        self.rows += len(batch)
         if self.metrics is not None:
             self.metrics.chars.inc(sum(len(t) for t in texts if t))
-        unknown = unknown.tolist()
-        result: list = [None] * b
+        result: list = [None] * len(batch)
         for pos, i in enumerate(order):
             result[i] = (rows[pos], unknown[pos])
         return result
+
+    def _tokens(self, pieces: list[Piece], texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The batch's tokens [B, T] (rows padded past their lengths), lengths [B], and unknown characters per
+        row: every text piece encoded with one lookup."""
+        b = len(pieces)
+        lengths = np.fromiter((p.lengths[0] for p in pieces), np.int32, b)
+        tokens = np.zeros((b, int(lengths.max())), np.int32)
+        if None not in texts:  # text only (the usual batch): one lookup, one scatter
+            ids, unknown = self.model.vocab.encode_rows(texts)
+            tokens[np.arange(tokens.shape[1]) < lengths[:, None]] = ids
+            return tokens, lengths, unknown.tolist()
+        unknown = [0] * b
+        for i, (p, text) in enumerate(zip(pieces, texts)):
+            if text is None:  # the look-ahead's padding steps, as ids
+                tokens[i, : lengths[i]] = p.tokens[0]
+            else:
+                tokens[i, : lengths[i]], unknown[i] = self.model.vocab.encode_counting(text)
+        return tokens, lengths, unknown
+
+    def _call(self, tokens: np.ndarray, lengths: np.ndarray, pieces: list[Piece], hit):
+        """One model call from the rows' states, gathered into the reused buffers (or, where ``hit``, the earlier
+        call's state still on the device); returns its outputs and, with IO binding, the rows' next states."""
+        if hit:
+            outputs, bound = self.binder.run(tokens, lengths, hit[0])
+            return outputs, self.binder.states(bound)
+        b = len(pieces)
+        state = {name: np.concatenate([p.state[name] for p in pieces], out=buf[:b])  # one copy per input
+                 for name, buf in self._buffers.items()}
+        if self.binder is None:
+            return self.model.run(tokens, lengths, state), None
+        outputs, bound = self.binder.run(tokens, lengths, state)
+        return outputs, self.binder.states(bound)
 
     def close(self) -> None:
         if self._task is not None:

@@ -47,7 +47,7 @@ def _padding(steps: int):
     return np.full((1, steps), spec.LOOKAHEAD_PAD_ID, np.int32), np.array([steps], np.int32)
 
 
-class _Call(NamedTuple):
+class Piece(NamedTuple):
     """One piece of a stream through the model: what the call needs, read from the stream when it is made
     (on the event loop; a resume may rewind the stream while the call runs)."""
     tokens: np.ndarray  # [1, T]
@@ -58,7 +58,7 @@ class _Call(NamedTuple):
     unknown: int  # characters the vocabulary lacks
 
     @classmethod
-    def of(cls, model: LoadedModel, st: StreamState, piece: str | None, encode: bool = True) -> _Call:
+    def of(cls, model: LoadedModel, st: StreamState, piece: str | None, encode: bool = True) -> Piece:
         """``piece`` of the stream's text, or None: its end's padding steps. ``encode=False``: the text is
         left for the caller to encode (tokens None, unknown 0)."""
         base = st.processed - model.lookahead
@@ -81,14 +81,14 @@ class _Call(NamedTuple):
 
 
 def finish_sync(model: LoadedModel, st: StreamState) -> ChunkResult:
-    return st.finish(_Call.of(model, st, None).run(model)[0] if st.padding else None)
+    return st.finish(Piece.of(model, st, None).run(model)[0] if st.padding else None)
 
 
 def process_chunk_sync(model: LoadedModel, st: StreamState, chunk_offset: int, new_text: str,
                        piece_chars: int) -> ChunkResult:
     results = []
     for piece in _pieces(new_text, piece_chars):
-        row, unknown = _Call.of(model, st, piece).run(model)
+        row, unknown = Piece.of(model, st, piece).run(model)
         results.append(st.apply(chunk_offset, piece, unknown, row))
     st.checkpoint(new_text)
     return _merge(results, chunk_offset)
@@ -105,7 +105,7 @@ class Runner:
 
     async def _row(self, st: StreamState, piece: str | None) -> tuple[Row, int]:
         """The stream's row for ``piece`` (None: its end's padding steps), and its unknown characters."""
-        call = _Call.of(self.model, st, piece)
+        call = Piece.of(self.model, st, piece)
         out = await asyncio.get_running_loop().run_in_executor(self.pool, call.run, self.model, self.binder)
         if self.metrics is not None and piece:
             self.metrics.chars.inc(len(piece))

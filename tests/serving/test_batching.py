@@ -67,7 +67,7 @@ def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
     """Each row of a ragged batch, read with the rest, is what its piece gives alone: boundaries read from
     the row by the tracker's own one-row reader, the next state, and the top-k from the last step's logits."""
     from hmlstm.serving.batching import _Pending
-    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.runner import Piece
     from hmlstm.serving.segments import SegmentTracker
 
     runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200)
@@ -75,7 +75,7 @@ def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
     texts = [tiny_model.vocab.decode(rng.integers(1, len(tiny_model.vocab), n)) for n in (1, 9, 4)]
     streams = [new_stream(tiny_model) for _ in texts]
     streams[1].top_k = 0  # a row that asked for no top-k between two that did
-    batch = [_Pending(_Call.of(tiny_model, st, t, encode=False), t, None, 0.0) for st, t in zip(streams, texts)]
+    batch = [_Pending(Piece.of(tiny_model, st, t, encode=False), t, None, 0.0) for st, t in zip(streams, texts)]
     got = runner._run_batch(batch)
     for st, text, (row, unknown) in zip(streams, texts, got):
         ids = np.array([tiny_model.vocab.encode(text)], np.int32)
@@ -111,7 +111,7 @@ def test_a_batch_reads_only_its_rows_own_steps_and_places_them_at_their_offsets(
 
 
 def test_no_starvation_under_a_hot_stream(tiny_model):
-    """A cold stream's piece is served within the next two model calls, however busy a hot stream is."""
+    """A cold stream's piece is served within the next two model pieces, however busy a hot stream is."""
 
     async def main():
         runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=0)
@@ -231,7 +231,7 @@ def test_bound_batched_streams_equal_each_stream_alone(tiny_model):
 def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_model):
     from hmlstm.serving.batching import _Pending
     from hmlstm.serving.device_state import RowRef, host_state
-    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.runner import Piece
     from hmlstm.serving.segments import SegmentTracker
 
     runner = BatchingRunner(tiny_model, max_batch=4, max_wait_us=200, io_binding=True)
@@ -240,7 +240,7 @@ def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_mod
 
     def pending(st, n):
         text = tiny_model.vocab.decode(rng.integers(1, len(tiny_model.vocab), n))
-        return _Pending(_Call.of(tiny_model, st, text, encode=False), text, None, 0.0)
+        return _Pending(Piece.of(tiny_model, st, text, encode=False), text, None, 0.0)
 
     first = [pending(st, n) for st, n in zip(streams, (3, 7, 5))]
     for st, (row, _) in zip(streams, runner._run_batch(first)):
@@ -251,8 +251,8 @@ def test_a_batch_of_one_calls_rows_in_another_order_binds_them_in_place(tiny_mod
     assert runner.binder.reused == 1
     for p, row in zip(second, got):  # each piece gets its own answer, as if run alone from host state
         ids = np.array([tiny_model.vocab.encode(p.text)], np.int32)
-        ref = tiny_model.run(ids, np.array([len(p.text)], np.int32), host_state(p.call.state))
-        assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.call.base)
+        ref = tiny_model.run(ids, np.array([len(p.text)], np.int32), host_state(p.piece.state))
+        assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.piece.base)
         best = np.argsort(-ref[spec.LOGITS][0, -1], kind="stable")[:3]
         assert [c for c, _ in row.next_chars] == [tiny_model.vocab.chars[i] for i in best]
         np.testing.assert_allclose(np.asarray(row.state["state_h2"]), ref["next_state_h2"], atol=1e-5)
@@ -366,7 +366,7 @@ def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_ch
     """The batch encodes its text pieces in one lookup; each row gets its own ids and its own count of
     characters the vocabulary lacks, beside a piece that came as ids (the look-ahead's padding)."""
     from hmlstm.serving.batching import _Pending
-    from hmlstm.serving.runner import _Call
+    from hmlstm.serving.runner import Piece
     from hmlstm.serving.segments import SegmentTracker
 
     runner = BatchingRunner(tiny_model, max_batch=8, max_wait_us=200)
@@ -374,16 +374,16 @@ def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_ch
     texts = [known[:3], "\u2603" + known[:4] + "\u2603\u2603", known[2:3], "\ufffd" + known]  # U+FFFD is in it
     zero = tiny_model.zero_state(1)
     for with_ids in (False, True):
-        batch = [_Pending(_Call.of(tiny_model, new_stream(tiny_model), t, encode=False), t, None, 0.0) for t in texts]
+        batch = [_Pending(Piece.of(tiny_model, new_stream(tiny_model), t, encode=False), t, None, 0.0) for t in texts]
         if with_ids:
-            padding = _Call(np.zeros((1, 3), np.int32), np.array([3], np.int32), zero, 5, 0, 0)
+            padding = Piece(np.zeros((1, 3), np.int32), np.array([3], np.int32), zero, 5, 0, 0)
             batch.append(_Pending(padding, None, None, 0.0))
         got = runner._run_batch(batch)
         for p, (row, unknown) in zip(batch, got):
-            ids, want = (p.call.tokens[0], 0) if p.text is None else tiny_model.vocab.encode_counting(p.text)
+            ids, want = (p.piece.tokens[0], 0) if p.text is None else tiny_model.vocab.encode_counting(p.text)
             ref = tiny_model.run(ids[None, :], np.array([len(ids)], np.int32), zero)
             assert unknown == want
-            assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.call.base)
+            assert row.fired == SegmentTracker.fired(ref[spec.BOUNDARIES][0], p.piece.base)
             np.testing.assert_allclose(row.state["state_h1"], ref["next_state_h1"], atol=1e-5)
         assert [u for _, u in got[:4]] == [0, 3, 0, 0]
     runner.close()

@@ -104,13 +104,6 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: JSON escapes decode to the same text; only the record's size changes",
     ("batching", "for name, arr in model.zero_state(1).items()}", "1 -> 2"):
         "equivalent: the buffers take only the state's shape after the batch axis, the same for a batch of 2",
-    ("segments", "if not ts and end - start < limit:", "- -> +"):
-        "equivalent in every answer: open starts are never negative, so end + start < limit holds only where "
-        "end - start < limit does; the layers it no longer skips go through the general loop, which with no "
-        "boundary and a segment under the limit closes nothing and leaves the open start as it was",
-    ("segments", "if ts and ts[0] < decided:", "< -> <="):
-        "equivalent: where the first offset equals decided, bisect_left finds index 0 and the slice keeps every "
-        "offset, as no slice would",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

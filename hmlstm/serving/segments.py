@@ -128,12 +128,9 @@ class SegmentTracker:
         closed: list[Span] = []
         open_start = self.open_start
         for l in self.layers:
-            ts = boundaries[l] = fired[l - 1]
+            ts = fired[l - 1]
+            ts = boundaries[l] = ts[bisect_left(ts, decided) :]  # (an offset below decided spoke of no character)
             start = open_start[l]
-            if not ts and end - start < limit:  # no boundary and no forced close (most layers, most chunks)
-                continue
-            if ts and ts[0] < decided:
-                ts = boundaries[l] = ts[bisect_left(ts, decided) :]
             shift = cut(0, self.alignment[l])
             for t in ts + [None]:  # each boundary's cut, then the end of what is decided
                 stop = end if t is None else t + shift  # the segment so far ends before stop

@@ -104,6 +104,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: JSON escapes decode to the same text; only the record's size changes",
     ("batching", "for name, arr in model.zero_state(1).items()}", "1 -> 2"):
         "equivalent: the buffers take only the state's shape after the batch axis, the same for a batch of 2",
+    ("batching", "@dataclass(slots=True)", "True -> False"):
+        "equivalent in behaviour: slots only save each pending piece's memory and refuse attributes the class "
+        "does not declare, and none are set",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

@@ -156,16 +156,20 @@ def test_each_stream_sees_its_responses_in_order(tiny_model):
         assert [r.chunk_offset for r in results] == [0, *ends[:-1]]
 
 
-def test_unbatched_runner_gives_the_same_answers(tiny_model):
+def test_unbatched_runner_gives_the_same_answers_and_counts_its_characters(tiny_model):
+    from hmlstm.serving.metrics import Metrics
+
     text = synthetic_corpus(seed=9, n_chars=300).text[:200]
+    metrics = Metrics()
 
     async def main():
-        runner = Runner(tiny_model, workers=2)
+        runner = Runner(tiny_model, workers=2, metrics=metrics)
         out = await streamed(runner, text, 7)
         runner.close()
         return out
 
     assert_same(asyncio.run(main()), alone(tiny_model, text, 7))
+    assert metrics.registry.get_sample_value("hmlstm_chars_processed_total") == 200
 
 
 def test_bad_batching_settings(tiny_model):
@@ -194,6 +198,7 @@ def test_a_full_batch_runs_at_once_counts_its_rows_and_close_leaves_no_task(tiny
         assert observed["hmlstm_batch_size"]["hmlstm_batch_size_sum"] == 2
         assert observed["hmlstm_queue_wait_seconds"]["hmlstm_queue_wait_seconds_count"] == 2
         assert 0 <= observed["hmlstm_queue_wait_seconds"]["hmlstm_queue_wait_seconds_sum"] < 60  # waits, not times
+        assert observed["hmlstm_chars_processed"]["hmlstm_chars_processed_total"] == 6  # counted once per call
         runner.close()
         await asyncio.sleep(0)  # let the cancellation land
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

@@ -107,6 +107,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("batching", "@dataclass(slots=True)", "True -> False"):
         "equivalent in behaviour: slots only save each pending piece's memory and refuse attributes the class "
         "does not declare, and none are set",
+    ("batching", "timer.cancel()", "delete call timer.cancel(...)"):
+        "equivalent in every answer: a timer left running sets the arrival event at a stale deadline; every wait "
+        "re-checks the queue and its own deadline when it wakes, so a stray wake costs one turn of the loop",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

@@ -110,7 +110,8 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("batching", "timer.cancel()", "delete call timer.cancel(...)"):
         "equivalent in every answer: a timer left running sets the arrival event at a stale deadline; every wait "
         "re-checks the queue and its own deadline when it wakes, so a stray wake costs one turn of the loop",
-    ("batching", "queue.append(_Pending(Piece.of(self.model, st, piece, encode=False), piece, fut, time.perf_counter()))",
+    ("batching", "queue.append(_Pending(Piece.of(self.model, st, piece, encode=False), piece, fut, "
+                 "time.perf_counter()))",
      "False -> True"):
         "equivalent in every answer: the piece is then also encoded on its own and those ids go unused, since "
         "the batch encodes every text piece's text with the rest",

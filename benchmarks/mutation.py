@@ -115,6 +115,22 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      "False -> True"):
         "equivalent in every answer: the piece is then also encoded on its own and those ids go unused, since "
         "the batch encodes every text piece's text with the rest",
+    ("batch rows", "@dataclass(slots=True)", "True -> False"):
+        "equivalent in behaviour: slots only save each row's memory and refuse attributes the class does not "
+        "declare, and none are set",
+    ("batch rows", "asked = [i for i, k in enumerate(top_k) if k > 0]", "> -> >="):
+        "equivalent in every answer: every row then counts as asking, and a row with k = 0 gets the empty "
+        "ranking it got before (one softmax over more rows, no other change)",
+    ("batch rows", "row, col, step = (z.transpose(0, 2, 1) > 0.5).nonzero()", "> -> >="):
+        "equivalent: z holds the model's boundaries, exactly 0.0 or 1.0, never 0.5",
+    ("batch rows", "if (lengths < z.shape[1]).any():", "< -> <="):
+        "equivalent in every answer: the filter then always runs, and where every row is as long as the batch "
+        "it keeps every step",
+    ("batch rows", "cuts = np.searchsorted(row * n + col, np.arange(b * n + 1)).tolist()", "1 -> 2"):
+        "equivalent: one more cut past the last (row, column), which no slice reads",
+    ("batch rows", 'order = np.argsort(-p, axis=1, kind="stable")[:, : max(ks, default=0)]', "0 -> 1"):
+        "equivalent in use: the default applies only to no rows at all, and read_rows calls it only for the "
+        "rows that asked, at least one",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

@@ -98,16 +98,20 @@ def test_batch_rows_are_ragged_and_padding_changes_nothing(tiny_model):
 
 def test_a_batch_reads_only_its_rows_own_steps_and_places_them_at_their_offsets():
     """Steps past a row's length (the padding of a ragged batch) never count, however they fired; each row's
-    offsets start at its own base (negative: steps that speak of no character yet, for the tracker to drop)."""
+    offsets start at its own base (negative: steps that speak of no character yet, for the tracker to drop);
+    top-k is read at each row's own last step, for the rows that asked."""
     from hmlstm.serving.batch import read_rows
 
     z = np.ones((3, 4, 2), np.float32)
     z[2, 1, 0] = 0
-    outputs = {spec.BOUNDARIES: z, spec.LOGITS: np.zeros((3, 4, 3), np.float32), "s": np.arange(3.0)[:, None]}
-    rows = read_rows(outputs, np.array([4, 2, 3]), [10, -3, 0], [0, 0, 0], ["a", "b", "c"], {"s": "in"})
+    logits = np.zeros((3, 4, 3), np.float32)
+    logits[1, 1, 2] = 1.0  # row 1's last step (of 2) favours "c"; its padding steps favour nothing
+    outputs = {spec.BOUNDARIES: z, spec.LOGITS: logits, "s": np.arange(3.0)[:, None]}
+    rows = read_rows(outputs, np.array([4, 2, 3]), [10, -3, 0], [0, 1, 0], ["a", "b", "c"], {"s": "in"})
     assert [r.fired for r in rows] == [[[10, 11, 12, 13]] * 2, [[-3, -2]] * 2, [[0, 2], [0, 1, 2]]]
     assert [r.state["in"].tolist() for r in rows] == [[[0.0]], [[1.0]], [[2.0]]]
-    assert [r.next_chars for r in rows] == [[], [], []]
+    e = np.e / (np.e + 2)
+    assert [r.next_chars for r in rows] == [[], [("c", pytest.approx(e))], []]  # only the row that asked, k = 1
 
 
 def test_no_starvation_under_a_hot_stream(tiny_model):

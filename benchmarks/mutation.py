@@ -68,8 +68,8 @@ TARGETS = (
     Target("store", "hmlstm/serving/store.py",
            ("tests/serving/test_durability.py", "tests/serving/test_saver.py", "tests/serving/test_store_faults.py")),
     Target("stream", "hmlstm/serving/stream.py",
-           ("tests/serving/test_segments.py", "tests/serving/test_durability.py", "tests/serving/test_server.py",
-            "tests/serving/test_faults.py")),
+           ("tests/serving/test_segments.py", "tests/serving/test_durability.py", "tests/serving/test_batching.py",
+            "tests/serving/test_server.py", "tests/serving/test_faults.py")),
 )
 
 # Survivors no test can kill: the mutant behaves like the original on every input. Keyed by
@@ -131,6 +131,12 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("batch rows", 'order = np.argsort(-p, axis=1, kind="stable")[:, : max(ks, default=0)]', "0 -> 1"):
         "equivalent in use: the default applies only to no rows at all, and read_rows calls it only for the "
         "rows that asked, at least one",
+    ("stream", "@dataclass(slots=True)", "True -> False"):
+        "equivalent in behaviour: slots only save each result's memory and refuse attributes the class does not "
+        "declare, and none are set",
+    ("stream", "decided_chars: int = 0  # boundaries are known up to here (processed_chars less the model's "
+               "look-ahead)", "0 -> 1"):
+        "equivalent in use: every ChunkResult is made with decided_chars given, so the default is never read",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",
     ("batching", "self._arrival.clear()", "delete call self._arrival.clear(...)"):

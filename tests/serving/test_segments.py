@@ -337,3 +337,29 @@ def test_each_reported_layer_reads_its_own_column_of_boundaries(layers):
     bounds, closed = tr.feed(0, TEXT, z)
     assert bounds == {l: [{1: 2, 2: 5, 3: 7}[l]] for l in layers}
     assert sorted((s.layer, s.text) for s in closed) == sorted((l, TEXT[: {1: 2, 2: 5, 3: 7}[l]]) for l in layers)
+
+
+def test_a_resume_rewinds_the_held_stream_to_the_offset_it_names(tiny_model):
+    """The server may have run chunks whose responses the client never saw: a resume goes back to the last
+    response the client names (its state, tracker and processed count), whatever was run after it."""
+    from hmlstm.serving.runner import process_chunk_sync
+
+    reg = StreamRegistry(max_streams=4, idle_timeout_s=60)
+    st = reg.open(lambda: StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0, "r"), "r", False)
+    after = {}
+    for off in (0, 5, 10):
+        process_chunk_sync(tiny_model, st, off, "abcde", 4096)
+        after[st.processed] = (st.tracker.to_dict(), {k: np.array(v) for k, v in st.state.items()})
+    reg.detach(st, finished=False)
+    back = reg.open(None, "r", True, resume_offset=5)
+    assert back is st and back.processed == 5 and back.tracker.to_dict() == after[5][0]
+    for k, v in after[5][1].items():
+        np.testing.assert_array_equal(back.state[k], v)
+
+
+def test_a_stream_made_without_a_look_ahead_decides_every_character_it_was_fed(tiny_model):
+    from hmlstm.serving.runner import process_chunk_sync
+
+    st = StreamState(tiny_model.zero_state(1), tiny_model.boundary_layers, 0)
+    r = process_chunk_sync(tiny_model, st, 0, "abcab", 4096)
+    assert r.decided_chars == r.processed_chars == 5 and st.padding == 0

@@ -134,8 +134,7 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("stream", "@dataclass(slots=True)", "True -> False"):
         "equivalent in behaviour: slots only save each result's memory and refuse attributes the class does not "
         "declare, and none are set",
-    ("stream", "decided_chars: int = 0  # boundaries are known up to here (processed_chars less the model's "
-               "look-ahead)", "0 -> 1"):
+    ("stream", "decided_chars: int = 0", "0 -> 1"):
         "equivalent in use: every ChunkResult is made with decided_chars given, so the default is never read",
     ("batching", "if remaining <= 0:", "<= -> <"):
         "equivalent: the two differ only when a perf_counter float lands exactly on the deadline",

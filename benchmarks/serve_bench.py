@@ -673,18 +673,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_docs and args.quick:
         ap.error("--quick is for trying the script; its small grid never replaces the committed report")
-    if args.front_end:
-        text = front_end(args.seconds, against=args.against)
-        print(text)
-        if args.write_docs:
-            print(f"\nwrote {write_section('serve-front-end', text)}")
-        return
-    if args.engine_cost:
-        text = engine_cost(args.seconds, against=args.against)
-        print(text)
-        if args.write_docs:
-            print(f"\nwrote {write_section('serve-engines', text)}")
-        return
+    for asked, run, section in ((args.front_end, front_end, "serve-front-end"),
+                                (args.engine_cost, engine_cost, "serve-engines")):
+        if asked:  # one section of its own
+            text = run(args.seconds, against=args.against)
+            print(text)
+            if args.write_docs:
+                print(f"\nwrote {write_section(section, text)}")
+            return
     grid = QUICK_GRID if args.quick else SERVER_GRID
     gflops = sgemm_gflops()
     print(f"sgemm: {gflops:.1f} GFLOP/s", flush=True)

@@ -50,7 +50,7 @@ def _padding(steps: int):
 class Piece(NamedTuple):
     """One piece of a stream through the model: what the call needs, read from the stream when it is made
     (on the event loop; a resume may rewind the stream while the call runs)."""
-    tokens: np.ndarray  # [1, T]
+    tokens: np.ndarray | None  # [1, T]; None: text left for a batch to encode with the rest
     lengths: np.ndarray  # [1]
     state: dict
     base: int  # the stream offset step 0 speaks of
@@ -105,8 +105,8 @@ class Runner:
 
     async def _row(self, st: StreamState, piece: str | None) -> tuple[Row, int]:
         """The stream's row for ``piece`` (None: its end's padding steps), and its unknown characters."""
-        call = Piece.of(self.model, st, piece)
-        out = await asyncio.get_running_loop().run_in_executor(self.pool, call.run, self.model, self.binder)
+        prepared = Piece.of(self.model, st, piece)
+        out = await asyncio.get_running_loop().run_in_executor(self.pool, prepared.run, self.model, self.binder)
         if self.metrics is not None and piece:
             self.metrics.chars.inc(len(piece))
         return out

@@ -18,7 +18,7 @@ import numpy as np
 from hmlstm import spec
 
 
-@dataclass(slots=True)
+@dataclass
 class Row:
     state: dict  # the stream's next state: input name -> [1, ...] (a view of the call's output)
     fired: list[list[int]]  # per boundary column (layer l's is l - 1): ascending offsets where it fired
@@ -38,7 +38,7 @@ def read_rows(outputs: dict[str, np.ndarray], lengths: np.ndarray, bases, top_k,
         columns = [list(outputs[o][:, None]) for o in state_map]  # every row's view at once, made in C
         states = [dict(zip(names, values)) for values in zip(*columns)]
     fired = _fired(outputs[spec.BOUNDARIES], lengths, np.asarray(bases, np.int64))
-    asked = [i for i, k in enumerate(top_k) if k > 0]
+    asked = [i for i, k in enumerate(top_k) if k]
     best = {}
     if asked:
         last = outputs[spec.LOGITS][asked, lengths[asked] - 1]  # [R, V]: after each asking row's last step
@@ -63,5 +63,5 @@ def next_chars(logits: np.ndarray, ks: list[int], chars: list[str]) -> list[list
     and one sort for all rows."""
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
-    order = np.argsort(-p, axis=1, kind="stable")[:, : max(ks, default=0)]
+    order = np.argsort(-p, axis=1, kind="stable")[:, : max(ks)]
     return [[(chars[j], float(p[i, j])) for j in order[i, :k].tolist()] for i, k in enumerate(ks)]

@@ -58,7 +58,7 @@ from hmlstm.serving.runner import Piece, Runner
 from hmlstm.serving.stream import StreamState
 
 
-@dataclass(slots=True)
+@dataclass
 class _Pending:
     piece: Piece  # what the call needs from the stream (its tokens unused where ``text`` is set)
     text: str | None  # the piece's text, encoded with the rest of its batch; None: ``piece.tokens`` (padding)

@@ -26,7 +26,7 @@ class StreamError(Exception):
         self.code = code
 
 
-@dataclass(slots=True)
+@dataclass
 class ChunkResult:
     chunk_offset: int
     processed_chars: int

@@ -425,4 +425,5 @@ def test_a_held_stream_keeps_only_its_own_rows_of_the_calls_it_was_in(tiny_model
             assert v.base is None and v.shape == want[k].shape, k  # its own row, not a view of a call's rows
             np.testing.assert_array_equal(v, want[k])
     assert all(v.base is not None for v in attached.state.values())
+    assert all(v.base is not None for v in done.state.values())  # forgotten: no copies made for it
     assert not reg.held("s2") and reg.held("s0")

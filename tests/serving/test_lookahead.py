@@ -3,6 +3,7 @@ path (streamed in any chunking, unary, resumed, loaded from a state store, `segm
 decides exactly the boundaries of one pass over the whole text with K padding steps after it."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hmlstm.serving.config import ServeConfig
 from hmlstm.serving.model import load_model
 from hmlstm.serving.segments import SegmentTracker
 from tests.conftest import TINY_MODEL, shared_folder
-from tests.serving.test_server import chunked, collect, retry_aborted, unary
+from tests.serving.test_server import chunked, collect, held_open, retry_aborted, unary
 
 K = 2
 
@@ -114,8 +115,9 @@ def test_a_stream_saved_to_a_store_resumes_on_another_server_exactly(lookahead_o
     store = f"sqlite:{tmp_path / 'streams.db'}"
     config = ServeConfig(port=0, metrics_port=None, piece_chars=64, state_store=store)
     model = load_model(lookahead_onnx, "cpu")
+    release = threading.Event()  # the request stream stays open: a half-close would end the stream for good
     with BackgroundServer(model, config) as one, SegmenterClient(one.target) as c:
-        call = c.stream(iter(chunked(text, 43)[:7]), stream_id="look-store-2")
+        call = c.stream(held_open(chunked(text, 43)[:7], release), stream_id="look-store-2")
         first = []
         for r in call:
             first.append(r)
@@ -123,6 +125,7 @@ def test_a_stream_saved_to_a_store_resumes_on_another_server_exactly(lookahead_o
                 assert r.durable
                 call.cancel()
                 break
+        release.set()
     at = first[-1].processed_chars
     with BackgroundServer(model, config) as two, SegmenterClient(two.target) as c:
         second = list(c.stream(chunked(text[at:], 43), stream_id="look-store-2", resume=True, start_offset=at))

@@ -89,14 +89,17 @@ class RedisProcess:
         import redis
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:  # closed now, not whenever the garbage collector gets to it: tests count the server's clients
+            client.close()
 
     def pause(self) -> None:  # a hung store: connections open, nothing answers
         self.proc.send_signal(signal.SIGSTOP)

@@ -33,7 +33,8 @@ observed per batch (a histogram that takes arrays, metrics.BatchHistogram).
   would (the masking in the model's loop); only the matmul kernels differ, so
   floats agree to ~1e-7, not bit for bit.
 - State inputs are gathered into buffers preallocated for ``max_batch`` rows
-  and reused for every call; next states are handed out as row views, no copies.
+  and reused for every call, one take per input for the rows of one earlier
+  call; next states are handed out as references to their rows, no copies.
 - The scheduler wakes when the first piece arrives, when a batch is full and
   at its deadline, not at every piece.
 - With ``io_binding`` (on by default with CUDA; see ``device_state.py``) the
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmlstm.serving.batch import Row, read_rows
+from hmlstm.serving.batch import Row, gather, read_rows
 from hmlstm.serving.device_state import reusable
 from hmlstm.serving.model import LoadedModel
 from hmlstm.serving.runner import Piece, Runner
@@ -155,7 +156,7 @@ class BatchingRunner(Runner):
         """The batch's tokens [B, T] (rows padded past their lengths), lengths [B], and unknown characters per
         row: every text piece encoded with one lookup."""
         b = len(pieces)
-        lengths = np.fromiter((p.lengths[0] for p in pieces), np.int32, b)
+        lengths = np.fromiter((p.steps for p in pieces), np.int32, b)
         tokens = np.zeros((b, int(lengths.max())), np.int32)
         if None not in texts:  # text only (the usual batch): one lookup, one scatter
             ids, unknown = self.model.vocab.encode_rows(texts)
@@ -175,9 +176,7 @@ class BatchingRunner(Runner):
         if hit:
             outputs, bound = self.binder.run(tokens, lengths, hit[0])
             return outputs, self.binder.states(bound)
-        b = len(pieces)
-        state = {name: np.concatenate([p.state[name] for p in pieces], out=buf[:b])  # one copy per input
-                 for name, buf in self._buffers.items()}
+        state = gather([p.state for p in pieces], self._buffers)
         if self.binder is None:
             return self.model.run(tokens, lengths, state), None
         outputs, bound = self.binder.run(tokens, lengths, state)

@@ -42,16 +42,16 @@ def _merge(results: list[ChunkResult], chunk_offset: int) -> ChunkResult:
     return merged
 
 
-def _padding(steps: int):
-    """The look-ahead's padding steps at a stream's end (StreamState.finish)."""
-    return np.full((1, steps), spec.LOOKAHEAD_PAD_ID, np.int32), np.array([steps], np.int32)
+def _padding(steps: int) -> np.ndarray:
+    """The look-ahead's padding steps at a stream's end (StreamState.finish), as ids [1, steps]."""
+    return np.full((1, steps), spec.LOOKAHEAD_PAD_ID, np.int32)
 
 
 class Piece(NamedTuple):
     """One piece of a stream through the model: what the call needs, read from the stream when it is made
     (on the event loop; a resume may rewind the stream while the call runs)."""
     tokens: np.ndarray | None  # [1, T]; None: text left for a batch to encode with the rest
-    lengths: np.ndarray  # [1]
+    steps: int  # T
     state: dict
     base: int  # the stream offset step 0 speaks of
     top_k: int
@@ -63,20 +63,20 @@ class Piece(NamedTuple):
         left for the caller to encode (tokens None, unknown 0)."""
         base = st.processed - model.lookahead
         if piece is None:
-            return cls(*_padding(st.padding), st.state, base, 0, 0)
+            return cls(_padding(st.padding), st.padding, st.state, base, 0, 0)
         ids, unknown = model.vocab.encode_counting(piece) if encode else (None, 0)
-        return cls(None if ids is None else ids[None, :], np.array([len(piece)], np.int32), st.state, base,
-                   st.top_k, unknown)
+        return cls(None if ids is None else ids[None, :], len(piece), st.state, base, st.top_k, unknown)
 
     def run(self, model: LoadedModel, binder: Binder | None = None) -> tuple[Row, int]:
         """(the stream's row, unknown characters). With ``binder``, the state stays on the device."""
+        lengths = np.array([self.steps], np.int32)
         if binder is None:
-            outputs, states = model.run(self.tokens, self.lengths, self.state), None
+            outputs, states = model.run(self.tokens, lengths, self.state), None
         else:
             hit = reusable([self.state])
-            outputs, bound = binder.run(self.tokens, self.lengths, hit[0] if hit else host_state(self.state))
+            outputs, bound = binder.run(self.tokens, lengths, hit[0] if hit else host_state(self.state))
             states = binder.states(bound)
-        return read_rows(outputs, self.lengths, [self.base], [self.top_k], model.vocab.chars, model.state_map,
+        return read_rows(outputs, lengths, [self.base], [self.top_k], model.vocab.chars, model.state_map,
                          states)[0], self.unknown
 
 

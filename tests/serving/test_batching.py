@@ -114,6 +114,33 @@ def test_a_batch_reads_only_its_rows_own_steps_and_places_them_at_their_offsets(
     assert [r.next_chars for r in rows] == [[], [("c", pytest.approx(e))], []]  # only the row that asked, k = 1
 
 
+def test_a_batch_gathers_each_rows_own_state_from_calls_and_plain_states():
+    """A stream's next state is its row of the call's outputs; the next batch stacks every row's state in the
+    order given: rows of one call in any order, rows of two calls interleaved, and plain states (a new stream's
+    zeros, a stored one) among them."""
+    from hmlstm.serving.batch import StateRow, gather
+
+    call1 = {"a": np.arange(8.0).reshape(4, 2), "b": -np.arange(4.0)[:, None]}
+    call2 = {"a": 100 + np.arange(6.0).reshape(3, 2), "b": -100 - np.arange(3.0)[:, None]}
+    row = StateRow(call1, 2)
+    assert dict(row).keys() == {"a", "b"} and len(row) == 2
+    assert row["a"].tolist() == [[4.0, 5.0]] and row["b"].shape == (1, 1)  # a [1, ...] view of its row
+    buffers = {"a": np.full((6, 2), np.nan), "b": np.full((6, 1), np.nan)}
+
+    def want(states):
+        return {k: np.concatenate([np.asarray(s[k]) for s in states]) for k in buffers}
+
+    plain = {"a": np.array([[7.0, 7.0]]), "b": np.array([[7.0]])}
+    for states in ([StateRow(call1, i) for i in (3, 0, 2, 1)],  # one call, reordered: one take per input
+                   [StateRow(call2, 1), StateRow(call1, 0), StateRow(call2, 0), StateRow(call1, 3)],
+                   [StateRow(call1, 1), plain, StateRow(call2, 2), StateRow(call1, 1)],
+                   [plain]):
+        got = gather(states, buffers)
+        for k, v in want(states).items():
+            np.testing.assert_array_equal(got[k], v)
+            assert np.shares_memory(got[k], buffers[k])  # in the reused buffers
+
+
 def test_no_starvation_under_a_hot_stream(tiny_model):
     """A cold stream's piece is served within the next two model pieces, however busy a hot stream is."""
 
@@ -385,7 +412,7 @@ def test_text_pieces_are_encoded_with_their_batch_and_count_their_own_unknown_ch
     for with_ids in (False, True):
         batch = [_Pending(Piece.of(tiny_model, new_stream(tiny_model), t, encode=False), t, None, 0.0) for t in texts]
         if with_ids:
-            padding = Piece(np.zeros((1, 3), np.int32), np.array([3], np.int32), zero, 5, 0, 0)
+            padding = Piece(np.zeros((1, 3), np.int32), 3, zero, 5, 0, 0)
             batch.append(_Pending(padding, None, None, 0.0))
         got = runner._run_batch(batch)
         for p, (row, unknown) in zip(batch, got):

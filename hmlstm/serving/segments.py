@@ -19,6 +19,7 @@ boundaries of K padding steps run after the stream's end.
 from __future__ import annotations
 
 from bisect import bisect_left
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -30,6 +31,9 @@ class Span(NamedTuple):  # a tuple: made by the thousand per second on the serve
     end: int  # one past the last character
     text: str
     final: bool
+
+
+_span = partial(tuple.__new__, Span)  # Span(*fields) without the generated __new__ (a Python call per span)
 
 
 def cut(t: int, alignment: str) -> int:
@@ -120,26 +124,35 @@ class SegmentTracker:
     def _decide(self, fired: list[list[int]], end: int) -> tuple[dict[int, list[int]], list[Span]]:
         """Decide the characters from ``decided`` to ``end`` given each layer's boundaries among them (offsets
         below ``decided`` are steps that spoke of no character yet, and are dropped). The server's hot path:
-        plain loops over the few boundaries that fired."""
+        plain loops over the few boundaries that fired; a layer with none and a short open segment costs a
+        lookup."""
         buffer, base, decided = self._buffer, self._buffer_start, self.decided
         self.decided = end
         limit = self.max_segment_chars
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
         open_start = self.open_start
+        alignment = self.alignment
         for l in self.layers:
             ts = fired[l - 1]
-            ts = boundaries[l] = ts[bisect_left(ts, decided) :]  # (an offset below decided spoke of no character)
+            if ts and ts[0] < decided:  # (an offset below decided spoke of no character)
+                ts = ts[bisect_left(ts, decided) :]
+            boundaries[l] = ts
             start = open_start[l]
-            shift = cut(0, self.alignment[l])
-            for t in ts + [None]:  # each boundary's cut, then the end of what is decided
-                stop = end if t is None else t + shift  # the segment so far ends before stop
+            if not ts and end - start < limit:  # nothing closes in this layer
+                continue
+            shift = cut(0, alignment[l])
+            for t in ts:
+                stop = t + shift  # the segment so far ends before the boundary's cut
                 while stop - start >= limit:  # forced close at the limit
-                    closed.append(Span(l, start, start + limit, buffer[start - base : start + limit - base], True))
+                    closed.append(_span((l, start, start + limit, buffer[start - base : start + limit - base], True)))
                     start += limit
-                if t is not None and stop > start:
-                    closed.append(Span(l, start, stop, buffer[start - base : stop - base], True))
+                if stop > start:
+                    closed.append(_span((l, start, stop, buffer[start - base : stop - base], True)))
                     start = stop
+            while end - start >= limit:  # what is decided beyond the last cut, at the limit too
+                closed.append(_span((l, start, start + limit, buffer[start - base : start + limit - base], True)))
+                start += limit
             open_start[l] = start
         keep_from = min(open_start.values(), default=end)  # open segments, and the undecided characters
         if keep_from != base:
@@ -149,7 +162,8 @@ class SegmentTracker:
 
     def open_spans(self) -> list[Span]:
         """The segment still open in each layer: its span so far (to ``decided``), no text."""
-        return [Span(l, s, self.decided, "", False) for l, s in self.open_start.items() if s < self.decided]
+        decided = self.decided
+        return [_span((l, s, decided, "", False)) for l, s in self.open_start.items() if s < decided]
 
     @property
     def undecided(self) -> int:

@@ -83,14 +83,15 @@ def free_port() -> int:
 
 def start_server(model_path: Path | None, extra: list[str] = (), workers: int = 1,
                  echo: bool = False, log: Path | None = None, env: dict | None = None,
-                 root: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    """A real `hmlstm serve` process (or the echo floor); its metrics endpoints are in proc.metrics_urls.
-    ``log``: where its stderr goes (appended), so that a server that does not start says why."""
+                 root: Path = ROOT, hold_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
+    """A real `hmlstm serve` process (or the echo floor, its responses held ``hold_ms`` as a batch's are); its
+    metrics endpoints are in proc.metrics_urls. ``log``: where its stderr goes (appended), so that a server that
+    does not start says why."""
     port, metrics_port = free_port(), free_port()
     while any(not _port_free(metrics_port + i) for i in range(workers)):
         metrics_port = free_port()
     if echo:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "echo_server.py"), str(port), str(metrics_port)]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "echo_server.py"), str(port), str(metrics_port), str(hold_ms)]
     else:
         cmd = [sys.executable, "-m", "hmlstm.cli", "serve", str(model_path), "--port", str(port), "--metrics-port",
                str(metrics_port), "--max-streams", "2000", "--idle-timeout", "600", "--workers", str(workers),
@@ -610,42 +611,66 @@ def front_end(seconds: float, rounds: int = 3, streams: int = 256, chunk: int = 
               against: Path | None = None) -> str:
     """What the server's front end alone can carry: `hmlstm serve` with a model call that costs nothing
     (benchmarks/free_model: the real model's outputs, looked up) at 1 and 2 workers, beside the bare
-    grpc.aio echo on the same proto; messages and characters per second of the server's own CPU.
-    ``against``: another checkout (e.g. a git worktree of an earlier commit), its free-model server
-    alternating with these rows."""
-    env = _free_env(ROOT)
+    grpc.aio echo on the same proto; messages and characters per second of the server's own CPU. Then the
+    same at the real model's operating point: calls that take as long as the real ones (sleeping, as a call
+    on an accelerator takes time without the host's CPU), beside the echo with its responses held for as
+    long as that server's batch cycle. ``against``: another checkout (e.g. a git worktree of an earlier
+    commit), its free-model servers alternating with these rows."""
+    model = load_model(DEFAULT_MODEL, "cpu", spinning=False)
+    call_us = 1e6 / float(np.median([direct_ort(model, streams, chunk, seconds)["rate"] for _ in range(rounds)]))
+    del model
+    roots = [("", ROOT)] + ([(f", {against.name}", against)] if against is not None else [])
+    slow = "free model, calls as long as the real model's"
+    setups = [("echo", 1, dict(echo=True))]
+    for tag, root in roots:
+        env = _free_env(root)
+        kw = dict(env=env) if root == ROOT else dict(env=env, root=root)
+        setups += [(f"free model{tag}", 1, kw)] + ([(f"free model{tag}", 2, kw)] if not tag else [])
+        setups.append((f"{slow}{tag}", 1, {**kw, "env": {**env, "HMLSTM_FREE_MODEL_US_PER_CHAR": f"{call_us:.3f}"}}))
+    paced_name = "echo, paced at the free model's message rate"
+    held_name = f"echo, responses held for the batch cycle of \"{slow}\""
+    procs = [start_server(DEFAULT_MODEL, workers=w, **kw) for _, w, kw in setups]
+    rows: dict[tuple[str, int], list[dict]] = {(name, w): [] for name, w, _ in setups}
+    rows[(paced_name, 1)], rows[(held_name, 1)] = [], []
+    try:
+        for _ in range(rounds):
+            for (name, w, _), (proc, target) in zip(setups, procs):
+                rows[(name, w)].append(run_row(proc, target, name, streams, chunk, seconds))
+            echo = procs[0]
+            rows[(paced_name, 1)].append(run_row(*echo, "echo, paced", streams, chunk, seconds,
+                                                 pace=rows[("free model", 1)][-1]["rate"] / chunk))
+            # The batch cycle the slow free-model server's clients saw: streams / its message rate.
+            cycle_ms = 1e3 * streams * chunk / rows[(slow, 1)][-1]["rate"]
+            held = start_server(None, echo=True, hold_ms=cycle_ms)
+            try:
+                rows[(held_name, 1)].append(run_row(*held, "echo, held", streams, chunk, seconds))
+            finally:
+                held[0].terminate()
+                held[0].wait(timeout=60)
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
     lines = ["## What the front end alone carries (`benchmarks/serve_bench.py --front-end`)", "",
              f"{streams} closed-loop streams x {chunk}-character chunks from another process on the same 2 cores. "
              "`free model`: a real `hmlstm serve` whose model call costs nothing (benchmarks/free_model: the "
              "shipped model's real outputs, computed once per shape and looked up), so its CPU is the front end's "
              "alone: gRPC, asyncio, batching, tracking, responses. `echo`: the bare grpc.aio servicer on the same "
-             "proto (benchmarks/echo_server.py), the floor of any Python gRPC server; `paced`: the same echo with its "
-             "clients sending at the message rate the free-model server reached in that round (a gRPC server's CPU "
-             "per message grows as its message rate falls: fewer messages share each wake-up). Per CPU second: "
-             "messages "
-             f"and characters the server handles per second of its own CPU (all its workers). Medians of {rounds} "
-             f"alternating rounds of {seconds:g} s.", "",
+             "proto (benchmarks/echo_server.py), the floor of any Python gRPC server. A gRPC server's CPU per "
+             "message depends on how its messages arrive (fewer per wake-up cost more each), so the echo is "
+             "measured three ways: flat out; `paced`, its clients sending evenly at the message rate the free-model "
+             "server reached in that round; `held`, every response held until a clock ticks once per batch cycle "
+             "of the slow free-model server, so its clients send in the same bursts as a batching server's. "
+             f"`calls as long as the real model's`: the free model's calls sleep {call_us:.2f} us per row and step, "
+             f"the wall time of ONNX Runtime's own call at {streams} x {chunk} on this machine (measured in this run, "
+             "threads not spinning): the message rate and arrival bursts of the real server with the model's CPU "
+             "taken away, as on an accelerator. Per CPU second: messages and characters the server handles per "
+             f"second of its own CPU (all its workers). Medians of {rounds} alternating rounds of {seconds:g} s.", "",
              "| server | workers | messages/s | chars/s | server CPU us/msg | messages per CPU s | "
              "chars per CPU s | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    setups = [("echo", 1, dict(echo=True)), ("free model", 1, dict(env=env)), ("free model", 2, dict(env=env))]
-    if against is not None:
-        setups.append((f"free model, {against.name}", 1, dict(env=_free_env(against), root=against)))
-    procs = [start_server(DEFAULT_MODEL, workers=w, **kw) for _, w, kw in setups]
-    paced: list[dict] = []  # the echo again, at the message rate the 1-worker free-model row just reached
-    try:
-        rows: list[list[dict]] = [[] for _ in setups]
-        for _ in range(rounds):
-            for i, (name, _w, _) in enumerate(setups):
-                rows[i].append(run_row(procs[i][0], procs[i][1], name, streams, chunk, seconds))
-            paced.append(run_row(procs[0][0], procs[0][1], "echo, paced", streams, chunk, seconds,
-                                 pace=rows[1][-1]["rate"] / chunk))
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
-    named = [(name, w, rs) for (name, w, _), rs in zip(setups, rows)]
-    named.insert(1, ("echo, paced at the free model's message rate", 1, paced))
-    for name, w, rs in named:
+    order = [("echo", 1), (paced_name, 1), (held_name, 1)] + [(n, w) for n, w, _ in setups[1:]]
+    for name, w in order:
+        rs = rows[(name, w)]
         rate = float(np.median([r["rate"] for r in rs]))
         cpu_msg = float(np.median([r["cpu_chunk"] for r in rs]))
         p99 = float(np.median([r["p99"] for r in rs]))

@@ -424,7 +424,8 @@ def report(results, gflops: float, seconds: float) -> str:
              "runs of the 64-stream rows have varied by up to 1.5x, so compare rows within one run.", ""]
     for name, model, limit, rows in results:
         units = "x".join(map(str, model.units))
-        lines += [f"### {name} ({units}, vocabulary {len(model.vocab)}): limit {limit:,.0f} chars/s", "",
+        lines += [f"### {name} ({units}, vocabulary {len(model.vocab)}, {model.engine} engine): limit {limit:,.0f} "
+                  "chars/s", "",
                   "| what | streams | chunk | chars/s | % of limit | p50 ms | p99 ms | streams per call | "
                   "server CPU us/chunk | of it model | rest | CPU us/char |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

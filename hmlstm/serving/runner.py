@@ -10,6 +10,7 @@ serves ``hmlstm segment --local``; the async one the server.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -52,7 +53,7 @@ class Piece(NamedTuple):
     (on the event loop; a resume may rewind the stream while the call runs)."""
     tokens: np.ndarray | None  # [1, T]; None: text left for a batch to encode with the rest
     steps: int  # T
-    state: dict
+    state: Mapping  # input name -> [1, ...] (a dict, or a batch.StateRow)
     base: int  # the stream offset step 0 speaks of
     top_k: int
     unknown: int  # characters the vocabulary lacks

@@ -142,17 +142,14 @@ class SegmentTracker:
             if not ts and end - start < limit:  # nothing closes in this layer
                 continue
             shift = cut(0, alignment[l])
-            for t in ts:
-                stop = t + shift  # the segment so far ends before the boundary's cut
+            for t in ts + [None]:  # each boundary's cut, then the end of what is decided
+                stop = end if t is None else t + shift  # the segment so far ends before stop
                 while stop - start >= limit:  # forced close at the limit
                     closed.append(_span((l, start, start + limit, buffer[start - base : start + limit - base], True)))
                     start += limit
-                if stop > start:
+                if t is not None and stop > start:
                     closed.append(_span((l, start, stop, buffer[start - base : stop - base], True)))
                     start = stop
-            while end - start >= limit:  # what is decided beyond the last cut, at the limit too
-                closed.append(_span((l, start, start + limit, buffer[start - base : start + limit - base], True)))
-                start += limit
             open_start[l] = start
         keep_from = min(open_start.values(), default=end)  # open segments, and the undecided characters
         if keep_from != base:

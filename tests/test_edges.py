@@ -295,6 +295,18 @@ def _wait_for_line(proc, needle: str, deadline_s: float = 300) -> list[str]:
     raise AssertionError(f"{needle!r} never came: {''.join(seen)}")
 
 
+def _popen_taking_ctrl_c(cmd, **kw) -> subprocess.Popen:
+    """A child that takes Ctrl-C (SIGINT) as one started from a terminal does, even where the tests run with SIGINT
+    ignored: a non-interactive shell's background job (`make test &` in a script) starts so, an ignored signal
+    stays ignored across exec, and Python then never raises KeyboardInterrupt. A handler set here, unlike
+    SIG_IGN, is reset to the default in the exec'd child."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, **kw)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_export_leaves_nothing_behind(tiny_onnx, tmp_path, sig, status):
     """8, 9. Ctrl-C or SIGTERM while the card is evaluated: no OUT, no companion, no card, no hidden stage
@@ -306,9 +318,9 @@ def test_an_interrupted_export_leaves_nothing_behind(tiny_onnx, tmp_path, sig, s
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([sys.executable, "-m", "hmlstm.cli", "export", str(tiny_onnx.path), "--out",
-                             str(out_dir / "m.onnx"), "--no-validate", "--eval-text", str(long_text)],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = _popen_taking_ctrl_c([sys.executable, "-m", "hmlstm.cli", "export", str(tiny_onnx.path), "--out",
+                                 str(out_dir / "m.onnx"), "--no-validate", "--eval-text", str(long_text)],
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         _wait_for_line(proc, "evaluating for the model card")
         proc.send_signal(sig)

@@ -124,24 +124,18 @@ class SegmentTracker:
     def _decide(self, fired: list[list[int]], end: int) -> tuple[dict[int, list[int]], list[Span]]:
         """Decide the characters from ``decided`` to ``end`` given each layer's boundaries among them (offsets
         below ``decided`` are steps that spoke of no character yet, and are dropped). The server's hot path:
-        plain loops over the few boundaries that fired; a layer with none and a short open segment costs a
-        lookup."""
+        plain loops over the few boundaries that fired."""
         buffer, base, decided = self._buffer, self._buffer_start, self.decided
         self.decided = end
         limit = self.max_segment_chars
         boundaries: dict[int, list[int]] = {}
         closed: list[Span] = []
         open_start = self.open_start
-        alignment = self.alignment
         for l in self.layers:
             ts = fired[l - 1]
-            if ts and ts[0] < decided:  # (an offset below decided spoke of no character)
-                ts = ts[bisect_left(ts, decided) :]
-            boundaries[l] = ts
+            ts = boundaries[l] = ts[bisect_left(ts, decided) :]  # (an offset below decided spoke of no character)
             start = open_start[l]
-            if not ts and end - start < limit:  # nothing closes in this layer
-                continue
-            shift = cut(0, alignment[l])
+            shift = cut(0, self.alignment[l])
             for t in ts + [None]:  # each boundary's cut, then the end of what is decided
                 stop = end if t is None else t + shift  # the segment so far ends before stop
                 while stop - start >= limit:  # forced close at the limit

@@ -699,6 +699,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_docs and args.quick:
         ap.error("--quick is for trying the script; its small grid never replaces the committed report")
+    if not 0.5 <= args.seconds <= 600:  # NaN fails too
+        ap.error(f"--seconds is each row's measuring time, 0.5 to 600; got {args.seconds}")
+    if args.front_end and args.engine_cost:
+        ap.error("--front-end and --engine-cost are sections of their own: run one, then the other")
+    if args.against is not None:
+        if not (args.front_end or args.engine_cost):
+            ap.error("--against compares another checkout in --front-end or --engine-cost; give one of them")
+        if not (args.against / "hmlstm" / "serving" / "server.py").is_file():
+            ap.error(f"--against {args.against}: not a checkout of this project (make one with "
+                     "`git worktree add DIR COMMIT`)")
     for asked, run, section in ((args.front_end, front_end, "serve-front-end"),
                                 (args.engine_cost, engine_cost, "serve-engines")):
         if asked:  # one section of its own

@@ -208,6 +208,21 @@ def test_a_trial_benchmark_never_overwrites_the_committed_report():
         assert "import tensorflow" not in text, f"{script} imports TensorFlow without quieting it"
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--seconds", "0"], "--seconds is each row's measuring time"),
+    (["--front-end", "--seconds", "nan"], "--seconds is each row's measuring time"),
+    (["--engine-cost", "--seconds", "1e9"], "--seconds is each row's measuring time"),
+    (["--front-end", "--engine-cost"], "sections of their own"),
+    (["--against", "."], "give one of them"),
+    (["--engine-cost", "--against", "/no/such/checkout"], "not a checkout of this project"),
+])
+def test_serve_bench_refuses_absurd_and_clashing_flags_before_it_starts_anything(flags, needle):
+    r = subprocess.run([sys.executable, "benchmarks/serve_bench.py", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr.splitlines()[-1], r.stderr
+    assert "Traceback" not in r.stderr and not r.stdout
+
+
 def test_a_taken_metrics_port_is_named_in_one_line():
     import socket
 

@@ -555,6 +555,19 @@ def plot(results, path: Path) -> None:
 ENGINE_COST_SHAPES = ((256, 16), (64, 16), (64, 256))  # (streams, characters per chunk)
 
 
+def held_echo_row(served: dict, seconds: float) -> dict:
+    """The echo with its responses held for the batch cycle its clients saw in ``served`` (a server's row):
+    streams / that server's message rate. Its clients then send in the same bursts at the same rate: the
+    floor of any grpc.aio server at that arrival pattern."""
+    streams, chunk = served["streams"], served["chunk"]
+    held = start_server(None, echo=True, hold_ms=1e3 * streams * chunk / served["rate"])
+    try:
+        return run_row(*held, "echo, held", streams, chunk, seconds)
+    finally:
+        held[0].terminate()
+        held[0].wait(timeout=60)
+
+
 def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES, against: Path | None = None) -> str:
     """Per engine and shape: ONNX Runtime called directly, beside a real server with that engine. ``against``:
     another checkout's server (sparse engine) too, alternating with this one's, for a before-and-after."""
@@ -564,11 +577,15 @@ def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES, agai
              "not spinning), CPU seconds of the process per character. `server`: a real `hmlstm serve --engine E` "
              "driven by S closed-loop gRPC streams from another process on the same 2 cores, its own CPU per "
              "character from its metrics, and the part in model calls; `rest / msg`: the server's CPU outside "
-             "model calls per message; p99: the clients' latency per chunk. Medians of "
-             f"{rounds} alternating rounds of {seconds:g} s.", "",
+             "model calls per message; p99: the clients' latency per chunk. `echo / msg`: the bare grpc.aio "
+             "echo's CPU per message (benchmarks/echo_server.py) with its responses held for that server's batch "
+             "cycle in the same round, so its clients send in the same bursts at the same rate: the floor of any "
+             "Python gRPC server there. `floor / direct`: the server / direct ratio of a server whose own work cost "
+             "no more than the echo's (its model calls as measured, plus the echo per message): where a server "
+             f"with no Python of its own would be. Medians of {rounds} alternating rounds of {seconds:g} s.", "",
              "| engine | S x C | direct chars/s | direct CPU us/char | server chars/s | server CPU us/char | "
-             "of it model | rest | rest / msg (us) | server / direct | p99 ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "of it model | rest | rest / msg (us) | echo / msg (us) | server / direct | floor / direct | p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for engine in ("sparse", "dense"):
         model = load_model(DEFAULT_MODEL, "cpu", spinning=False, engine=engine)
         servers = [(engine, start_server(DEFAULT_MODEL, ["--engine", engine]))]
@@ -577,22 +594,26 @@ def engine_cost(seconds: float, rounds: int = 3, shapes=ENGINE_COST_SHAPES, agai
                 DEFAULT_MODEL, ["--engine", engine], env={"PYTHONPATH": str(against)}, root=against)))
         try:
             for streams, chunk in shapes:
-                direct, served = [], [[] for _ in servers]
+                direct, served, echo = [], [[] for _ in servers], []
                 for _ in range(rounds):
                     direct.append(direct_ort(model, streams, chunk, seconds))
                     for k, (name, (proc, target)) in enumerate(servers):
                         served[k].append(run_row(proc, target, f"server {name}", streams, chunk, seconds))
+                    echo.append(held_echo_row(served[0][-1], seconds))  # at this checkout's server's cycle
                 d_rate = float(np.median([d["rate"] for d in direct]))
                 d_cpu = float(np.median([d["cpu_per_char"] for d in direct]))
-                for (name, _), rows in zip(servers, served):
+                e_msg = float(np.median([r["cpu_chunk"] for r in echo]))
+                for k, ((name, _), rows) in enumerate(zip(servers, served)):
                     s_rate = float(np.median([r["rate"] for r in rows]))
                     s_cpu = float(np.median([r["cpu_chunk"] for r in rows])) / chunk
                     s_model = float(np.median([r["model_chunk"] for r in rows])) / chunk
                     p99 = float(np.median([r["p99"] for r in rows]))
+                    floor = (s_model + e_msg / chunk) / d_cpu
                     lines.append(f"| {name} | {streams} x {chunk} | {d_rate:,.0f} | {1e6 * d_cpu:.2f} | "
                                  f"{s_rate:,.0f} | {1e6 * s_cpu:.2f} | {1e6 * s_model:.2f} | "
                                  f"{1e6 * (s_cpu - s_model):.2f} | {1e6 * (s_cpu - s_model) * chunk:.0f} | "
-                                 f"{s_cpu / d_cpu:.2f} | {p99:.1f} |")
+                                 + ("| " if k else f"{1e6 * e_msg:.0f} | ") + f"{s_cpu / d_cpu:.2f} | "
+                                 + ("| " if k else f"{floor:.2f} | ") + f"{p99:.1f} |")
                     print(lines[-1], flush=True)
         finally:
             for _, (proc, _) in servers:
@@ -640,14 +661,7 @@ def front_end(seconds: float, rounds: int = 3, streams: int = 256, chunk: int = 
             echo = procs[0]
             rows[(paced_name, 1)].append(run_row(*echo, "echo, paced", streams, chunk, seconds,
                                                  pace=rows[("free model", 1)][-1]["rate"] / chunk))
-            # The batch cycle the slow free-model server's clients saw: streams / its message rate.
-            cycle_ms = 1e3 * streams * chunk / rows[(slow, 1)][-1]["rate"]
-            held = start_server(None, echo=True, hold_ms=cycle_ms)
-            try:
-                rows[(held_name, 1)].append(run_row(*held, "echo, held", streams, chunk, seconds))
-            finally:
-                held[0].terminate()
-                held[0].wait(timeout=60)
+            rows[(held_name, 1)].append(held_echo_row(rows[(slow, 1)][-1], seconds))
     finally:
         for proc, _ in procs:
             proc.terminate()

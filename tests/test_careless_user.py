@@ -376,6 +376,24 @@ def test_an_unknown_flag_with_nothing_close_gets_no_guess():
     assert r.returncode == 2 and "did you mean" not in r.stderr and "--xyzzy" in r.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "--max-streams", "1e9"], "argument --max-streams: invalid int value: '1e9' (hmlstm serve --help"),
+    (["serve", "--max-wait-us", "1e20"], "argument --max-wait-us: invalid int value"),
+    (["serve", "--engine", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "--steps", "ten"], "argument --steps: invalid int value: 'ten' (hmlstm train --help"),
+    (["segment"], "required: file (hmlstm segment --help lists the options)"),
+    ([], "required: command (hmlstm --help lists the options)"),
+    (["info", "--nope"], "unrecognized arguments: --nope (hmlstm info --help lists the options)"),
+])
+def test_what_argparse_itself_refuses_is_one_line_too(args, needle, capsys):
+    """Not argparse's whole usage (20 lines for serve) above its message: the one line every other mistake gets,
+    and where the options are listed."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, needle)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--local", "--server", "127.0.0.1:50051"], "--server and --local"),
     (["--local", "--token-env", "HOME"], "--token-env and --local"),

@@ -40,7 +40,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with "did you mean --steps?" for a misspelt flag of the command given."""
+    """argparse, with "did you mean --steps?" for a misspelt flag of the command given, and its errors in the
+    one line every other mistake gets (argparse would print the whole usage first: 20 lines for serve)."""
 
     commands: dict = {}
     _argv: list[str] = []
@@ -50,16 +51,18 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
     def error(self, message):
+        hint = f"{self.prog} --help lists the options"
         if message.startswith("unrecognized arguments:"):
             command = next((self.commands[a] for a in self._argv if a in self.commands), None)
             known = [o for a in (command._actions if command else self._actions) for o in a.option_strings]
+            hint = f"{command.prog if command else self.prog} --help lists the options"
             for token in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(token.split("=")[0], known, n=1, cutoff=0.6) \
                     if token.startswith("--") else []
                 if close:
-                    message += f" (did you mean {close[0]}?)"
+                    hint = f"did you mean {close[0]}?"
                     break
-        super().error(message)
+        self.exit(2, f"hmlstm: error: {message} ({hint})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -410,6 +410,21 @@ def test_segment_refuses_flags_that_conflict_or_would_be_ignored(tmp_path, extra
     _one_error_line(r.stderr, needle)
 
 
+@pytest.mark.parametrize("command", ["segment", "health"])
+def test_a_root_certificate_that_is_not_one_is_named_before_connecting(command, tmp_path, capsys):
+    """--tls-ca missing, a folder, or a key in place of a certificate: one line naming the flag and the file (segment
+    printed a traceback for a missing one; gRPC's handshake failure names neither)."""
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
+    head = ["segment", str(text)] if command == "segment" else ["health"]
+    for ca, says in ((tmp_path / "absent.pem", "no such file"), (tmp_path, "cannot read it"),
+                     (key, "not a PEM certificate")):
+        assert main([*head, "--server", "127.0.0.1:1", "--tls-ca", str(ca)]) == 2
+        _one_error_line(capsys.readouterr().err, f"--tls-ca {ca}: {says}")
+
+
 def test_training_on_a_binary_file_is_refused(tmp_path):
     f = tmp_path / "zeros.txt"
     f.write_bytes(b"\0" * 300_000)

@@ -81,6 +81,22 @@ def read_token_file(path: str, flag: str) -> str:
     return token
 
 
+def check_root_certificate(path: str, flag: str) -> None:
+    """UserError unless ``path`` holds PEM certificates a TLS client can verify a server with (gRPC would
+    otherwise fail each call's handshake with a reason that names neither the flag nor the file)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except (ssl.SSLError, ValueError):  # (SSLError is an OSError: first)
+        raise UserError(f"{flag} {path}: not a PEM certificate (a file with -----BEGIN CERTIFICATE----- "
+                        "blocks: the server's certificate, or the CA that signed it)") from None
+    except OSError as e:  # a folder, no permission
+        raise UserError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+
+
 def connection_reason(details: str, tls: bool) -> str:
     """Why a call could not reach a server, in words, from gRPC's status details: an untrusted certificate, a
     name the certificate does not carry, TLS on one side only, nothing listening, a name that does not

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from hmlstm.capture import capture_fds
-from hmlstm.cli.common import connection_reason
+from hmlstm.cli.common import check_root_certificate, connection_reason
 from hmlstm.errors import UserError
 
 
@@ -54,8 +54,8 @@ def cmd_health(args) -> int:
     if args.server_name and not tls:
         raise UserError("--server-name is the name the server's TLS certificate must carry, and this check does "
                         "not use TLS; add --tls (or --tls-ca), or drop --server-name")
-    if ca and not Path(ca).is_file():
-        raise UserError(f"TLS root certificate {ca} does not exist")
+    if ca:
+        check_root_certificate(ca, "--tls-ca" if args.tls_ca else "$HMLSTM_TLS_CERT")
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     if tls:
         creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes() if ca else None)

@@ -188,6 +188,10 @@ def _check_segment_flags(args) -> None:
         return
     if args.model is not None:
         raise UserError("--model works only with --local (a server serves its own model); add --local or drop --model")
+    if args.tls_ca is not None:
+        from hmlstm.cli.common import check_root_certificate
+
+        check_root_certificate(args.tls_ca, "--tls-ca")
     if args.token_env is not None and not os.environ.get(args.token_env):
         raise UserError(f"--token-env {args.token_env}: that environment variable is empty or unset")
     if args.token_file is not None:

@@ -154,6 +154,10 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["serve", "--ort-threads", "100000"], "--ort-threads must be 1-256"),
     (["serve", "--engine", "sparse", "hmlstm/assets/default.dense.onnx", "--workers", "0"],
      "--workers must be 1-"),
+    (["train", "--seed", "-1"], "--seed must be 0 to 4,294,967,295, got -1"),
+    (["train", "--seed", "99999999999999999999", "--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["train", "--seed", "99999999999999999999"], "--seed must be 0 to 4,294,967,295"),
+    (["evaluate", "hmlstm/assets/default.onnx", "synthetic", "--seed", "-1"], "--seed must be 0 to 4,294,967,295"),
 ])
 def test_values_out_of_range_are_refused_before_any_work(args, needle, tmp_path):
     """Refused before any work: the error is the only thing on stderr (no progress note, no model or corpus

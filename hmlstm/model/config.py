@@ -117,8 +117,10 @@ class TrainConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
-        if not self.learning_rate > 0:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--lr must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.seed < 2**32:  # what TensorFlow's and NumPy's generators take
+            raise ValueError(f"--seed must be 0 to {2**32 - 1:,}, got {self.seed}")
         if not self.clip_norm > 0:
             raise ValueError(f"--clip must be a positive number, got {self.clip_norm}")
         if self.epochs < 1:

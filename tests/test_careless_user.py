@@ -130,6 +130,7 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["evaluate", "hmlstm/assets/default.onnx", "builtin", "--max-chars", "-5"], "--max-chars must be at least 2"),
     (["plot", "hmlstm/assets/default.onnx", "--chars", "-5"], "--chars must be at least 1"),
     (["export", "hmlstm/assets/default.onnx", "--tolerance", "-1"], "--tolerance must be a positive number"),
+    (["export", "hmlstm/assets/default.onnx", "--tolerance", "inf"], "got inf (a finite one; --no-validate skips"),
     (["serve", "--max-streams", "0"], "--max-streams must be 1-100,000, got 0"),
     (["train", "--units", "100000000"], "--units 100000000 --embed-dim 64 --layers 3: the model would have about"),
     (["train", "--embed-dim", "1000000000"], "GiB with Adam's state, more than this machine's"),

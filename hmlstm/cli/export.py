@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -39,10 +40,12 @@ def _add_export(sub) -> None:
     p.add_argument("--eval-text", default=None, metavar="FILE",
                    help="also evaluate on this text file from another source (stripped like the training text) "
                         "and put the report in the model card beside the held-out one")
-    p.add_argument("--triton-instance", choices=["gpu", "cpu"], default="gpu",
-                   help="the Triton instance kind: gpu (KIND_GPU, the dense graph) or cpu (KIND_CPU, the sparse one)")
-    p.add_argument("--triton-max-sequences", type=int, default=256, metavar="N",
-                   help="sequences Triton batches together per instance; more wait in its backlog (default 256)")
+    p.add_argument("--triton-instance", choices=["gpu", "cpu"], default=None,
+                   help="with --triton: the Triton instance kind, gpu (KIND_GPU, the dense graph; the default) or cpu "
+                        "(KIND_CPU, the sparse one)")
+    p.add_argument("--triton-max-sequences", type=int, default=None, metavar="N",
+                   help="with --triton: sequences Triton batches together per instance; more wait in its backlog "
+                        "(default 256)")
     p.add_argument("--triton", type=Path, default=None, metavar="REPO",
                    help="also write a Triton Inference Server model repository for it (REPO/hmlstm/1/model.onnx "
                         "and config.pbtxt: ONNX Runtime backend, sequence batching with implicit state)")
@@ -78,8 +81,17 @@ def cmd_export(args) -> int:
 
     need("tensorflow", "tf2onnx", "onnx")
 
-    if args.tolerance is not None and not args.tolerance > 0:
-        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}"
+                        + (" (a finite one; --no-validate skips validation)" if args.tolerance == math.inf else ""))
+    if args.triton is None:
+        for flag, value in (("--triton-instance", args.triton_instance),
+                            ("--triton-max-sequences", args.triton_max_sequences)):
+            if value is not None:
+                raise UserError(f"{flag} shapes the Triton repository that --triton REPO writes, and none is asked "
+                                "for; add --triton REPO or drop it")
+    args.triton_instance = args.triton_instance or "gpu"
+    args.triton_max_sequences = 256 if args.triton_max_sequences is None else args.triton_max_sequences
     if args.triton_max_sequences < 1:
         raise UserError(f"--triton-max-sequences must be at least 1, got {args.triton_max_sequences}")
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())

@@ -81,6 +81,12 @@ def test_a_cpu_instance_gets_the_sparse_graph_and_its_own_sequence_limit(tmp_pat
 def test_triton_flags_are_checked_before_the_export(tmp_path, capsys):
     assert main(["export", "no-such-run", "--triton", str(tmp_path / "r"), "--triton-max-sequences", "0"]) == 2
     assert "--triton-max-sequences must be at least 1" in capsys.readouterr().err
+    # The repository's own flags without --triton would be ignored after minutes of export: refused at once.
+    for flags in (["--triton-instance", "gpu"], ["--triton-max-sequences", "64"]):
+        assert main(["export", str(DEFAULT_MODEL), "--out", str(tmp_path / "m.onnx"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{flags[0]} shapes the Triton repository that --triton REPO writes" in err, err
+    assert not list(tmp_path.glob("m*"))
 
 
 STAND_IN = '''

@@ -479,6 +479,17 @@ def test_training_without_a_terminal_logs_lines_not_a_bar(corpus, tmp_path):
     assert re.search(r"step 6/6: train BPC [\d.]+, validation BPC [\d.]+ \(just measured\), [\d,]+ chars/s", r.stderr)
 
 
+def test_a_slow_first_step_says_it_is_compiling_once(corpus, tmp_path, capsys, monkeypatch):
+    """Dozens of layers take minutes to trace before step 1 (4 min for 100 here): the command says why it is silent.
+    The note's delay set to nothing, so that a tiny model's first step is 'slow'."""
+    import hmlstm.model.train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_NOTE_S", 0.0)
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), "--steps", "3", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert err.count("still compiling the training step after 0 s (2 layer(s): TensorFlow traces each one") == 1, err
+
+
 def test_a_refused_resume_names_what_differs_with_both_values(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *TINY]) == 0

@@ -53,6 +53,9 @@ class TrainResult:
 
 MAX_ROLLBACKS = 3  # rollbacks in a row (no applied step between) before training gives up as diverged
 LOG_EVERY_S = 30.0  # without a terminal (or with --no-progress), a progress line this often and at each validation
+# The first step traces and compiles the training graph: seconds for a few layers, minutes for dozens (4 min for 100
+# on 2 cores). A first step slower than this says so once, instead of leaving the command silent.
+COMPILE_NOTE_S = 20.0
 
 
 class Trainer(tf.Module):
@@ -443,6 +446,11 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     # say) one came out as a TypeError, and SIGTERM then exited 1 with a traceback instead of saving.
     held = _signals_deferred(main_thread)
     held.__enter__()
+    compiling = threading.Timer(COMPILE_NOTE_S, log, [
+        f"still compiling the training step after {COMPILE_NOTE_S:g} s ({model.num_layers} layer(s): TensorFlow "
+        "traces each one once; the first step waits for it)"])
+    compiling.daemon = True
+    compiling.start()
     try:
         while step < total:
             held.raise_pending()
@@ -455,6 +463,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
             t0 = time.perf_counter()
             loss, gnorm, applied, rate = step_fn(x, y, batcher.targets(k))
             dt = time.perf_counter() - t0
+            compiling.cancel()
             step += 1
             if not bool(applied):
                 result.skipped_steps += 1
@@ -521,6 +530,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     except KeyboardInterrupt as e:
         result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
     finally:
+        compiling.cancel()
         held.__exit__(None, None, None)
         if bar is not None:
             bar.close()

@@ -446,7 +446,7 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     # say) one came out as a TypeError, and SIGTERM then exited 1 with a traceback instead of saving.
     held = _signals_deferred(main_thread)
     held.__enter__()
-    compiling = threading.Timer(COMPILE_NOTE_S, log, [
+    compiling = threading.Timer(COMPILE_NOTE_S, log if bar is None else bar.write, [  # (above the bar, not after it)
         f"still compiling the training step after {COMPILE_NOTE_S:g} s ({model.num_layers} layer(s): TensorFlow "
         "traces each one once; the first step waits for it)"])
     compiling.daemon = True

@@ -154,6 +154,13 @@ def test_segment_command_against_a_server_and_locally_agree(default_model, tmp_p
 def test_segment_command_errors_are_one_line(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "missing.txt"), "--local"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path), "--local"]) == 2
+    assert f"{tmp_path} is a folder; name a text file" in capsys.readouterr().err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # what `hmlstm segment <(...)` names: it cannot be checked whole before sending
+    assert main(["segment", str(fifo), "--local"]) == 2
+    assert f"is not a regular file (a pipe or a device, which cannot be checked before sending): send it through " \
+           f"standard input, `hmlstm segment - < {fifo}`" in capsys.readouterr().err
     f = tmp_path / "in.txt"
     f.write_text("abc")
     assert main(["segment", str(f), "--server", f"127.0.0.1:{free_port()}"]) == 1  # the service failed it

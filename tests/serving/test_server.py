@@ -659,7 +659,7 @@ def test_streams_held_after_a_disconnect_storm_are_forgotten_and_their_memory_fr
             return srv.call(count())
 
         assert held() == 0
-        tracemalloc.start(25)
+        tracemalloc.start(8)
         try:
             before = traced()
             releases = []

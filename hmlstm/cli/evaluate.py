@@ -47,8 +47,10 @@ def cmd_evaluate(args) -> int:
                                 "is, up to --max-chars); drop it")
     elif args.text == "builtin" and args.seed != 0:
         raise UserError("--seed chooses the synthetic text; the builtin text has none. Drop it")
-    if not 0 <= args.seed < 2**32:  # as train's --seed
-        raise UserError(f"--seed must be 0 to {2**32 - 1:,}, got {args.seed}")
+    from hmlstm.model.config import seed_error
+
+    if seed_error(args.seed):  # as train's --seed
+        raise UserError(seed_error(args.seed))
     if args.max_chars < 2:
         raise UserError(f"--max-chars must be at least 2 (bits per character need a next character), "
                         f"got {args.max_chars}")

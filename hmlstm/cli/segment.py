@@ -72,10 +72,13 @@ def _read_chunks(path: str, size: int):
         raise UserError(f"--chunk-chars must be 1-{MAX_CHUNK_CHARS:,}, got {size:,}")
     if path != "-":
         p = Path(path)
+        if not p.exists():
+            raise UserError(f"{path} does not exist")
+        if p.is_dir():
+            raise UserError(f"{path} is a folder; name a text file")
         if not p.is_file():
-            raise UserError(f"{path} does not exist" if not p.exists() else f"{path} is a folder; name a text file"
-                            if p.is_dir() else f"{path} is not a regular file (a pipe or a device, which cannot be "
-                            f"checked before sending): send it through standard input, `hmlstm segment - < {path}`")
+            raise UserError(f"{path} is not a regular file (a pipe or a device, which cannot be checked before "
+                            f"sending): send it through standard input, `hmlstm segment - < {path}`")
         _check_utf8(p)  # a file can be checked whole before anything is sent; standard input cannot
     name = "standard input" if path == "-" else path
 

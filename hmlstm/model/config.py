@@ -71,6 +71,11 @@ BOUNDARY_UNITS = ("words", "phrases", "sentences")  # what --boundary-targets ca
 MAX_LOOKAHEAD = 16
 
 
+def seed_error(seed: int) -> str | None:
+    """Why ``seed`` cannot seed TensorFlow's and NumPy's generators (they take 0 to 2^32 - 1); None if it can."""
+    return None if 0 <= seed < 2**32 else f"--seed must be 0 to {2**32 - 1:,}, got {seed}"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How one training run goes.
@@ -119,8 +124,8 @@ class TrainConfig:
             raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--lr must be a positive number, got {self.learning_rate}")
-        if not 0 <= self.seed < 2**32:  # what TensorFlow's and NumPy's generators take
-            raise ValueError(f"--seed must be 0 to {2**32 - 1:,}, got {self.seed}")
+        if seed_error(self.seed):
+            raise ValueError(seed_error(self.seed))
         if not self.clip_norm > 0:
             raise ValueError(f"--clip must be a positive number, got {self.clip_norm}")
         if self.epochs < 1:

@@ -129,9 +129,12 @@ def test_graph_passes_cut_loop_nodes_and_keep_every_output_bit_for_bit(tiny_run)
     passed = onnx.ModelProto()
     passed.CopyFrom(raw)
     done = optimize(passed)
-    assert all(done.values()), done  # every pass found something in a fresh conversion
+    # Every structural pass finds something in a fresh conversion. How many Identity nodes tf2onnx leaves
+    # depends on what the process traced before (0 to 3 seen, fewer with op determinism on), so that pass is
+    # held to what it leaves behind instead, and proven on a graph of its own below.
+    assert all(v for k, v in done.items() if k != "identities"), done
     assert loop_body_nodes(passed) <= loop_body_nodes(raw) - 10
-    assert not any(n.op_type == "Identity" for n in passed.graph.node if n.op_type == "Loop")
+    assert not _removable_identities(passed)
     feeds = make_feeds(np.random.default_rng(3), net.config.num_units, net.config.vocab_size, 5, 40, None,
                        ragged=True, random_state=True)
     before = run_session(make_session(raw.SerializeToString(), "cpu").session, feeds)
@@ -139,6 +142,70 @@ def test_graph_passes_cut_loop_nodes_and_keep_every_output_bit_for_bit(tiny_run)
     assert set(before) == set(after)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def _removable_identities(model) -> list[str]:
+    """Identity nodes left in a Loop body that drop_identities should have removed: all but those that give
+    a body output a second name for a body input or for another body output."""
+    left = []
+    for node in model.graph.node:
+        if node.op_type != "Loop":
+            continue
+        body = next(a.g for a in node.attribute if a.name == "body")
+        outputs = {o.name for o in body.output}
+        produced = {o for n in body.node for o in n.output}
+        left += [n.name for n in body.node if n.op_type == "Identity" and
+                 (n.output[0] not in outputs or (n.input[0] in produced and n.input[0] not in outputs))]
+    return left
+
+
+def test_dropping_identities_keeps_those_that_name_a_value_twice_and_the_outputs_bit_for_bit():
+    """A Loop body with each kind of Identity: one read by another node (readers read its input), one that
+    names a body output for a value no output has (the producer writes the output's name), and two that must
+    stay (the loop condition passed through, a carried state also stacked)."""
+    from onnx import TensorProto, helper
+
+    from hmlstm.export.passes import drop_identities
+
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Add", ["x_in", "one"], ["a"]),
+         helper.make_node("Identity", ["a"], ["a_id"], name="read"),
+         helper.make_node("Mul", ["a_id", "two"], ["b"]),
+         helper.make_node("Identity", ["b"], ["x_out"], name="renamed"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="condition"),
+         helper.make_node("Identity", ["x_out"], ["stacked"], name="stacked")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", f, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", f, [2]),
+         helper.make_tensor_value_info("stacked", f, [2])],
+        initializer=[helper.make_tensor("one", f, [], [1.0]), helper.make_tensor("two", f, [], [2.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "cond", "x"], ["x_final", "xs"], body=body)], "g",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", f, [2])],
+        [helper.make_tensor_value_info("x_final", f, [2]), helper.make_tensor_value_info("xs", f, [None, 2])])
+    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    raw.ir_version = 8
+    onnx.checker.check_model(raw, full_check=True)
+    passed = onnx.ModelProto()
+    passed.CopyFrom(raw)
+    assert drop_identities(passed) == 2
+    onnx.checker.check_model(passed, full_check=True)
+    assert _removable_identities(raw) == ["read", "renamed"] and not _removable_identities(passed)
+    assert sorted(n.name for n in passed.graph.node[0].attribute[0].g.node if n.op_type == "Identity") == \
+        ["condition", "stacked"]
+    feeds = {"n": np.array(4, np.int64), "cond": np.array(True), "x": np.array([0.5, -3.0], np.float32)}
+    before = run_session(make_session(raw.SerializeToString(), "cpu").session, feeds)
+    after = run_session(make_session(passed.SerializeToString(), "cpu").session, feeds)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    np.testing.assert_array_equal(after["x_final"], [((((0.5 + 1) * 2 + 1) * 2 + 1) * 2 + 1) * 2,
+                                                     ((((-3.0 + 1) * 2 + 1) * 2 + 1) * 2 + 1) * 2])
 
 
 def test_active_rows_follow_the_cases():

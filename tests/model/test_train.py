@@ -79,21 +79,32 @@ def test_slope_anneals_per_epoch():
 
 
 def test_training_applies_the_slope_schedule(tmp_path):
-    """The slope the trained network ends with is the schedule's value for the epoch it ended in (a short text:
-    the claim is about epochs, not their length)."""
+    """The slope at every logged step (TensorBoard, every 10 steps and the last) is the schedule's value for the
+    epoch the step is in, and the trained network ends with the last epoch's (a short text: the claim is about
+    epochs, not their length). One run of 6 epochs: 1 + 0.5 * epoch, capped at slope_max 2.6."""
     from hmlstm.model.data import StreamBatcher, Vocabulary, split
 
     corpus = synthetic_corpus(seed=0, n_chars=4_000)
 
-    cfg = TrainConfig(batch_size=8, seq_len=20, slope_rate=0.5, slope_max=3.0, checkpoint_every=1000)
+    cfg = TrainConfig(batch_size=8, seq_len=20, slope_rate=0.5, slope_max=2.6, checkpoint_every=1000)
     ids = Vocabulary.from_text(corpus.text).encode(corpus.text)
     per_epoch = len(StreamBatcher(split(ids, corpus.held_out_start(cfg.val_fraction))[0], 8, 20))
-    for epochs, slope in ((1, 1.0), (3, 2.0), (6, 3.0)):  # 1 + 0.5 * epoch, capped at slope_max
-        run = tmp_path / f"e{epochs}"
-        train(corpus, SMALL, TrainConfig(**{**cfg.to_dict(), "max_steps": epochs * per_epoch, "rate_targets": ()}),
-              run, progress=False)
-        net, _ = load_network(run)
-        assert float(net.slope.numpy()) == pytest.approx(slope), epochs
+    run = tmp_path / "run"
+    train(corpus, SMALL, TrainConfig(**{**cfg.to_dict(), "max_steps": 6 * per_epoch, "rate_targets": ()}),
+          run, progress=False)
+    logged = {}
+    for events in sorted((run / "tb").rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == "train/slope":
+                    logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert len(logged) >= 6 * per_epoch // 10 and 6 * per_epoch in logged, sorted(logged)
+    for step, slope in logged.items():
+        epoch = (step - 1) // per_epoch
+        assert slope == pytest.approx(min(1.0 + 0.5 * epoch, 2.6)), (step, epoch)
+    assert {round(v, 4) for v in logged.values()} >= {1.0, 1.5, 2.0, 2.5, 2.6}  # every epoch was logged
+    net, _ = load_network(run)
+    assert float(net.slope.numpy()) == pytest.approx(2.6)
 
 
 def test_rate_penalty_has_gradient_even_when_every_detector_is_saturated_off():

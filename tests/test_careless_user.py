@@ -554,8 +554,12 @@ def test_a_different_corpus_in_the_same_out_is_refused(corpus, tmp_path):
     assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *TINY]) == 0  # in-process: no TF import
     other = tmp_path / "other.txt"
     other.write_text("a different text altogether. " * 80)
-    r = run_cli("train", str(other), "--out", str(out), "--steps", "2", *TINY)
-    assert r.returncode == 2
+    # answered before TensorFlow loads (a fraction of a second, not the seconds of its import)
+    code = ("import sys; from hmlstm.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'tensorflow' not in sys.modules; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "train", str(other), "--out", str(out), "--steps", "2", *TINY],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
     _ends_in_one_error_line(r.stderr, f"{out} holds a run with a different corpus")
     assert "choose another --out" in r.stderr
 

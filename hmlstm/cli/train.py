@@ -219,6 +219,17 @@ def cmd_train(args) -> int:
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
                         layer_norm=args.layer_norm)
+    if (Path(out) / "config.json").exists():  # a run to resume: one of other settings is refused before TensorFlow
+        from hmlstm.model.checkpoint import refuse_another_run
+        from hmlstm.model.config import ModelConfig
+        from hmlstm.model.data import Vocabulary
+
+        vocab = Vocabulary.from_text(corpus.text)
+        try:
+            model = ModelConfig(vocab_size=len(vocab), **model_kwargs)
+        except ValueError as e:
+            raise UserError(f"{e}; fix the flag and run again") from None
+        refuse_another_run(Path(out), model, cfg, vocab, corpus.name)
     quiet_tensorflow()
     from hmlstm.model.train import train
 

@@ -85,6 +85,32 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     return RunInfo(p, model, train, vocab, cfg)
 
 
+# Train settings that may change on resume: they say when to stop, not how to train.
+STOP_FIELDS = frozenset({"epochs", "max_steps", "max_minutes", "checkpoint_every", "eval_every"})
+
+
+def refuse_another_run(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab: Vocabulary,
+                       corpus_name: str) -> None:
+    """UserError naming each setting that differs, with both values, if ``run_dir`` holds a run of another model,
+    training setup, corpus or vocabulary than these; nothing if it holds none. Needs no TensorFlow: the CLI
+    answers the mistake before loading it."""
+    if not (Path(run_dir) / "config.json").exists():
+        return
+    info = read_run_info(run_dir)
+    old, new = info.train.to_dict(), cfg.to_dict()
+    diff = [f"{k} {old.get(k)!r} (now {new[k]!r})" for k in new if k not in STOP_FIELDS and old.get(k) != new[k]]
+    if info.model != model:
+        was, now = info.model.to_dict(), model.to_dict()
+        diff[:0] = [f"{k} {was.get(k)!r} (now {now[k]!r})" for k in now if was.get(k) != now[k] and k != "vocab_size"]
+    if info.meta.get("corpus") != corpus_name:
+        diff.insert(0, f"corpus {info.meta.get('corpus')!r} (now {corpus_name!r})")
+    elif info.vocab.chars != vocab.chars:
+        diff.insert(0, f"vocabulary of {len(info.vocab.chars)} characters (now {len(vocab.chars)})")
+    if diff:
+        raise UserError(f"{run_dir} holds a run with a different {'; '.join(diff)}: resume it with its settings, "
+                        "or choose another --out")
+
+
 def latest_checkpoint(run_dir: Path) -> str | None:
     import tensorflow as tf
 

@@ -29,8 +29,6 @@ from hmlstm.model.network import HMLSTMNetwork
 from hmlstm.model.optim import Adam
 
 LN2 = math.log(2.0)
-# Train settings that may change on resume: they say when to stop, not how to train.
-_STOP_FIELDS = {"epochs", "max_steps", "max_minutes", "checkpoint_every", "eval_every"}
 
 
 def command_line(argv: list[str]) -> str:
@@ -249,19 +247,7 @@ def _check_resumable(run_dir: Path, model: ModelConfig, cfg: TrainConfig, vocab:
     """True if run_dir holds a run to resume; UserError if it holds a different one."""
     if not (run_dir / "config.json").exists():
         return False
-    info = run_io.read_run_info(run_dir)
-    old, new = info.train.to_dict(), cfg.to_dict()
-    diff = [f"{k} {old.get(k)!r} (now {new[k]!r})" for k in new if k not in _STOP_FIELDS and old.get(k) != new[k]]
-    if info.model != model:
-        was, now = info.model.to_dict(), model.to_dict()
-        diff[:0] = [f"{k} {was.get(k)!r} (now {now[k]!r})" for k in now if was.get(k) != now[k] and k != "vocab_size"]
-    if info.meta.get("corpus") != corpus.name:
-        diff.insert(0, f"corpus {info.meta.get('corpus')!r} (now {corpus.name!r})")
-    elif info.vocab.chars != vocab.chars:
-        diff.insert(0, f"vocabulary of {len(info.vocab.chars)} characters (now {len(vocab.chars)})")
-    if diff:
-        raise UserError(f"{run_dir} holds a run with a different {'; '.join(diff)}: resume it with its settings, "
-                        "or choose another --out")
+    run_io.refuse_another_run(run_dir, model, cfg, vocab, corpus.name)
     return run_io.latest_checkpoint(run_dir) is not None
 
 

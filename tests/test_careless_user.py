@@ -176,7 +176,33 @@ def test_binary_on_stdin_is_one_line():
     r = subprocess.run([sys.executable, "-m", "hmlstm.cli", "segment", "-", "--local"], input=b"ab\xff\xfe\x00cd",
                        capture_output=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2
-    _ends_in_one_error_line(r.stderr.decode(), "standard input is not UTF-8 text")
+    _ends_in_one_error_line(r.stderr.decode(), "standard input is not UTF-8 text (bad byte at offset 2); "
+                            "convert it, e.g. iconv -f latin1")
+
+
+def test_a_bad_byte_past_the_first_block_is_placed_in_the_file(tmp_path, capsys):
+    """A file is checked whole before anything is sent, a block at a time: the offset is the bad byte's in the file,
+    also past a character split between two blocks, and at the end of the file (a character cut short)."""
+    from hmlstm.cli.segment import _check_utf8
+    from hmlstm.errors import UserError
+
+    f = tmp_path / "late.txt"
+    f.write_bytes(b"a" * 5 + "\u00e9".encode() + b"bc\xff")  # the e-acute split across blocks of 6 bytes
+    for block in (1, 2, 6, 7, 1 << 20):
+        with pytest.raises(UserError, match=r"late.txt is not UTF-8 text \(bad byte at offset 9\)"):
+            _check_utf8(f, block=block)
+    f.write_bytes(b"abcde" + "\u00e9".encode()[:1])  # ends inside a character
+    for block in (1, 6, 1 << 20):
+        with pytest.raises(UserError, match=r"\(bad byte at offset 5\)"):
+            _check_utf8(f, block=block)
+    f.write_bytes(b"abc " * 600_000 + b"\xe9x")  # past the real 1 MiB blocks
+    assert main(["segment", str(f), "--local"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, "(bad byte at offset 2,400,000)")
+
+
+def test_info_names_a_device_given_as_a_model_as_what_it_is(capsys):
+    assert main(["info", "/dev/null"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, "/dev/null is not a regular file (a device or a pipe)")
 
 
 def test_an_empty_file_says_zero_characters(tmp_path, capsys):
@@ -331,7 +357,7 @@ def test_segment_through_a_server_reports_its_own_mistakes_before_connecting(tmp
     binary.write_bytes(b"abc\xff\xfe")
     dead = "127.0.0.1:1"  # nothing listens: a mistake found first never reaches the network
     for args, needle in ((["segment", str(tmp_path / "missing.txt")], "does not exist"),
-                         (["segment", str(binary)], "is not UTF-8 text"),
+                         (["segment", str(binary)], "is not UTF-8 text (bad byte at offset 3); convert it"),
                          (["segment", str(binary), "--chunk-chars", "0"], "--chunk-chars must be 1-1,048,576, got 0")):
         assert main([*args, "--server", dead]) == 2
         err = capsys.readouterr().err

@@ -53,8 +53,10 @@ def cmd_info(args) -> int:
             return _run_info(path, args.json)
         raise UserError(f"{path} is a folder, not a training run (no config.json); give an .onnx written by "
                         "`hmlstm export`, or a run directory written by `hmlstm train`")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"model file {path} does not exist; give an .onnx written by `hmlstm export`")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a device or a pipe); give an .onnx written by `hmlstm export`")
     card = _card_or_metadata(path)
     if args.json:
         print(json.dumps(card, indent=2, ensure_ascii=False))

@@ -51,13 +51,23 @@ def _check_utf8(path: Path, block: int = 1 << 20) -> None:
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    done = 0  # bytes read so far
     try:
         with path.open("rb") as f:
             while raw := f.read(block):
+                done += len(raw)
                 decoder.decode(raw)
             decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, done, e) from None
+
+
+def not_utf8(name, done: int, e: UnicodeDecodeError) -> UserError:
+    """The error for input that is not UTF-8, saying where and what to do. ``done``: bytes read, the block that
+    failed included; the decoder saw that block after the bytes of a character begun before it (``e.object``)."""
+    offset = done - len(e.object) + e.start
+    return UserError(f"{name} is not UTF-8 text (bad byte at offset {offset:,}); convert it, e.g. "
+                     "iconv -f latin1 -t utf-8")
 
 
 MAX_CHUNK_CHARS = 1 << 20  # a chunk is held whole in memory, and sent as one message
@@ -88,10 +98,11 @@ def _read_chunks(path: str, size: int):
         # (sys.stdin read from gRPC's request thread aborted the interpreter at exit).
         fd = 0 if path == "-" else os.open(path, os.O_RDONLY)
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        pending = ""
+        pending, done = "", 0
         try:
             while True:
                 raw = os.read(fd, size)
+                done += len(raw)
                 pending += decoder.decode(raw, final=not raw)
                 held = "\r" if raw and pending.endswith("\r") else ""  # a CR whose LF may be in the next read
                 pending = pending[: len(pending) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
@@ -101,8 +112,8 @@ def _read_chunks(path: str, size: int):
                 pending += held
                 if not raw:
                     return
-        except UnicodeDecodeError:
-            raise UserError(f"{name} is not UTF-8 text") from None
+        except UnicodeDecodeError as e:
+            raise not_utf8(name, done, e) from None
         finally:
             if fd != 0:
                 os.close(fd)

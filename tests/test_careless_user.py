@@ -200,6 +200,22 @@ def test_a_bad_byte_past_the_first_block_is_placed_in_the_file(tmp_path, capsys)
     _ends_in_one_error_line(capsys.readouterr().err, "(bad byte at offset 2,400,000)")
 
 
+def test_an_output_that_is_a_pipe_or_device_is_refused_not_replaced(tmp_path, capsys):
+    """`export --out /dev/null` wrote the model beside it and renamed it over the device (as root: /dev/null a
+    regular file from then on), and SQLite left a journal beside a device named as the store. A FIFO here stands
+    for the device: what a regression would replace is the test's own."""
+    from hmlstm.serving.model import DEFAULT_MODEL
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["export", str(DEFAULT_MODEL), "--out", str(fifo), "--quick"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, f"--out {fifo} is not a regular file (a device, a pipe or a "
+                            "socket), and the output would replace it")
+    assert main(["serve", "--state-store", f"sqlite:{fifo}", "--port", "0", "--metrics-port", "-1"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, f"{fifo} is not a regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"] and fifo.is_fifo()
+
+
 def test_info_names_a_device_given_as_a_model_as_what_it_is(capsys):
     assert main(["info", "/dev/null"]) == 2
     _ends_in_one_error_line(capsys.readouterr().err, "/dev/null is not a regular file (a device or a pipe)")

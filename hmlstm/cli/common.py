@@ -45,7 +45,8 @@ def need(*modules: str) -> None:
 
 def check_output(path: Path, flag: str, folder: bool = False) -> None:
     """Refuse, before any work, an output that could not be written: a file where a folder is meant (or
-    the other way round), or a place where nothing can be created (/proc, a read-only mount). A folder
+    the other way round), a device or pipe that the output would replace, or a place where nothing can be
+    created (/proc, a read-only mount). A folder
     (``folder=True``) may not exist yet (it is created with its parents); a file's folder must exist.
     Writability is tried, not guessed: root passes os.access() even where the kernel refuses a file."""
     import tempfile
@@ -55,6 +56,9 @@ def check_output(path: Path, flag: str, folder: bool = False) -> None:
         raise UserError(f"{flag} {path} is a file; give a folder")
     if not folder and path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name, such as {path / 'out'}")
+    if not folder and path.exists() and not path.is_file():  # written beside and renamed over: /dev/null replaced
+        raise UserError(f"{flag} {path} is not a regular file (a device, a pipe or a socket), and the output would "
+                        "replace it; give a file name")
     place = path if folder else (path.parent if str(path.parent) else Path("."))
     if not folder and not place.is_dir():
         raise UserError(f"{flag} {path}: its folder {place} does not exist; create it first")

@@ -180,6 +180,9 @@ def open_store(spec: str | None, timeout_s: float = 2.0) -> StateStore | None:
                              "(an in-memory SQLite database would make nothing durable; --state-store memory is that)")
         if Path(path).is_dir():
             raise ValueError(f"--state-store {spec}: {path} is a folder; name the database file in it")
+        if Path(path).exists() and not Path(path).is_file():  # SQLite would leave its journal beside a device
+            raise ValueError(f"--state-store {spec}: {path} is not a regular file (a device, a pipe or a socket); "
+                             "name the database file")
         return SQLiteStore(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, timeout_s)

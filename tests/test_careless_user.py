@@ -550,6 +550,17 @@ def test_a_certificate_that_is_not_one_is_named_not_reported_as_a_listen_failure
     assert "cannot listen" not in r.stderr
 
 
+def test_a_tls_file_that_is_missing_or_a_folder_is_named_with_where_it_came_from(tmp_path, capsys, monkeypatch):
+    key = tmp_path / "key.pem"
+    key.write_text("not a key\n")
+    assert main(["serve", "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(key), "--port", "0"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, f"--tls-cert {tmp_path / 'missing.pem'}: no such file")
+    monkeypatch.setenv("HMLSTM_TLS_CERT", str(tmp_path))  # the flag's default: the container's own certificate
+    monkeypatch.setenv("HMLSTM_TLS_KEY", str(key))
+    assert main(["serve", "--port", "0"]) == 2
+    _ends_in_one_error_line(capsys.readouterr().err, f"$HMLSTM_TLS_CERT {tmp_path} is a folder; name the PEM file")
+
+
 def test_a_taken_worker_metrics_port_is_one_line_before_any_worker_starts():
     import socket
 

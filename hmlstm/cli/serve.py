@@ -135,9 +135,13 @@ def _serve_config(args):
     if not args.no_batching and args.call_threads != d.call_threads:
         raise UserError("--call-threads sizes the threads of unbatched calls (--no-batching); batched calls run on "
                         "the batcher's own thread. Add --no-batching or drop --call-threads")
-    for f in (args.tls_cert, args.tls_key):
-        if f and not Path(f).is_file():
-            raise UserError(f"TLS file {f} does not exist")
+    for flag, env, f in (("--tls-cert", "HMLSTM_TLS_CERT", args.tls_cert),
+                         ("--tls-key", "HMLSTM_TLS_KEY", args.tls_key)):
+        named = flag if f != os.environ.get(env) else f"${env}"  # the default comes from the environment
+        if f and not Path(f).exists():
+            raise UserError(f"{named} {f}: no such file")
+        if f and Path(f).is_dir():
+            raise UserError(f"{named} {f} is a folder; name the PEM file in it")
     if args.tls_cert and args.tls_key:  # a certificate that is not one is named here, not as "cannot listen"
         import ssl
 

@@ -216,8 +216,12 @@ def test_an_output_that_is_a_pipe_or_device_is_refused_not_replaced(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"] and fifo.is_fifo()
 
 
-def test_info_names_a_device_given_as_a_model_as_what_it_is(capsys):
-    assert main(["info", "/dev/null"]) == 2
+@pytest.mark.parametrize("args", [["info", "/dev/null"], ["evaluate", "/dev/null", "builtin"],
+                                  ["plot", "/dev/null", "--out", "x.png"], ["serve", "/dev/null", "--port", "0"],
+                                  ["segment", "-", "--local", "--model", "/dev/null"]])
+def test_a_device_given_as_a_model_is_named_as_what_it_is(args, capsys):
+    """Each said 'does not exist' of /dev/null, or (evaluate, plot) that it was no training run."""
+    assert main(args) == 2
     _ends_in_one_error_line(capsys.readouterr().err, "/dev/null is not a regular file (a device or a pipe)")
 
 

@@ -166,7 +166,7 @@ def _strip_chars(args) -> str | None:
 def _model_vocabulary(path: Path):
     """(vocabulary, characters the model was trained without, provenance) of a run directory or an
     exported model; the provenance names the training corpus and holds train_config."""
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a file, or a device or pipe, which load_model names
         from hmlstm.serving.model import ModelLoadError, load_model
 
         try:

@@ -181,9 +181,11 @@ def _open(path: Path, device, threads, spinning, trt_cache, trt_fp16, tolerance)
         found = sorted(p.name for p in path.glob("*.onnx"))
         raise ModelLoadError(f"{path} is a folder; give the .onnx file" + (f" (it holds {', '.join(found[:3])})"
                                                                            if found else ""))
-    if not path.is_file():
+    if not path.exists():
         hint = " (the shipped default model is missing: reinstall the package)" if path == DEFAULT_MODEL else ""
         raise ModelLoadError(f"model file {path} does not exist{hint}")
+    if not path.is_file():
+        raise ModelLoadError(f"model {path} is not a regular file (a device or a pipe); give the .onnx file")
     try:
         rt = make_session(str(path), device, threads, spinning, trt_cache, trt_fp16)
         if rt.providers[0] == TENSORRT:

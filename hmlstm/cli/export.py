@@ -156,8 +156,20 @@ def cmd_export(args) -> int:
 
         config = write_repository(result.path, args.triton, instance=args.triton_instance,
                                   max_sequences=args.triton_max_sequences)
-        print(f"wrote {config} (Triton model repository {args.triton}, {args.triton_instance} instance)")
+        print(triton_written(config, args.triton, args.triton_instance))
     return 0
+
+
+def triton_written(config: Path, repo: Path, instance: str) -> str:
+    """What the export says of the Triton repository it wrote: which graph the instance got, and why where it is
+    not the one it usually gets (the dense for a GPU, the sparse for a CPU: --engines left that one out)."""
+    from hmlstm import spec
+    from hmlstm.export.triton import read_metadata
+
+    engine = read_metadata(config.parent / "1" / "model.onnx").get(spec.META_ENGINE, "dense")
+    usual = "dense" if instance == "gpu" else "sparse"
+    why = "" if engine == usual else f"; --engines left out the {usual} graph it usually gets"
+    return f"wrote {config} (Triton model repository {repo}, {instance} instance, the {engine} graph{why})"
 
 
 def _earlier_evaluations(model: Path) -> dict:

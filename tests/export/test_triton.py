@@ -59,9 +59,10 @@ def test_repository_pairs_every_state_and_matches_the_model(tmp_path):
     assert json.loads(params["boundary_alignment"]) == json.loads(meta[spec.META_ALIGNMENT])
 
 
-def test_export_writes_the_repository_beside_the_model(tiny_run, tmp_path):
+def test_export_writes_the_repository_beside_the_model(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx"), "--quick",
                  "--triton", str(tmp_path / "repo"), "--triton-instance", "cpu"]) == 0
+    assert f"(Triton model repository {tmp_path / 'repo'}, cpu instance, the sparse graph)\n" in capsys.readouterr().out
     config = parse(tmp_path / "repo" / "hmlstm" / "config.pbtxt")
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -76,6 +77,21 @@ def test_a_cpu_instance_gets_the_sparse_graph_and_its_own_sequence_limit(tmp_pat
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and not config.instance_group[0].gpus
     assert config.sequence_batching.oldest.max_candidate_sequences == 40
     assert (tmp_path / "repo" / "hmlstm" / "1" / "model.onnx").read_bytes() == DEFAULT_MODEL.read_bytes()
+
+
+def test_an_instance_whose_usual_graph_was_not_exported_gets_the_other_and_the_export_says_so(tmp_path):
+    import shutil
+
+    from hmlstm.cli.export import triton_written
+
+    alone = tmp_path / "m.onnx"  # the sparse graph without its dense companion: export --engines sparse
+    shutil.copyfile(DEFAULT_MODEL, alone)
+    config = write_repository(alone, tmp_path / "repo", instance="gpu")
+    assert (tmp_path / "repo" / "hmlstm" / "1" / "model.onnx").read_bytes() == DEFAULT_MODEL.read_bytes()
+    assert triton_written(config, tmp_path / "repo", "gpu").endswith(
+        "gpu instance, the sparse graph; --engines left out the dense graph it usually gets)")
+    config = write_repository(DEFAULT_MODEL, tmp_path / "both", instance="gpu")
+    assert triton_written(config, tmp_path / "both", "gpu").endswith("gpu instance, the dense graph)")
 
 
 def test_triton_flags_are_checked_before_the_export(tmp_path, capsys):

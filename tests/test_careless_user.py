@@ -525,6 +525,50 @@ def test_training_without_a_terminal_logs_lines_not_a_bar(corpus, tmp_path):
     assert re.search(r"step 6/6: train BPC [\d.]+, validation BPC [\d.]+ \(just measured\), [\d,]+ chars/s", r.stderr)
 
 
+@pytest.mark.parametrize("at_call, saved", [(1, False), (4, True)], ids=["first step", "after a checkpoint"])
+def test_running_out_of_memory_is_one_line_and_a_run_never_saved_is_not_left_behind(corpus, tmp_path, capsys,
+                                                                                    monkeypatch, at_call, saved):
+    """A batch too large for memory raised TensorFlow's ResourceExhaustedError as a 58-line traceback (found with
+    `prlimit --as` and --batch-size 8000), and left the run's settings behind, so that a retry with a smaller
+    batch was refused as another run's folder, and a first step that ran out of memory was saved as step 1 (its
+    counter had moved). Here the real trainer's step runs and then raises TensorFlow's own error."""
+    import tensorflow as tf
+
+    import hmlstm.model.train as train_module
+
+    real_init, calls = train_module.Trainer.__init__, []
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step = self.train_step
+
+        def step_or_oom(*a):
+            calls.append(1)
+            out = step(*a)  # run, so that the step's counter moves, as a real one's did before it ran out
+            if len(calls) == at_call:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8000,512]")
+            return out
+
+        self.train_step = step_or_oom
+
+    monkeypatch.setattr(train_module.Trainer, "__init__", init)
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--steps", "6", "--checkpoint-every", "2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ResourceExhausted" not in err
+    if saved:  # the 3 steps done before the 4th ran out are kept
+        _ends_in_one_error_line(err, "out of memory training 2 layers x 8 units at batch 4 x 10 characters per step, "
+                                f"after checkpoint ckpt-3 was saved in {out}; lower --batch-size or --seq-len")
+        assert (out / "config.json").is_file()
+    else:
+        _ends_in_one_error_line(err, "out of memory training 2 layers x 8 units at batch 4 x 10 characters per step, "
+                                f"before anything was saved (nothing is left in {out}); lower --batch-size")
+        assert not out.exists()
+        monkeypatch.setattr(train_module.Trainer, "__init__", real_init)  # the retry is not refused
+        b = TINY.index("--batch-size") + 1
+        assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *TINY[:b], "2", *TINY[b + 1:]]) == 0
+
+
 def test_a_slow_first_step_says_it_is_compiling_once(corpus, tmp_path, capsys, monkeypatch):
     """Dozens of layers take minutes to trace before step 1 (4 min for 100 here): the command says why it is silent.
     The note's delay set to nothing, so that a tiny model's first step is 'slow'."""

@@ -155,6 +155,31 @@ def _check_model_fits(args, vocab: int = 256) -> None:
                         f"{memory / 2**30:,.0f} GiB; choose smaller sizes")
 
 
+def _out_of_memory(out: Path, args, existed: bool, resuming: bool) -> str:
+    """The line for a training step that ran out of memory. A run this command began and never saved is removed:
+    a retry with smaller sizes would otherwise be refused as another run's folder."""
+    import shutil
+
+    from hmlstm.model.checkpoint import latest_checkpoint
+
+    sizes = (f"{args.layers} layers x {args.units} units at batch {args.batch_size} x {args.seq_len} characters "
+             f"per step")
+    fix = "lower --batch-size or --seq-len (the memory grows with both), or --units"
+    saved = latest_checkpoint(out)
+    if saved is not None:
+        return (f"out of memory training {sizes}, after checkpoint {Path(saved).name} was saved in {out}; {fix}, "
+                "with another --out (these sizes are that run's own)")
+    if resuming:
+        return f"out of memory training {sizes}; {fix}, with another --out (these sizes are {out}'s own)"
+    if existed:
+        for name in ("config.json", "vocab.json", "metrics.json", "ckpt", "tb"):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+    return f"out of memory training {sizes}, before anything was saved (nothing is left in {out}); {fix}"
+
+
 def _check_text_is_text(text: str, name: str) -> None:
     """A training text made mostly of control characters (NUL bytes: a binary file) is refused."""
     import unicodedata
@@ -237,8 +262,14 @@ def cmd_train(args) -> int:
     from hmlstm.model.distributed import make_strategy
 
     strategy = make_strategy(getattr(args, "strategy", None))
-    result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
-                   preset=args.preset)
+    existed, resuming = Path(out).exists(), (Path(out) / "config.json").exists()
+    try:
+        result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
+                       preset=args.preset)
+    except Exception as e:
+        if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out of memory
+            raise
+        raise UserError(_out_of_memory(Path(out), args, existed, resuming)) from None
     bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")
     for name, e in result.boundary.items():

@@ -515,6 +515,11 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
         held.raise_pending()  # one that came during the last step
     except KeyboardInterrupt as e:
         result.stopped_by = "terminated" if isinstance(e, Terminated) else "interrupted"
+    except Exception:
+        # A step that raised (out of memory, say) is not one done, though its counter may have moved (a first
+        # step that ran out of memory in its forward pass left it at 1): what is saved below is the steps done.
+        trainer.step.assign(step)
+        raise
     finally:
         compiling.cancel()
         held.__exit__(None, None, None)

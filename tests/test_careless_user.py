@@ -159,6 +159,11 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["train", "--seed", "99999999999999999999", "--lr", "inf"], "--lr must be a positive number, got inf"),
     (["train", "--seed", "99999999999999999999"], "--seed must be 0 to 4,294,967,295"),
     (["evaluate", "hmlstm/assets/default.onnx", "synthetic", "--seed", "-1"], "--seed must be 0 to 4,294,967,295"),
+    # sizes the text cannot fill: refused before TensorFlow loads (they came after its import and the first note)
+    (["train", "--batch-size", "30000"], "the training part (2,011,589 characters) is too short for batch size "
+     "30,000 x sequence length 100"),
+    (["train", "--seq-len", "200000", "--batch-size", "1"], "the validation part (210,931 characters) is shorter "
+     "than two sequences of 200,000"),
 ])
 def test_values_out_of_range_are_refused_before_any_work(args, needle, tmp_path):
     """Refused before any work: the error is the only thing on stderr (no progress note, no model or corpus

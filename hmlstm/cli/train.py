@@ -195,7 +195,7 @@ def cmd_train(args) -> int:
     # Every check that needs no TensorFlow comes first: a mistake is answered in a fraction of a second.
     from hmlstm.cli.common import check_output, need
     from hmlstm.model.config import TrainConfig
-    from hmlstm.model.data import load_corpus
+    from hmlstm.model.data import load_corpus, size_problem
 
     need("tensorflow", "tensorboard", "tqdm")
 
@@ -235,6 +235,10 @@ def cmd_train(args) -> int:
     check_output(out, "--out", folder=True)
     corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
     _check_text_is_text(corpus.text, corpus.name)
+    held_out = corpus.held_out_start(cfg.val_fraction)
+    problem = size_problem(held_out, len(corpus.text) - held_out, cfg.batch_size, cfg.seq_len)
+    if problem:  # (train() asks too, for callers of the API; here it is answered before TensorFlow loads)
+        raise UserError(problem)
     if cfg.supervised_layers:  # refused here, before TensorFlow loads: a text that keeps its delimiters, say
         corpus.unit_starts(tuple(u for _, u in cfg.supervised_layers))
     if detectors == 0:

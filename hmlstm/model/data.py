@@ -475,6 +475,26 @@ def delay(a: np.ndarray | None, k: int) -> np.ndarray | None:
     return out
 
 
+def too_short(chars: int, batch_size: int, seq_len: int, what: str = "the text") -> str:
+    """Why ``chars`` characters cannot make one batch of ``batch_size`` streams x ``seq_len`` steps ("" if they
+    can: each stream needs seq_len + 1 characters, the inputs and the next characters to predict)."""
+    if (chars // batch_size - 1) // seq_len >= 1:
+        return ""
+    return (f"{what} ({chars:,} characters) is too short for batch size {batch_size:,} x sequence length "
+            f"{seq_len:,}; use a longer text or smaller --batch-size/--seq-len")
+
+
+def size_problem(train_chars: int, val_chars: int, batch_size: int, seq_len: int) -> str:
+    """What is wrong with the sizes of a run on a text split into training and validation parts ("" if nothing).
+    Needs no TensorFlow: the CLI asks before loading it."""
+    if too_short(train_chars, batch_size, seq_len):
+        return too_short(train_chars, batch_size, seq_len, "the training part")
+    if val_chars < 2 * (seq_len + 1):
+        return (f"the validation part ({val_chars:,} characters) is shorter than two sequences of {seq_len:,}; use a "
+                "longer text, a larger --val-fraction or a smaller --seq-len")
+    return ""
+
+
 class StreamBatcher:
     """Cuts a token stream into ``batch_size`` parallel contiguous streams.
 
@@ -486,10 +506,7 @@ class StreamBatcher:
         per_stream = len(ids) // batch_size
         self.steps = (per_stream - 1) // seq_len
         if self.steps < 1:
-            raise UserError(
-                f"the text ({len(ids)} characters) is too short for batch size {batch_size} "
-                f"x sequence length {seq_len}; use a longer text or smaller --batch-size/--seq-len"
-            )
+            raise UserError(too_short(len(ids), batch_size, seq_len))
         self.data = ids[: per_stream * batch_size].reshape(batch_size, per_stream)
         self.seq_len = seq_len
         n = 0 if labels is None else labels.shape[1]  # per character: one target per supervised layer

@@ -24,7 +24,7 @@ from hmlstm import boundary_scores
 from hmlstm.errors import Terminated, UserError, first_line
 from hmlstm.model import checkpoint as run_io
 from hmlstm.model.config import ModelConfig, TrainConfig, dumps
-from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, delay, split
+from hmlstm.model.data import Corpus, StreamBatcher, Vocabulary, delay, size_problem, split
 from hmlstm.model.network import HMLSTMNetwork
 from hmlstm.model.optim import Adam
 
@@ -313,12 +313,10 @@ def train(corpus: Corpus, model_cfg_kwargs: dict[str, Any], cfg: TrainConfig, ru
     train_ids, val_ids = split(ids, corpus.held_out_start(cfg.val_fraction))
     labels = delay(corpus.unit_starts(tuple(u for _, u in supervised)), cfg.lookahead)[: len(train_ids)] \
         if supervised else None
+    problem = size_problem(len(train_ids), len(val_ids), cfg.batch_size, cfg.seq_len)
+    if problem:
+        raise UserError(problem)
     batcher = StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, labels)
-    if len(val_ids) < 2 * (cfg.seq_len + 1):
-        raise UserError(
-            f"the validation part ({len(val_ids)} characters) is shorter than two sequences of "
-            f"{cfg.seq_len}; use a longer text, a larger --val-fraction or a smaller --seq-len"
-        )
 
     tf.keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()

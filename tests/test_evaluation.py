@@ -46,6 +46,11 @@ def test_segmented_file_formats(tmp_path):
     g.write_text("ab|cde|f")
     c = read_segmented(g, "|")
     assert c.text == "abcdef" and np.flatnonzero(c.word_ends).tolist() == [1, 4, 5]
+    for end in ("\n", "\r\n"):  # a file's own last line break (an editor adds one) is no character of a unit
+        g.write_bytes(f"ab|cde|f{end}".encode())
+        assert read_segmented(g, "|").text == "abcdef"
+    g.write_text("ab|c\nd|f\n\n")  # inside the text, and past the first at the end, line breaks are the text's
+    assert read_segmented(g, "|").text == "abc\ndf\n"
     with pytest.raises(UserError):
         strip_delimiters("abc", "")
 

@@ -368,8 +368,11 @@ def strip_delimiters(text: str, chars: str = " ", *extra: np.ndarray) -> tuple[s
 
 
 def read_segmented(path: str | Path, sep: str | None = None) -> Corpus:
-    """Units one per line (``sep`` None) or separated by ``sep``; the text is their concatenation."""
+    """Units one per line (``sep`` None) or separated by ``sep``; the text is their concatenation. With ``sep``,
+    one line break at the end of the file is not part of the last unit."""
     raw = read_text_file(path)
+    if sep is not None and "\n" not in sep:  # the line break that ends a file (an editor's) is not in its last unit
+        raw = raw[:-2] if raw.endswith("\r\n") else raw[:-1] if raw.endswith("\n") else raw
     units = [u for u in (raw.splitlines() if sep is None else raw.split(sep)) if u.strip()]
     units = [u.strip() if sep is None else u for u in units]
     if not units:

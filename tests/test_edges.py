@@ -108,6 +108,8 @@ def text(tmp_path_factory):
     (["serve", "--device", "cpu", "--io-binding", "on"], "--io-binding on keeps the recurrent state on a GPU"),
     (["segment", "{text}", "--local", "--lb", "round_robin"], "--lb and --local"),
     (["segment", "{text}", "--server", ""], "--server is empty"),
+    (["health", "--target", ""], "--server is empty"),  # gRPC's own words, under a hint about TLS, before
+    (["health", "--server", "127.0.0.1:99999"], "--server 127.0.0.1:99999: give host:port with a port 1-65535"),
     (["health", "--server-name", "x.example"], "--server-name is the name the server's TLS certificate must carry"),
     # 18. one port twice
     (["serve", "--port", "50999", "--metrics-port", "50999"], "--port and --metrics-port are both 50999"),

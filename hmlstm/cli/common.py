@@ -72,6 +72,16 @@ def check_output(path: Path, flag: str, folder: bool = False) -> None:
         raise UserError(f"{flag} {path}: nothing can be written in {place} ({e.strerror or e})") from None
 
 
+def check_server(target: str, flag: str) -> None:
+    """UserError unless ``target`` is host:port (or a gRPC target such as dns:///name:port) with a port 1-65535:
+    gRPC would take an empty one or port 99999 and fail each call with a reason that names neither."""
+    if not target.strip():
+        raise UserError(f"{flag} is empty; give host:port, or leave it out for 127.0.0.1:50051")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"{flag} {target}: give host:port with a port 1-65535")
+
+
 def read_token_file(path: str, flag: str) -> str:
     """A bearer token: the file's first line, stripped (a mounted Kubernetes Secret)."""
     try:

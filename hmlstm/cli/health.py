@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from hmlstm.capture import capture_fds
-from hmlstm.cli.common import check_root_certificate, connection_reason
+from hmlstm.cli.common import check_root_certificate, check_server, connection_reason
 from hmlstm.errors import UserError
 
 
@@ -48,6 +48,7 @@ def cmd_health(args) -> int:
 
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 3600):
         raise UserError(f"--timeout must be a number of seconds more than 0, at most 3600, got {args.timeout}")
+    check_server(args.target, "--server")
     own_cert = os.environ.get("HMLSTM_TLS_CERT") or None
     ca = args.tls_ca or own_cert
     tls = args.tls or bool(ca)

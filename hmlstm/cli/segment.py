@@ -216,12 +216,10 @@ def _check_segment_flags(args) -> None:
         args.token = read_token_file(args.token_file, "--token-file")
     else:
         args.token = os.environ.get(args.token_env) if args.token_env else None
-    if args.server is not None and not args.server.strip():
-        raise UserError("--server is empty; give host:port, or leave it out for 127.0.0.1:50051")
-    args.server = args.server or "127.0.0.1:50051"
-    host, sep, port = args.server.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise UserError(f"--server {args.server}: give host:port with a port 1-65535")
+    from hmlstm.cli.common import check_server
+
+    args.server = "127.0.0.1:50051" if args.server is None else args.server
+    check_server(args.server, "--server")
 
 
 RESUME_TRIES = 5  # resumes in a row with no response between them, before `segment` gives up

@@ -235,12 +235,12 @@ def cmd_train(args) -> int:
     check_output(out, "--out", folder=True)
     corpus = load_corpus(args.corpus, args.format, seed=args.seed, strip=_strip_chars(args))
     _check_text_is_text(corpus.text, corpus.name)
+    if cfg.supervised_layers:  # refused here, before TensorFlow loads: a text that keeps its delimiters, say
+        corpus.unit_starts(tuple(u for _, u in cfg.supervised_layers))
     held_out = corpus.held_out_start(cfg.val_fraction)
     problem = size_problem(held_out, len(corpus.text) - held_out, cfg.batch_size, cfg.seq_len)
     if problem:  # (train() asks too, for callers of the API; here it is answered before TensorFlow loads)
         raise UserError(problem)
-    if cfg.supervised_layers:  # refused here, before TensorFlow loads: a text that keeps its delimiters, say
-        corpus.unit_starts(tuple(u for _, u in cfg.supervised_layers))
     if detectors == 0:
         print(f"hmlstm: warning: --layers {args.layers} without --top-boundary has no boundary detector: the model "
               "will learn the language but report no boundaries (add --top-boundary, or more --layers)",

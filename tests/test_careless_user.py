@@ -137,6 +137,10 @@ def test_resuming_a_corrupt_checkpoint_is_one_line(corpus, tmp_path):
     (["train", "--rate-targets", "0.2,0.1,0.05"], "--rate-targets gives 3 rates, but the model has 2 layer(s)"),
     (["train", "--peak-fractions", "0.7,0.2"], "--peak-fractions says which entropy peaks each layer is taught"),
     (["serve", "--state-store", "redis://127.0.0.1:1/0"], "--state-store is unreachable (Redis redis://127.0.0.1:1/0"),
+    (["serve", "--state-store", "redis://127.0.0.1:99999/0"], "--state-store redis://127.0.0.1:99999/0: Port out of "
+     "range"),  # (redis-py's OverflowError, naming nothing)
+    (["serve", "--state-store", "sqlite:/no/such/folder/s.db"], "--state-store sqlite:/no/such/folder/s.db: its "
+     "folder /no/such/folder does not exist"),
     (["serve", "--idle-timeout", "0"], "--idle-timeout must be a number of seconds more than 0, at most "
      "2,000,000 (24 days), got 0.0"),
     (["serve", "--idle-timeout", "-1"], "--idle-timeout must be a number of seconds more than 0, at most "

@@ -183,7 +183,16 @@ def open_store(spec: str | None, timeout_s: float = 2.0) -> StateStore | None:
         if Path(path).exists() and not Path(path).is_file():  # SQLite would leave its journal beside a device
             raise ValueError(f"--state-store {spec}: {path} is not a regular file (a device, a pipe or a socket); "
                              "name the database file")
+        if not Path(path).parent.is_dir():  # (SQLite says only "unable to open database file")
+            raise ValueError(f"--state-store {spec}: its folder {Path(path).parent} does not exist; create it first")
         return SQLiteStore(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
+        from urllib.parse import urlsplit
+
+        try:  # a port out of range: redis-py's OverflowError at the first call, naming nothing
+            if (port := urlsplit(spec).port) is not None and port < 1:
+                raise ValueError(f"Port out of range 1-65535, got {port}")
+        except ValueError as e:
+            raise ValueError(f"--state-store {spec}: {e}") from None
         return RedisStore(spec, timeout_s)
     raise ValueError(f"unknown state store {spec!r}; use memory, sqlite:PATH or redis://HOST:PORT/DB")

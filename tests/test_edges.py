@@ -478,6 +478,14 @@ def test_info_on_a_training_run_says_what_it_is_without_tensorflow(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "training run, 2 layers x 8/8 units" in r.stdout and "trained: 3 steps" in r.stdout
     assert "layer2: no boundary detector" in r.stdout and f"hmlstm export {tmp_path / 'run'}" in r.stdout
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "ckpt")  # a run with nothing saved yet is not one to export
+    r = subprocess.run([sys.executable, "-c", code, "info", str(tmp_path / "run")], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "hmlstm export" not in r.stdout and r.stdout.rstrip().endswith(
+        "nothing to export yet (no checkpoint): train it, with the recipe above to resume it, then export it")
 
 
 def test_plot_says_once_that_characters_its_font_lacks_are_boxes(tmp_path):

@@ -160,6 +160,7 @@ def _run_info(path: Path, as_json: bool) -> int:
         elif w and "rate" in e:
             lines.append(f"{name}: fires at {e['rate']:.1%} of characters; word F1 {w['f1']:.2f} "
                          f"(random at that rate {w['random_f1']:.2f})")
-    lines.append(f"export it: hmlstm export {path} --out model.onnx")
+    lines.append(f"export it: hmlstm export {path} --out model.onnx" if steps else
+                 "nothing to export yet (no checkpoint): train it, with the recipe above to resume it, then export it")
     print("\n".join(lines))
     return 0

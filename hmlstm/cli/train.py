@@ -266,13 +266,13 @@ def cmd_train(args) -> int:
     from hmlstm.model.distributed import make_strategy
 
     strategy = make_strategy(getattr(args, "strategy", None))
+    import tensorflow as tf
+
     existed, resuming = Path(out).exists(), (Path(out) / "config.json").exists()
     try:
         result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
                        preset=args.preset)
-    except Exception as e:
-        if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out of memory
-            raise
+    except tf.errors.ResourceExhaustedError:  # out of memory
         raise UserError(_out_of_memory(Path(out), args, existed, resuming)) from None
     bpc = result.val_bpc[-1][1] if result.val_bpc else float("nan")
     print(f"stopped at step {result.step} ({result.stopped_by}); validation BPC {bpc:.3f}")

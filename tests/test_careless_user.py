@@ -543,24 +543,20 @@ def test_running_out_of_memory_is_one_line_and_a_run_never_saved_is_not_left_beh
     counter had moved). Here the real trainer's step runs and then raises TensorFlow's own error."""
     import tensorflow as tf
 
-    import hmlstm.model.train as train_module
+    from tests.model.test_train import wrap_train_step
 
-    real_init, calls = train_module.Trainer.__init__, []
+    calls = []
 
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        step = self.train_step
-
+    def running_out(trainer, step):
         def step_or_oom(*a):
             calls.append(1)
             out = step(*a)  # run, so that the step's counter moves, as a real one's did before it ran out
             if len(calls) == at_call:
                 raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8000,512]")
             return out
+        return step_or_oom
 
-        self.train_step = step_or_oom
-
-    monkeypatch.setattr(train_module.Trainer, "__init__", init)
+    wrap_train_step(monkeypatch, running_out)
     out = tmp_path / "run"
     assert main(["train", str(corpus), "--out", str(out), "--steps", "6", "--checkpoint-every", "2", *TINY]) == 2
     err = capsys.readouterr().err
@@ -573,7 +569,7 @@ def test_running_out_of_memory_is_one_line_and_a_run_never_saved_is_not_left_beh
         _ends_in_one_error_line(err, "out of memory training 2 layers x 8 units at batch 4 x 10 characters per step, "
                                 f"before anything was saved (nothing is left in {out}); lower --batch-size")
         assert not out.exists()
-        monkeypatch.setattr(train_module.Trainer, "__init__", real_init)  # the retry is not refused
+        monkeypatch.undo()  # the real trainer again: the retry is not refused
         b = TINY.index("--batch-size") + 1
         assert main(["train", str(corpus), "--out", str(out), "--steps", "2", *TINY[:b], "2", *TINY[b + 1:]]) == 0
 

@@ -158,9 +158,7 @@ def _check_model_fits(args, vocab: int = 256) -> None:
 def _out_of_memory(out: Path, args, existed: bool, resuming: bool) -> str:
     """The line for a training step that ran out of memory. A run this command began and never saved is removed:
     a retry with smaller sizes would otherwise be refused as another run's folder."""
-    import shutil
-
-    from hmlstm.model.checkpoint import latest_checkpoint
+    from hmlstm.model.checkpoint import latest_checkpoint, remove_run
 
     sizes = (f"{args.layers} layers x {args.units} units at batch {args.batch_size} x {args.seq_len} characters "
              f"per step")
@@ -171,12 +169,7 @@ def _out_of_memory(out: Path, args, existed: bool, resuming: bool) -> str:
                 "with another --out (these sizes are that run's own)")
     if resuming:
         return f"out of memory training {sizes}; {fix}, with another --out (these sizes are {out}'s own)"
-    if existed:
-        for name in ("config.json", "vocab.json", "metrics.json", "ckpt", "tb"):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(out, ignore_errors=True)
+    remove_run(out, folder_too=not existed)
     return f"out of memory training {sizes}, before anything was saved (nothing is left in {out}); {fix}"
 
 
@@ -248,7 +241,8 @@ def cmd_train(args) -> int:
     model_kwargs = dict(embed_dim=args.embed_dim, num_units=(args.units,) * args.layers,
                         output_dim=args.output_dim, top_boundary=args.top_boundary,
                         layer_norm=args.layer_norm)
-    if (Path(out) / "config.json").exists():  # a run to resume: one of other settings is refused before TensorFlow
+    existed, resuming = Path(out).exists(), (Path(out) / "config.json").exists()
+    if resuming:  # a run to resume: one of other settings is refused before TensorFlow
         from hmlstm.model.checkpoint import refuse_another_run
         from hmlstm.model.config import ModelConfig
         from hmlstm.model.data import Vocabulary
@@ -268,7 +262,6 @@ def cmd_train(args) -> int:
     strategy = make_strategy(getattr(args, "strategy", None))
     import tensorflow as tf
 
-    existed, resuming = Path(out).exists(), (Path(out) / "config.json").exists()
     try:
         result = train(corpus, model_kwargs, cfg, out, progress=not args.no_progress, strategy=strategy,
                        preset=args.preset)

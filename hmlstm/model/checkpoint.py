@@ -85,6 +85,22 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     return RunInfo(p, model, train, vocab, cfg)
 
 
+RUN_FILES = ("config.json", "vocab.json", "ckpt", "tb", "metrics.json")  # what a run writes (the layout above)
+
+
+def remove_run(run_dir: Path, folder_too: bool) -> None:
+    """Delete what a run wrote in ``run_dir`` (``folder_too``: the folder itself, made for the run), for a run
+    that never saved and would otherwise stand in the way of the next one."""
+    import shutil
+
+    if folder_too:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in RUN_FILES:
+        target = Path(run_dir) / name
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
 # Train settings that may change on resume: they say when to stop, not how to train.
 STOP_FIELDS = frozenset({"epochs", "max_steps", "max_minutes", "checkpoint_every", "eval_every"})
 

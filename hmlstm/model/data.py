@@ -490,8 +490,8 @@ def too_short(chars: int, batch_size: int, seq_len: int, what: str = "the text")
 def size_problem(train_chars: int, val_chars: int, batch_size: int, seq_len: int) -> str:
     """What is wrong with the sizes of a run on a text split into training and validation parts ("" if nothing).
     Needs no TensorFlow: the CLI asks before loading it."""
-    if too_short(train_chars, batch_size, seq_len):
-        return too_short(train_chars, batch_size, seq_len, "the training part")
+    if why := too_short(train_chars, batch_size, seq_len, "the training part"):
+        return why
     if val_chars < 2 * (seq_len + 1):
         return (f"the validation part ({val_chars:,} characters) is shorter than two sequences of {seq_len:,}; use a "
                 "longer text, a larger --val-fraction or a smaller --seq-len")

@@ -178,13 +178,14 @@ def open_store(spec: str | None, timeout_s: float = 2.0) -> StateStore | None:
         if not path.strip() or path == ":memory:":  # SQLite would keep it in this process only: nothing durable
             raise ValueError(f"--state-store {spec}: name the database file, e.g. sqlite:/var/lib/hmlstm/streams.db "
                              "(an in-memory SQLite database would make nothing durable; --state-store memory is that)")
-        if Path(path).is_dir():
+        file = Path(path)
+        if file.is_dir():
             raise ValueError(f"--state-store {spec}: {path} is a folder; name the database file in it")
-        if Path(path).exists() and not Path(path).is_file():  # SQLite would leave its journal beside a device
+        if file.exists() and not file.is_file():  # SQLite would leave its journal beside a device
             raise ValueError(f"--state-store {spec}: {path} is not a regular file (a device, a pipe or a socket); "
                              "name the database file")
-        if not Path(path).parent.is_dir():  # (SQLite says only "unable to open database file")
-            raise ValueError(f"--state-store {spec}: its folder {Path(path).parent} does not exist; create it first")
+        if not file.parent.is_dir():  # (SQLite says only "unable to open database file")
+            raise ValueError(f"--state-store {spec}: its folder {file.parent} does not exist; create it first")
         return SQLiteStore(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         from urllib.parse import urlsplit

@@ -215,29 +215,37 @@ def test_an_interrupt_before_the_first_step_says_nothing_was_saved(corpus, tmp_p
     assert not list((tmp_path / "run").glob("ckpt/ckpt-*"))
 
 
-def poison_from(monkeypatch, first: int, last: int):
-    """Fault injection into the real trainer: before calls first..last of its step, the output bias is set
-    to inf, so those steps' loss is non-finite. Returns (trainers made, calls so far)."""
+def wrap_train_step(monkeypatch, wrap) -> list:
+    """Fault injection into the real trainer: every Trainer made from now on runs ``wrap(trainer, its real step)``
+    as its step. Returns the trainers made."""
     import hmlstm.model.train as train_module
 
-    trainers, calls = [], []
+    trainers = []
     real_init = train_module.Trainer.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         trainers.append(self)
-        step = self.train_step
+        self.train_step = wrap(self, self.train_step)
 
+    monkeypatch.setattr(train_module.Trainer, "__init__", init)
+    return trainers
+
+
+def poison_from(monkeypatch, first: int, last: int):
+    """Fault injection into the real trainer: before calls first..last of its step, the output bias is set
+    to inf, so those steps' loss is non-finite. Returns (trainers made, calls so far)."""
+    calls = []
+
+    def poisoning(trainer, step):
         def poisoned(x, y, targets):
             calls.append(1)
             if first <= len(calls) <= last:
-                self.network.logit_bias.assign(tf.fill(self.network.logit_bias.shape, np.inf))
+                trainer.network.logit_bias.assign(tf.fill(trainer.network.logit_bias.shape, np.inf))
             return step(x, y, targets)
+        return poisoned
 
-        self.train_step = poisoned
-
-    monkeypatch.setattr(train_module.Trainer, "__init__", init)
-    return trainers, calls
+    return wrap_train_step(monkeypatch, poisoning), calls
 
 
 def test_three_non_finite_steps_in_a_row_roll_back_to_the_checkpoint_with_half_the_learning_rate(
